@@ -1,0 +1,531 @@
+"""Every training option as a dataclass field, named like its Megatron / MindSpeed-LLM flag.
+
+A field `micro_batch_size` is the flag `--micro-batch-size`; its `help` metadata is the
+`--help` text. `build_parser()` generates the argparse parser from these dataclasses, so a
+MindSpeed-LLM pretrain script's argument groups run unchanged. Fields in `CompatArgs` describe
+what qtrain always does (fused kernels, RoPE, RMSNorm, ...): they are accepted and documented,
+with a warning when a value asks for something qtrain does not do. A flag that is not here
+stops the run before start with its name and a hint (`parse_args`).
+
+Resolution order of a value: dataclass default < `--config file.yaml` < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from qtrain.errors import ConfigError
+
+
+def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field carrying its one-line help and extra argparse settings (choices, nargs)."""
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "argparse": argparse_kwargs}, **kwargs)
+
+
+def compat(default: Any, help: str, qtrain_value: Any = None, **argparse_kwargs: Any) -> Any:
+    """A flag accepted for script compatibility. `qtrain_value`: what qtrain does; another value warns."""
+    f = opt(default, help, **argparse_kwargs)
+    f.metadata = {**f.metadata, "compat": True, "qtrain_value": qtrain_value}
+    return f
+
+
+@dataclass
+class ModelArgs:
+    """Model shape. Base: --model-preset, else the HF config.json of --load, else Qwen3 defaults;
+    any shape flag given overrides the base."""
+
+    model_preset: Optional[str] = opt(None, "named model shape from qtrain.models.presets (e.g. 1.7B, tiny)")
+    num_layers: Optional[int] = opt(None, "number of transformer layers (HF num_hidden_layers)")
+    hidden_size: Optional[int] = opt(None, "hidden size (HF hidden_size)")
+    ffn_hidden_size: Optional[int] = opt(None, "MLP inner size (HF intermediate_size)")
+    num_attention_heads: Optional[int] = opt(None, "query heads (HF num_attention_heads)")
+    num_query_groups: Optional[int] = opt(None, "key/value heads with --group-query-attention (HF num_key_value_heads)")
+    kv_channels: Optional[int] = opt(None, "head dimension (HF head_dim); default hidden_size / heads")
+    rotary_base: Optional[float] = opt(None, "RoPE base frequency (HF rope_theta)")
+    padded_vocab_size: Optional[int] = opt(None, "embedding rows (HF vocab_size)")
+    make_vocab_size_divisible_by: int = opt(
+        128, "without --padded-vocab-size, pad the tokenizer's vocabulary to a multiple of this")
+    max_position_embeddings: Optional[int] = opt(None, "longest sequence the model is built for")
+    norm_epsilon: Optional[float] = opt(None, "RMSNorm epsilon (HF rms_norm_eps)")
+    untie_embeddings_and_output_weights: bool = opt(False, "separate LM head instead of the tied embedding")
+    add_qkv_bias: bool = opt(False, "bias on q/k/v projections (HF attention_bias)")
+    init_method_std: float = opt(0.02, "std of the normal init of weights when not loading")
+
+
+@dataclass
+class DataArgs:
+    """Datasets in Megatron .bin/.idx format and the tokenizer."""
+
+    data_path: list = opt([], "one dataset prefix, or `weight prefix weight prefix ...` to blend", nargs="*")
+    split: str = opt("969,30,1", "train,valid,test proportions of each dataset")
+    seq_length: int = opt(4096, "tokens per sample")
+    data_cache_path: Optional[str] = opt(None, "where index files are cached (default: next to the data)")
+    tokenizer_name_or_path: Optional[str] = opt(None, "HF tokenizer dir (for --padded-vocab-size and the demo)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+
+
+@dataclass
+class TrainingArgs:
+    """Batch sizes, length of the run, precision and evaluation."""
+
+    micro_batch_size: int = opt(1, "samples per rank per forward/backward")
+    global_batch_size: Optional[int] = opt(None, "samples per optimizer step (default MBS x DP); accumulation derived")
+    train_iters: Optional[int] = opt(None, "optimizer steps to train for")
+    seed: int = opt(1234, "random seed (init, data order)")
+    bf16: bool = opt(False, "bf16 compute with fp32 master weights and fp32 gradient reduction")
+    clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    eval_interval: int = opt(1000, "run validation every this many iterations")
+    eval_iters: int = opt(100, "validation micro-batches per evaluation (0 disables)")
+    device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
+    dry_run: bool = opt(False, "print the plan (model size, layout, batch math, memory) and exit")
+
+
+@dataclass
+class OptimizerArgs:
+    """AdamW and the learning-rate schedule (Megatron's OptimizerParamScheduler formulas)."""
+
+    optimizer: str = opt("adam", "optimizer (AdamW with decoupled weight decay)", choices=["adam", "adamw"])
+    lr: float = opt(1e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of decay")
+    lr_decay_style: str = opt("linear", "decay after warmup", choices=["constant", "linear", "cosine", "WSD"])
+    lr_decay_iters: Optional[int] = opt(None, "iterations to decay over (default --train-iters)")
+    lr_warmup_fraction: Optional[float] = opt(None, "warmup as a fraction of --lr-decay-iters (wins over iters)")
+    lr_warmup_iters: int = opt(0, "linear warmup iterations, from --lr-warmup-init to --lr")
+    lr_warmup_init: float = opt(0.0, "learning rate at the start of warmup")
+    lr_wsd_decay_style: str = opt(
+        "exponential", "WSD annealing shape", choices=["linear", "cosine", "exponential", "minus_sqrt"])
+    lr_wsd_decay_iters: Optional[int] = opt(None, "WSD: iterations of the final annealing phase")
+    weight_decay: float = opt(0.01, "decoupled weight decay (not on norms or biases)")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.999, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+
+
+@dataclass
+class CheckpointArgs:
+    """Saving and loading (qtrain DCP checkpoints, HF dirs, Megatron legacy dirs)."""
+
+    load: Optional[str] = opt(None, "resume from a qtrain checkpoint dir, or start from an HF or Megatron dir")
+    save: Optional[str] = opt(None, "checkpoint dir (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)")
+    save_interval: Optional[int] = opt(None, "save every this many iterations (and at the end)")
+    no_load_optim: bool = opt(False, "do not restore optimizer and LR-scheduler state")
+    no_load_rng: bool = opt(False, "do not restore random-number generator states")
+    finetune: bool = opt(False, "load weights only, start at iteration 0 with fresh optimizer and data order")
+    save_hf: Optional[str] = opt(None, "export the final model as an HF dir (config, safetensors, tokenizer)")
+
+
+@dataclass
+class LoggingArgs:
+    """Metrics: Megatron-shaped log line, JSONL, TensorBoard."""
+
+    log_interval: int = opt(100, "print / record metrics every this many iterations")
+    tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
+    log_dir: Optional[str] = opt(None, "write metrics.jsonl here (default: --save dir)")
+
+
+@dataclass
+class ParallelArgs:
+    """Parallel layout; applied by qtrain.parallel (data parallel = world / (TP x PP x CP))."""
+
+    tensor_model_parallel_size: int = opt(1, "tensor-parallel degree (TP)")
+    pipeline_model_parallel_size: int = opt(1, "pipeline-parallel degree (PP)")
+    context_parallel_size: int = opt(1, "context-parallel degree (CP)")
+    sequence_parallel: bool = opt(False, "shard norms/activations along the sequence inside TP regions")
+    use_distributed_optimizer: bool = opt(False, "shard optimizer state over data-parallel ranks (FSDP does)")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "layers per virtual pipeline stage")
+    num_layer_list: Optional[str] = opt(None, "comma-separated layers per pipeline stage, e.g. 13,15")
+    recompute_granularity: Optional[str] = opt(
+        None, "activation recomputation", choices=["full", "selective"])
+    recompute_method: Optional[str] = opt(None, "which layers to recompute", choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = opt(None, "layers per recompute unit / recomputed layers")
+    distributed_backend: Optional[str] = compat(
+        None, "collective backend; qtrain picks gloo (CPU), nccl (CUDA), hccl (NPU)", None,
+        choices=["nccl", "gloo", "hccl"])
+
+
+@dataclass
+class CompatArgs:
+    """Flags of Megatron / MindSpeed-LLM scripts that describe what qtrain always does."""
+
+    use_flash_attn: bool = compat(False, "qtrain always uses fused (flash) attention where the device has it")
+    use_mcore_models: bool = compat(False, "qtrain has one model implementation")
+    spec: list = compat([], "layer spec module and name; qtrain's Qwen3 layer is fixed", nargs="*")
+    use_fused_rmsnorm: bool = compat(False, "RMSNorm uses the fused kernel where available")
+    use_fused_swiglu: bool = compat(False, "SwiGLU uses the fused kernel where available")
+    use_fused_rotary_pos_emb: bool = compat(False, "RoPE uses the fused kernel where available")
+    use_rotary_position_embeddings: bool = compat(False, "Qwen3 always uses RoPE")
+    no_masked_softmax_fusion: bool = compat(False, "attention softmax fusion is the attention kernel's")
+    no_bias_swiglu_fusion: bool = compat(False, "Qwen3 has no MLP bias")
+    no_bias_dropout_fusion: bool = compat(False, "Qwen3 has no bias or dropout")
+    no_rope_fusion: bool = compat(False, "RoPE kernel choice is qtrain's")
+    disable_bias_linear: bool = compat(False, "Qwen3 linear layers have no bias")
+    position_embedding_type: str = compat("rope", "position embedding (Qwen3: rope)", "rope")
+    normalization: str = compat("RMSNorm", "normalization layer (Qwen3: RMSNorm)", "RMSNorm")
+    swiglu: bool = compat(False, "Qwen3's MLP is SwiGLU")
+    attention_softmax_in_fp32: bool = compat(False, "attention softmax accumulates in fp32")
+    no_gradient_accumulation_fusion: bool = compat(False, "gradient accumulation is PyTorch's")
+    group_query_attention: bool = compat(False, "grouped-query attention follows --num-query-groups")
+    qk_layernorm: bool = compat(False, "Qwen3 always has q/k RMSNorm")
+    norm_topk_prob: bool = compat(False, "MoE router option; no effect on dense Qwen3")
+    tokenizer_type: str = compat("PretrainedFromHF", "qtrain loads HF tokenizers", "PretrainedFromHF")
+    initial_loss_scale: Optional[float] = compat(None, "fp16 loss scaling; bf16 needs none")
+    no_shared_storage: bool = compat(False, "checkpoint dirs are assumed visible to every rank")
+    attention_dropout: float = compat(0.0, "Qwen3 pretraining uses no dropout", 0.0)
+    hidden_dropout: float = compat(0.0, "Qwen3 pretraining uses no dropout", 0.0)
+    transformer_impl: Optional[str] = compat(None, "qtrain's model is plain PyTorch")
+    ckpt_format: Optional[str] = compat(None, "qtrain writes torch.distributed.checkpoint (torch_dist)")
+    distributed_timeout_minutes: int = compat(10, "timeout of collective operations, minutes")
+    use_cpu_initialization: bool = compat(False, "qtrain builds on the meta device and materialises sharded")
+    no_load_rng_state: bool = compat(False, "alias of --no-load-rng")
+
+
+@dataclass
+class PretrainConfig:
+    """All options of `qtrain pretrain`, one group per dataclass."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    training: TrainingArgs = field(default_factory=TrainingArgs)
+    optim: OptimizerArgs = field(default_factory=OptimizerArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    compat: CompatArgs = field(default_factory=CompatArgs)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (for qtrain_args.json)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        """Inverse of to_dict; unknown keys are ignored so older args files still load."""
+        groups = {}
+        for g in dataclasses.fields(cls):
+            gcls = _group_classes()[g.name]
+            names = {f.name for f in dataclasses.fields(gcls)}
+            groups[g.name] = gcls(**{k: v for k, v in d.get(g.name, {}).items() if k in names})
+        return cls(**groups)
+
+
+def _group_classes() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(PretrainConfig)}  # type: ignore[misc]
+
+
+# Megatron / MindSpeed-LLM flags qtrain does not support, with what to do instead.
+UNSUPPORTED_HINTS: dict[str, str] = {
+    "--fp16": "qtrain trains in bf16 (--bf16) or fp32; fp16 loss scaling is not implemented",
+    "--num-experts": "qtrain trains dense Qwen3 models; MoE (Qwen3-30B-A3B style) is not supported",
+    "--moe-router-topk": "MoE is not supported",
+    "--expert-model-parallel-size": "MoE / expert parallelism is not supported",
+    "--train-samples": "give the run length in iterations with --train-iters",
+    "--lr-decay-samples": "give the decay length in iterations with --lr-decay-iters",
+    "--lr-warmup-samples": "give warmup in iterations with --lr-warmup-iters or --lr-warmup-fraction",
+    "--reset-position-ids": "qtrain trains on packed documents without position resets",
+    "--reset-attention-mask": "qtrain trains on packed documents without attention resets",
+    "--eod-mask-loss": "not supported; EOD tokens are trained on like Megatron's default",
+    "--rampup-batch-size": "batch-size ramp-up is not supported; use a fixed --global-batch-size",
+    "--optimizer-cpu-offload": "not supported; use FSDP sharding over more ranks",
+    "--fp8-format": "fp8 training is not supported",
+}
+
+
+def flag_of(name: str) -> str:
+    """Field name -> command-line flag."""
+    return "--" + name.replace("_", "-")
+
+
+def iter_fields():
+    """Yield (group_name, group_class, field, resolved type) for every option."""
+    for gname, gcls in _group_classes().items():
+        hints = typing.get_type_hints(gcls)
+        for f in dataclasses.fields(gcls):
+            yield gname, gcls, f, hints[f.name]
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and args else tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(prog: str = "qtrain pretrain") -> argparse.ArgumentParser:
+    """argparse parser generated from the dataclasses (one argument group per dataclass)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="Train a Qwen3 model on Megatron .bin/.idx data. Flags follow Megatron / MindSpeed-LLM.",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="read option values from a YAML file; the command line wins")
+    for gname, gcls in _group_classes().items():
+        group = parser.add_argument_group(gname, (gcls.__doc__ or "").strip().splitlines()[0])
+        hints = typing.get_type_hints(gcls)
+        for f in dataclasses.fields(gcls):
+            tp = _base_type(hints[f.name])
+            extra = dict(f.metadata.get("argparse", {}))
+            help_text = f.metadata["help"]
+            kwargs: dict[str, Any] = {"dest": f"{gname}.{f.name}", "help": help_text, "default": argparse.SUPPRESS}
+            if tp is bool:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = {int: int, float: float, str: str, list: str}.get(tp, str)
+                kwargs["metavar"] = f.name.upper() if tp is not list else "ARG"
+                if f.default is not dataclasses.MISSING and f.default is not None:
+                    kwargs["help"] = f"{help_text} (default: {f.default})"
+            kwargs.update(extra)
+            group.add_argument(flag_of(f.name), **kwargs)
+    return parser
+
+
+def _unknown_flag_error(unknown: list[str], parser: argparse.ArgumentParser) -> ConfigError:
+    flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
+    if not flags:
+        return ConfigError(f"unexpected argument(s) {unknown}: every option is a --flag; see `qtrain pretrain --help`")
+    name = flags[0]
+    if name in UNSUPPORTED_HINTS:
+        hint = UNSUPPORTED_HINTS[name]
+    else:
+        known = [o for a in parser._actions for o in a.option_strings]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see `qtrain pretrain --help` and docs/flags.md"
+    return ConfigError(f"unsupported flag {name}: {hint}")
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    """YAML option file -> {dest: value}. Keys: flag names with or without `--`, dashes or
+    underscores, flat or nested under a group name (model:, training:, ...)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value at the top level")
+    dest_of = {f.name: f"{g}.{f.name}" for g, _, f, _ in iter_fields()}
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key).lstrip("-").replace("-", "_")
+        if key in _group_classes() and isinstance(value, dict):
+            for sub, v in value.items():
+                flat[str(sub).lstrip("-").replace("-", "_")] = v
+        else:
+            flat[key] = value
+    out = {}
+    for key, value in flat.items():
+        if key not in dest_of:
+            close = difflib.get_close_matches(key, list(dest_of), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown option {key!r}{hint}")
+        out[dest_of[key]] = value
+    return out
+
+
+def parse_args(argv: list[str]) -> PretrainConfig:
+    """Command line (+ optional YAML) -> PretrainConfig. Raises ConfigError on unknown flags."""
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise _unknown_flag_error(unknown, parser)
+    values: dict[str, Any] = _load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    values.update({k: v for k, v in vars(ns).items() if "." in k})
+    cfg = PretrainConfig()
+    types = {f"{g}.{f.name}": _base_type(t) for g, _, f, t in iter_fields()}
+    for dest, value in values.items():
+        gname, fname = dest.split(".")
+        tp = types[dest]
+        try:
+            if value is not None:
+                value = _parse_bool(value) if tp is bool else ([str(v) for v in value] if tp is list else tp(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"{flag_of(fname)}: bad value {value!r} ({e})") from e
+        setattr(getattr(cfg, gname), fname, value)
+    _check_choices(cfg, parser)
+    _warn_compat(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _check_choices(cfg: PretrainConfig, parser: argparse.ArgumentParser) -> None:
+    # argparse checks choices on the command line; YAML values are checked here.
+    for gname, _, f, _ in iter_fields():
+        choices = f.metadata.get("argparse", {}).get("choices")
+        value = getattr(getattr(cfg, gname), f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{flag_of(f.name)}: {value!r} is not one of {choices}")
+
+
+def _warn_compat(cfg: PretrainConfig) -> None:
+    """Warn where a compatibility flag asks for something other than what qtrain does."""
+    for gname, _, f, _ in iter_fields():
+        if not f.metadata.get("compat"):
+            continue
+        want = f.metadata.get("qtrain_value")
+        value = getattr(getattr(cfg, gname), f.name)
+        if want is not None and value != want:
+            warnings.warn(f"{flag_of(f.name)} {value}: qtrain uses {want} ({f.metadata['help']}); continuing with {want}",
+                          stacklevel=3)
+    if cfg.compat.no_load_rng_state:
+        cfg.checkpoint.no_load_rng = True
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Checks that need only the options (world size, data and model checks live in pretrain)."""
+    t, o = cfg.training, cfg.optim
+    positive = {"--micro-batch-size": t.micro_batch_size, "--seq-length": cfg.data.seq_length,
+                "--log-interval": cfg.logging.log_interval, "--eval-interval": t.eval_interval}
+    for name, v in positive.items():
+        if v is None or v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v}")
+    if t.train_iters is not None and t.train_iters <= 0:
+        raise ConfigError(f"--train-iters must be positive, got {t.train_iters}")
+    if t.global_batch_size is not None and t.global_batch_size <= 0:
+        raise ConfigError(f"--global-batch-size must be positive, got {t.global_batch_size}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_warmup_fraction is not None and not 0.0 <= o.lr_warmup_fraction < 1.0:
+        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1), got {o.lr_warmup_fraction}")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the annealing phase)")
+    if cfg.parallel.num_layer_list is not None:
+        try:
+            [int(x) for x in cfg.parallel.num_layer_list.split(",")]
+        except ValueError as e:
+            raise ConfigError(f"--num-layer-list {cfg.parallel.num_layer_list!r}: expected integers like 13,15") from e
+    parse_data_path(cfg.data.data_path)
+    parse_split(cfg.data.split)
+
+
+def parse_data_path(items: list[str]) -> list[tuple[float, str]]:
+    """`--data-path`: `prefix` or `w1 p1 w2 p2 ...` -> [(weight, prefix)] (weights not normalised)."""
+    if len(items) <= 1:
+        return [(1.0, p) for p in items]
+    if len(items) % 2:
+        raise ConfigError(f"--data-path: with several datasets give weight/prefix pairs, got {len(items)} items: {items}")
+    out = []
+    for w, p in zip(items[::2], items[1::2]):
+        try:
+            out.append((float(w), p))
+        except ValueError as e:
+            raise ConfigError(f"--data-path: {w!r} is not a weight (expected `weight prefix` pairs)") from e
+    return out
+
+
+def parse_split(split: str) -> list[float]:
+    """`--split 969,30,1` -> normalised [train, valid, test] fractions (Megatron's rule)."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--split {split!r}: expected numbers like 969,30,1") from e
+    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"--split {split!r}: expected up to three non-negative numbers like 969,30,1")
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):
+    """The Qwen3Config to build: preset / HF config of --load / Qwen3 defaults, then shape flags.
+
+    `vocab_size_hint`: the tokenizer's vocabulary size, padded by --make-vocab-size-divisible-by
+    when no --padded-vocab-size, preset or HF config gives the vocabulary.
+    """
+    from qtrain.models.config import Qwen3Config
+
+    m = cfg.model
+    vocab_given = m.padded_vocab_size is not None
+    if m.model_preset:
+        from qtrain.models.presets import get_preset
+
+        try:
+            base = get_preset(m.model_preset)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"--model-preset {m.model_preset!r}: {e}") from e
+        vocab_given = True
+    elif cfg.checkpoint.load and os.path.isfile(os.path.join(cfg.checkpoint.load, "config.json")) \
+            and not is_qtrain_checkpoint_root(cfg.checkpoint.load):
+        base = Qwen3Config.from_json(os.path.join(cfg.checkpoint.load, "config.json"))
+        vocab_given = True
+    elif cfg.checkpoint.load and is_qtrain_checkpoint_root(cfg.checkpoint.load):
+        from qtrain.checkpoint.dcp import read_checkpoint_model_config
+
+        base = read_checkpoint_model_config(cfg.checkpoint.load)
+        vocab_given = True
+    else:
+        base = Qwen3Config()
+    d = base.to_hf_dict() if hasattr(base, "to_hf_dict") else dataclasses.asdict(base)
+    overrides = {
+        "num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size, "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups, "head_dim": m.kv_channels, "rope_theta": m.rotary_base,
+        "vocab_size": m.padded_vocab_size, "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": m.norm_epsilon,
+    }
+    for k, v in overrides.items():
+        if v is not None:
+            d[k] = v
+    if m.num_attention_heads is not None and m.num_query_groups is None and not m.model_preset:
+        # Megatron: without --group-query-attention every head has its own key/value.
+        if not cfg.compat.group_query_attention:
+            d["num_key_value_heads"] = m.num_attention_heads
+    if m.hidden_size is not None and m.kv_channels is None and m.num_attention_heads:
+        d["head_dim"] = m.hidden_size // m.num_attention_heads
+    if m.untie_embeddings_and_output_weights:
+        d["tie_word_embeddings"] = False
+    if m.add_qkv_bias:
+        d["attention_bias"] = True
+    if not vocab_given and vocab_size_hint:
+        mult = max(1, m.make_vocab_size_divisible_by) * cfg.parallel.tensor_model_parallel_size
+        d["vocab_size"] = -(-vocab_size_hint // mult) * mult
+    d["initializer_range"] = m.init_method_std
+    return Qwen3Config.from_hf_dict(d)
+
+
+def is_qtrain_checkpoint_root(path: str) -> bool:
+    """A qtrain save dir: has latest_checkpointed_iteration.txt or iter_XXXXXXX/ sub-dirs with .metadata."""
+    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+        return True
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def dump_flags_markdown() -> str:
+    """docs/flags.md: every flag, its group, default and help; compat flags marked."""
+    lines = ["# qtrain pretrain flags", "",
+             "Generated from `qtrain/config.py` (`python -m qtrain.config > docs/flags.md`).",
+             "Flags follow Megatron-LM / MindSpeed-LLM names, so their pretrain scripts run unchanged.",
+             "Rows marked *compat* describe what qtrain always does: they are accepted; a value that asks",
+             "for something else prints a warning and qtrain goes on with its own behaviour.",
+             "A flag not listed stops the run before start with its name and a hint.", "",
+             "| flag | group | default | meaning |", "|---|---|---|---|",
+             "| `--config FILE.yaml` | - | - | read option values from YAML; the command line wins |"]
+    for gname, _, f, _ in iter_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        mark = " *compat*" if f.metadata.get("compat") else ""
+        choices = f.metadata.get("argparse", {}).get("choices")
+        extra = f" ({'/'.join(choices)})" if choices else ""
+        lines.append(f"| `{flag_of(f.name)}` | {gname}{mark} | `{default}` | {f.metadata['help']}{extra} |")
+    lines += ["", "## Megatron flags that stop the run", "", "| flag | what to do |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in UNSUPPORTED_HINTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(dump_flags_markdown())

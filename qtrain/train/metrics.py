@@ -1,0 +1,103 @@
+"""Training metrics: FLOPs/token and MFU (../anchors convention), the Megatron-shaped log line,
+JSONL and TensorBoard writers.
+
+FLOPs per token = 6 N + 12 L H Q T: N every parameter with the tied embedding counted once
+(as the LM-head matmul), L layers, H query heads, Q head dim, T sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+
+def num_params(cfg) -> int:
+    """Parameters of a Qwen3 model from its config (tied embedding counted once)."""
+    h, q, kv, L = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_hidden_layers
+    attn = h * cfg.num_attention_heads * q * 2 + h * kv * q * 2 + 2 * q  # q,o + k,v + q/k norms
+    if getattr(cfg, "attention_bias", False):
+        attn += cfg.num_attention_heads * q + 2 * kv * q
+    mlp = 3 * h * cfg.intermediate_size
+    layer = attn + mlp + 2 * h
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    return embed + L * layer + h + head
+
+
+def flops_per_token(cfg, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward), anchors.md convention."""
+    return 6.0 * num_params(cfg) + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
+
+
+def device_peak_flops(device) -> Optional[float]:
+    """Peak bf16 FLOP/s of one device from qtrain.device, or None when unknown (e.g. CPU)."""
+    try:
+        from qtrain.device import peak_flops
+    except ImportError:
+        return None
+    try:
+        return peak_flops(device)
+    except Exception:  # an unknown card: report TFLOP/s without MFU rather than fail the run
+        return None
+
+
+def megatron_log_line(m: dict[str, Any], train_iters: int) -> str:
+    """One log line in the shape of Megatron's training_log."""
+    parts = [f" iteration {m['iteration']:8d}/{train_iters:8d}",
+             f"consumed samples: {m['consumed_samples']:12d}",
+             f"elapsed time per iteration (ms): {m['step_time_ms']:.1f}",
+             f"learning rate: {m['lr']:.6E}",
+             f"global batch size: {m['global_batch_size']:5d}",
+             f"lm loss: {m['loss']:.6E}",
+             f"grad norm: {m['grad_norm']:.3f}",
+             f"tokens/s/device: {m['tokens_per_s_per_device']:.1f}",
+             f"TFLOP/s/device: {m['tflops_per_device']:.2f}"]
+    if m.get("mfu") is not None:
+        parts.append(f"MFU: {100 * m['mfu']:.1f}%")
+    if m.get("mem_gib") is not None:
+        parts.append(f"mem (GiB): {m['mem_gib']:.2f}")
+    return " | ".join(parts) + " |"
+
+
+def eval_log_line(iteration: int, loss: float) -> str:
+    """Megatron's validation report shape."""
+    ppl = math.exp(min(loss, 20.0))
+    return (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {ppl:.6E} |")
+
+
+class MetricsWriter:
+    """Appends metrics to <dir>/metrics.jsonl and, when asked, TensorBoard scalars (rank 0 only)."""
+
+    def __init__(self, jsonl_dir: Optional[str], tensorboard_dir: Optional[str]):
+        self._fh = None
+        if jsonl_dir:
+            os.makedirs(jsonl_dir, exist_ok=True)
+            self._fh = open(os.path.join(jsonl_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional (extra "viz")
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(tensorboard_dir)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One JSON line; numeric fields also go to TensorBoard under their name."""
+        if self._fh:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+        if self._tb:
+            step = record.get("iteration", 0)
+            for k, v in record.items():
+                if k != "iteration" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+        if self._tb:
+            self._tb.close()
