@@ -42,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"qtrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from qtrain.errors import QtrainError
+
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except QtrainError as e:  # a user's mistake: the message says what and where, no traceback
+        print(f"qtrain {name}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

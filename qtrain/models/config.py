@@ -1,0 +1,102 @@
+"""Qwen3Config: the shape of a Qwen3 dense model, with Hugging Face's field names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from qtrain.errors import ConfigError
+
+# HF config keys that we read but that do not change the computation of a dense Qwen3.
+_IGNORED_HF_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "hidden_act", "attention_dropout", "max_window_layers", "sliding_window", "use_sliding_window",
+    "rope_scaling", "rope_parameters", "layer_types", "pad_token_id", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "use_return_dict", "tie_encoder_decoder",
+}
+
+
+@dataclass
+class Qwen3Config:
+    """Hyper-parameters of a Qwen3 dense decoder (names as in HF config.json)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, the tied embedding counted once (as HF's model.num_parameters())."""
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + 2 * self.head_dim + (q + 2 * kv if self.attention_bias else 0)
+        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + embed + h
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "Qwen3Config":
+        model_type = d.get("model_type")
+        if model_type != "qwen3":
+            raise ConfigError(
+                f"{source}: model_type is {model_type!r}, qtrain supports 'qwen3' (dense Qwen3) only")
+        if d.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported by qtrain")
+        rope_scaling = d.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            raise ConfigError(f"{source}: rope_scaling {rope_scaling} is not supported (only default RoPE)")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "head_dim" not in d and "hidden_size" in d and "num_attention_heads" in d:
+            kwargs["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        if d.get("rope_theta") is None and isinstance(d.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Qwen3Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_hf_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """The config.json that transformers' Qwen3ForCausalLM and vLLM-style loaders read."""
+        d = asdict(self)
+        d.update(
+            architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
+            attention_dropout=0.0, max_window_layers=self.num_hidden_layers, sliding_window=None,
+            use_sliding_window=False, rope_scaling=None, use_cache=True, torch_dtype=dtype,
+        )
+        return d

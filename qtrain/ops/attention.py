@@ -1,0 +1,21 @@
+"""Causal grouped-query attention through torch's scaled_dot_product_attention.
+
+SDPA picks the fastest backend available (flash / cuDNN / memory-efficient on GPU, math on CPU).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, Hq, S, D]; k, v: [B, Hkv, S, D]. `mask`: optional bool [B, 1, S, S], True = may attend
+    (used for packed samples; it must already be causal). Returns [B, Hq, S, D]."""
+    if mask is None:
+        # SDPA reads the shared K/V heads itself (no repeated copy), with every backend that
+        # supports it; transformers takes the same path, so the two agree to the last bit.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # masked GQA falls back to the math kernel on some backends: repeat K/V instead
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

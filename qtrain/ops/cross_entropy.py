@@ -1,0 +1,13 @@
+"""Next-token cross-entropy in float32, averaged over the tokens whose label is not ignored."""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                  reduction: str = "mean") -> torch.Tensor:
+    """logits [..., V] and labels [...] already aligned (labels[i] is the target of logits[i])."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)

@@ -1,0 +1,8 @@
+"""SwiGLU activation: silu(gate) * up."""
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up

@@ -1,0 +1,123 @@
+"""The qtrain model computes what transformers' Qwen3ForCausalLM computes, on several shapes."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from qtrain.models.config import Qwen3Config
+from qtrain.models.qwen3 import Qwen3ForCausalLM, build_model, materialize
+from qtrain.ops.cross_entropy import cross_entropy
+
+# (hidden, intermediate, layers, heads, kv heads, head_dim, tied): GQA ratios 1, 2, 4, head_dim
+# unrelated to hidden/heads, odd sizes.
+SHAPES = [
+    (64, 160, 2, 4, 4, 16, True),
+    (96, 200, 3, 4, 2, 32, False),
+    (72, 131, 2, 8, 2, 24, True),
+    (80, 96, 2, 4, 1, 40, False),
+]
+
+
+def _pair(shape, vocab=211, seed=0):
+    h, i, n, a, kv, d, tied = shape
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                      num_attention_heads=a, num_key_value_heads=kv, head_dim=d, tie_word_embeddings=tied,
+                      max_position_embeddings=256, rope_theta=10000.0 + 37 * seed)
+    torch.manual_seed(seed)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf_dict("float32"),
+                                                                attn_implementation="sdpa")).eval()
+    # Norm weights are 1 at init; randomise them so the test sees the weight multiply.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    ours = Qwen3ForCausalLM(cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return cfg, hf, ours
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}-kv{s[3]//s[4]}-d{s[5]}-{'tied' if s[6] else 'untied'}")
+def test_logits_and_loss_match_transformers_fp32(shape):
+    cfg, hf, ours = _pair(shape, seed=SHAPES.index(shape))
+    ids = torch.randint(0, cfg.vocab_size, (2, 37))
+    with torch.no_grad():
+        out = hf(input_ids=ids, labels=ids)
+        logits = ours(ids)
+    assert logits.shape == (2, 37, cfg.vocab_size)
+    assert _rel(logits, out.logits) <= 1e-5
+    loss = cross_entropy(logits[:, :-1], ids[:, 1:])
+    assert abs(loss.item() - out.loss.item()) / out.loss.item() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["mha-tied", "gqa2-untied"])
+def test_logits_match_transformers_bf16(shape):
+    cfg, hf, ours = _pair(shape, seed=5)
+    inv_freq = hf.model.rotary_emb.inv_freq.clone()
+    hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+    # `.to(bf16)` also rounds HF's RoPE frequency buffer, which from_pretrained(dtype=bf16) keeps
+    # in float32; restore it so both models compute the RoPE angles as a bf16 checkpoint load does.
+    hf.model.rotary_emb.inv_freq = inv_freq
+    ids = torch.randint(0, cfg.vocab_size, (2, 29))
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids).logits, ours(ids)
+    # Both run the same bf16 operations; allow a few bf16 ulps of the largest logit.
+    assert _rel(got, ref) <= 2 * 2**-8
+
+
+def test_position_ids_and_mask_paths_agree_with_default():
+    cfg, _, ours = _pair(SHAPES[1], seed=2)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    pos = torch.arange(16).unsqueeze(0)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        base = ours(ids)
+        assert torch.allclose(ours(ids, position_ids=pos), base, atol=0, rtol=0)
+        assert torch.allclose(ours(ids, attention_mask=causal), base, atol=1e-6, rtol=1e-5)
+
+
+def test_1p7b_preset_builds_on_meta_with_exact_parameter_count():
+    from qtrain.models.presets import get_preset
+
+    cfg = get_preset("1.7B")
+    model = build_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 1_720_574_976 == cfg.num_params
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_materialize_allocates_once_and_keeps_tie():
+    from qtrain.models.presets import get_preset
+
+    cfg = get_preset("tiny")
+    model = materialize(build_model(cfg), "cpu", seed=0)
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert len(ptrs) == len(list(model.parameters()))  # one allocation per parameter, none shared twice
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    std = model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+    again = materialize(build_model(cfg), "cpu", seed=0)
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_materialize_1p7b_peak_memory_is_one_model(tmp_path):
+    """Materialising the 1.7B preset allocates the weights once (fp32: 6.9 GB), not twice."""
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from qtrain.models.presets import get_preset\n"
+        "from qtrain.models.qwen3 import build_model, materialize\n"
+        "m = materialize(build_model(get_preset('1.7B')), 'cpu', dtype=torch.bfloat16, std=0.02)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    # to_empty allocates fp32 (6.88 GB), then .to(bf16) adds 3.44 GB: bounded well below two fp32 copies.
+    assert peak < 1.6 * 1_720_574_976 * 4, peak
