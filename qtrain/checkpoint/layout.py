@@ -1,0 +1,104 @@
+"""Megatron legacy checkpoint layout: tracker file, iteration folders, per-rank file names,
+and how decoder layers are spread over pipeline stages and virtual (interleaved) stages.
+
+Megatron-LM and MindSpeed-LLM write
+
+    <dir>/latest_checkpointed_iteration.txt          "1" (or "release")
+    <dir>/iter_0000001/mp_rank_{tp:02d}/model_optim_rng.pt           when PP == 1
+    <dir>/iter_0000001/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt  when PP > 1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtrain.errors import CheckpointError, ConfigError
+from qtrain.io_utils import write_text_atomic
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    """`iter_0000100` for 100; `release` for the release marker."""
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """The per-rank folder: the PP suffix appears only when PP > 1, as in Megatron."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def read_tracker(ckpt_dir: str | Path) -> int | str:
+    """The iteration named by `latest_checkpointed_iteration.txt`: an int, or "release"."""
+    path = Path(ckpt_dir) / TRACKER
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: tracker file not found; {ckpt_dir} is not a Megatron/qtrain checkpoint folder "
+            f"(pass the folder that holds {TRACKER}, or name the iteration with --iteration)")
+    text = path.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+
+
+def write_tracker(ckpt_dir: str | Path, iteration: int | str) -> None:
+    """Write the tracker file (last, so a half-written checkpoint is never picked up)."""
+    write_text_atomic(Path(ckpt_dir) / TRACKER, str(iteration))
+
+
+def resolve_iteration(ckpt_dir: str | Path, iteration: int | None) -> int | str:
+    """The explicit iteration if given (its folder must exist), else the tracker's."""
+    if iteration is None:
+        return read_tracker(ckpt_dir)
+    folder = Path(ckpt_dir) / iteration_dir_name(iteration)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such iteration folder (--iteration {iteration})")
+    return iteration
+
+
+def parse_num_layer_list(text: str | None) -> list[int] | None:
+    """`"14,14"` -> [14, 14] (MindSpeed-LLM's --num-layer-list)."""
+    if text is None or text == "":
+        return None
+    try:
+        return [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"--num-layer-list {text!r}: expected comma-separated integers such as 14,14") from None
+
+
+def split_layers(num_layers: int, pp: int, num_layer_list: list[int] | None = None,
+                 vpp_layers: int | None = None) -> list[list[list[int]]]:
+    """Global decoder-layer indices for each pipeline stage and each of its model chunks.
+
+    Returns `stages[pp_rank][chunk] = [global layer, ...]`. Without virtual stages each stage has
+    one chunk. With `vpp_layers` layers per virtual stage, chunks are dealt round-robin as Megatron's
+    interleaved schedule does: chunk v of stage p holds block number v * pp + p.
+    """
+    if pp < 1:
+        raise ConfigError(f"--target-pipeline-parallel-size must be >= 1, got {pp}")
+    if num_layer_list is not None:
+        if vpp_layers is not None:
+            raise ConfigError("--num-layer-list and --num-layers-per-virtual-pipeline-stage cannot be combined")
+        if len(num_layer_list) != pp or sum(num_layer_list) != num_layers or min(num_layer_list) < 1:
+            raise ConfigError(
+                f"--num-layer-list {','.join(map(str, num_layer_list))}: needs {pp} positive entries "
+                f"(one per pipeline stage) summing to the model's {num_layers} layers")
+        starts = [sum(num_layer_list[:p]) for p in range(pp)]
+        return [[list(range(s, s + n))] for s, n in zip(starts, num_layer_list)]
+    if num_layers % pp:
+        raise ConfigError(
+            f"the model's {num_layers} layers do not divide into {pp} pipeline stages; "
+            f"choose a pipeline size that divides {num_layers} or give --num-layer-list")
+    per_stage = num_layers // pp
+    if vpp_layers is None:
+        return [[list(range(p * per_stage, (p + 1) * per_stage))] for p in range(pp)]
+    if vpp_layers < 1 or per_stage % vpp_layers:
+        raise ConfigError(
+            f"--num-layers-per-virtual-pipeline-stage {vpp_layers} must divide the {per_stage} layers per stage")
+    chunks = per_stage // vpp_layers
+    return [[list(range((v * pp + p) * vpp_layers, (v * pp + p + 1) * vpp_layers)) for v in range(chunks)]
+            for p in range(pp)]
