@@ -85,6 +85,7 @@ class TrainingArgs:
     clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
     eval_interval: int = opt(1000, "run validation every this many iterations")
     eval_iters: int = opt(100, "validation micro-batches per evaluation (0 disables)")
+    exit_interval: Optional[int] = opt(None, "save (with --save) and exit after an iteration divisible by this")
     device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
     dry_run: bool = opt(False, "print the plan (model size, layout, batch math, memory) and exit")
 
@@ -410,36 +411,12 @@ def validate(cfg: PretrainConfig) -> None:
             [int(x) for x in cfg.parallel.num_layer_list.split(",")]
         except ValueError as e:
             raise ConfigError(f"--num-layer-list {cfg.parallel.num_layer_list!r}: expected integers like 13,15") from e
-    parse_data_path(cfg.data.data_path)
+    from qtrain.data.blended import parse_data_path
+    from qtrain.data.gpt_dataset import parse_split
+
+    if cfg.data.data_path:
+        parse_data_path(cfg.data.data_path)
     parse_split(cfg.data.split)
-
-
-def parse_data_path(items: list[str]) -> list[tuple[float, str]]:
-    """`--data-path`: `prefix` or `w1 p1 w2 p2 ...` -> [(weight, prefix)] (weights not normalised)."""
-    if len(items) <= 1:
-        return [(1.0, p) for p in items]
-    if len(items) % 2:
-        raise ConfigError(f"--data-path: with several datasets give weight/prefix pairs, got {len(items)} items: {items}")
-    out = []
-    for w, p in zip(items[::2], items[1::2]):
-        try:
-            out.append((float(w), p))
-        except ValueError as e:
-            raise ConfigError(f"--data-path: {w!r} is not a weight (expected `weight prefix` pairs)") from e
-    return out
-
-
-def parse_split(split: str) -> list[float]:
-    """`--split 969,30,1` -> normalised [train, valid, test] fractions (Megatron's rule)."""
-    try:
-        parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
-    except ValueError as e:
-        raise ConfigError(f"--split {split!r}: expected numbers like 969,30,1") from e
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ConfigError(f"--split {split!r}: expected up to three non-negative numbers like 969,30,1")
-    parts += [0.0] * (3 - len(parts))
-    total = sum(parts)
-    return [p / total for p in parts]
 
 
 def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):

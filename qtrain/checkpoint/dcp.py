@@ -1,0 +1,288 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP): save, resume, and starting points.
+
+Layout (read by `qtrain convert`):
+
+    <save>/latest_checkpointed_iteration.txt   the iteration, written LAST and atomically
+    <save>/iter_0000100/                        a DCP directory:
+        {"model": {HF param name: fp32 tensor}, "optim": AdamW state,
+         "train_state": pickled dict (iteration, consumed samples, sampler, world size),
+         "rng": {"rank_<r>": pickled RNG states of rank r}}
+    <save>/iter_0000100/config.json             HF-style model config
+    <save>/iter_0000100/qtrain_args.json        the training options
+
+Crash safety: every rank writes into `iter_0000100.tmp/`; once all have finished, rank 0 renames
+it to `iter_0000100/` and only then rewrites the tracker. A kill at any point leaves the tracker
+naming the previous complete checkpoint. Model and optimizer go through
+`get_state_dict`/`set_state_dict`, so FSDP/TP-sharded (DTensor) state saves reshardably.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, write_tracker
+from qtrain.errors import CheckpointError
+from qtrain.io_utils import write_json_atomic
+
+CONFIG_FILE = "config.json"
+ARGS_FILE = "qtrain_args.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict[str, Any]:
+    """Every generator this rank draws from: python, numpy, torch CPU and the accelerator."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if acc is not None and acc.type != "cpu":
+        state["accelerator"] = (acc.type, getattr(torch, acc.type).get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        kind, s = state["accelerator"]
+        getattr(torch, kind).set_rng_state(s)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def checkpoint_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / iteration_dir_name(iteration)
+
+
+def latest_iteration(save_dir: str | Path) -> Optional[int]:
+    """The tracker's iteration, or None when there is no tracker yet."""
+    path = Path(save_dir) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}; "
+                              f"delete the file to start over or fix it to name an iter_XXXXXXX folder") from None
+
+
+def detect_kind(path: str | Path) -> str:
+    """'qtrain' (DCP), 'megatron' (legacy mp_rank_* files), 'hf' (config.json + safetensors).
+
+    Raises CheckpointError naming the path when it is none of them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"--load {path}: no such directory")
+    it = None
+    if (path / TRACKER).is_file():
+        text = (path / TRACKER).read_text().strip()
+        it = text if text == "release" else int(text) if text.isdigit() else None
+        if it is None:
+            raise CheckpointError(f"--load {path}: {TRACKER} holds {text!r}, not an iteration number")
+    if (path / ".metadata").is_file():
+        return "qtrain"
+    if it is not None:
+        sub = path / iteration_dir_name(it)
+        if (sub / ".metadata").is_file():
+            return "qtrain"
+        if sub.is_dir() and any(p.name.startswith("mp_rank_") for p in sub.iterdir()):
+            return "megatron"
+        raise CheckpointError(f"--load {path}: {TRACKER} names iteration {it} but {sub} is missing or "
+                              f"incomplete (neither a DCP .metadata nor mp_rank_* files)")
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or
+                                             (path / "model.safetensors.index.json").is_file()):
+        return "hf"
+    raise CheckpointError(
+        f"--load {path}: not a checkpoint (expected {TRACKER} + iter_XXXXXXX/ from qtrain or Megatron, "
+        f"or an HF dir with config.json and *.safetensors)")
+
+
+def read_checkpoint_model_config(path: str | Path):
+    """The Qwen3Config stored with a qtrain checkpoint (the tracker's iteration, or the dir itself)."""
+    from qtrain.models.config import Qwen3Config
+
+    path = Path(path)
+    it = latest_iteration(path)
+    folder = path if it is None else checkpoint_dir(path, it)
+    return Qwen3Config.from_json(folder / CONFIG_FILE)
+
+
+# ----------------------------------------------------------------------------- save
+
+def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer], train_state: dict[str, Any],
+                    model_config_json: dict, args_json: dict) -> Path:
+    """Write `<save_dir>/iter_XXXXXXX/` and then the tracker. Every rank must call this."""
+    final = checkpoint_dir(save_dir, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftovers of a save that was killed
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd, "train_state": pickle.dumps(train_state),
+             "rng": {f"rank_{_rank()}": pickle.dumps(rng_state())}}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    dcp.save(state, checkpoint_id=str(tmp))
+    if _rank() == 0:
+        write_json_atomic(tmp / CONFIG_FILE, model_config_json)
+        write_json_atomic(tmp / ARGS_FILE, args_json)
+        if final.exists():  # saving the same iteration again: replace the old one
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        write_tracker(save_dir, iteration)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the rename durable before the tracker points at it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- load
+
+@dataclass
+class Loaded:
+    """What a load restored: `train_state` is None when starting from weights only."""
+
+    kind: str
+    path: Path
+    iteration: int = 0
+    train_state: Optional[dict] = None
+    rng_restored: bool = False
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *,
+                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False) -> Loaded:
+    """Restore from a qtrain checkpoint, or take the weights of an HF / Megatron dir.
+
+    qtrain checkpoints restore model, optimizer (unless `load_optim=False`), this rank's RNG
+    (unless `load_rng=False` or the world size changed) and the train state; `finetune` takes
+    the weights only and starts at iteration 0. HF and Megatron dirs always give weights only.
+    """
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind == "hf":
+        from qtrain.models.hf import iter_safetensors
+
+        _set_full_weights(model, dict(iter_safetensors(path)), path)
+        return Loaded(kind, path)
+    if kind == "megatron":
+        from qtrain.checkpoint.megatron import load_megatron_state_dict
+
+        _, sd = load_megatron_state_dict(str(path))
+        _set_full_weights(model, sd, path)
+        return Loaded(kind, path)
+
+    it = latest_iteration(path)
+    folder = path if it is None else checkpoint_dir(path, it)
+    reader = dcp.FileSystemReader(str(folder))
+    try:
+        keys = set(reader.read_metadata().state_dict_metadata)
+    except Exception as e:  # a truncated or foreign .metadata
+        raise CheckpointError(f"--load {folder}: unreadable DCP metadata ({e})") from e
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state: dict[str, Any] = {"model": model_sd}
+    with_optim = optimizer is not None and load_optim and not finetune
+    if with_optim:
+        if not any(k.startswith("optim.") for k in keys):
+            raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
+        state["optim"] = optim_sd
+    rng_key = f"rng.rank_{_rank()}"
+    with_rng = load_rng and not finetune and rng_key in keys and _saved_world(keys) == _world()
+    if with_rng:
+        state["rng"] = {f"rank_{_rank()}": b""}
+    if not finetune:
+        state["train_state"] = b""
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as e:
+        raise CheckpointError(f"--load {folder}: cannot restore ({type(e).__name__}: {e}); the checkpoint's "
+                              f"model config is {folder / CONFIG_FILE}: does it match the model flags?") from e
+    set_state_dict(model, optimizer if with_optim else [], model_state_dict=state["model"],
+                   optim_state_dict=state["optim"] if with_optim else {})
+    if with_rng:
+        set_rng_state(pickle.loads(state["rng"][f"rank_{_rank()}"]))
+    if finetune:
+        return Loaded(kind, folder)
+    train_state = pickle.loads(state["train_state"])
+    return Loaded(kind, folder, int(train_state["iteration"]), train_state, with_rng)
+
+
+def _saved_world(keys: set[str]) -> int:
+    return sum(1 for k in keys if k.startswith("rng.rank_"))
+
+
+def _set_full_weights(model: torch.nn.Module, full_sd: dict[str, torch.Tensor], source: Path) -> None:
+    """Load full (unsharded) HF-named tensors into a possibly sharded model."""
+    expected = set(model.state_dict())
+    if "lm_head.weight" in expected and "lm_head.weight" not in full_sd and "model.embed_tokens.weight" in full_sd:
+        full_sd["lm_head.weight"] = full_sd["model.embed_tokens.weight"]  # tied: HF stores it once
+    missing, unexpected = expected - set(full_sd), set(full_sd) - expected
+    if missing or unexpected:
+        raise CheckpointError(f"--load {source}: weights do not match the model (missing: "
+                              f"{sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]}); "
+                              f"check the model flags / preset against {source}/config.json")
+    ref = model.state_dict()
+    for name, t in full_sd.items():
+        if tuple(t.shape) != tuple(ref[name].shape):
+            raise CheckpointError(f"--load {source}: {name} has shape {tuple(t.shape)}, the model "
+                                  f"expects {tuple(ref[name].shape)}; check the model flags")
+    full_sd = {k: v.to(torch.float32) for k, v in full_sd.items()}
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def read_args_json(folder: str | Path) -> dict:
+    """The training options saved next to a checkpoint."""
+    return json.loads((Path(folder) / ARGS_FILE).read_text())

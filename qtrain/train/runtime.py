@@ -1,0 +1,108 @@
+"""Process setup for training: torchrun-aware process group, device, data-parallel sharding,
+and the SIGTERM flag (finish the step, save, exit 0)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qtrain import device as qdevice
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(device_choice: str = "auto", timeout_minutes: int = 10) -> Runtime:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA,
+    hccl on NPU); a plain `python` launch is a world of one without a process group."""
+    dev_type = qdevice.device_type() if device_choice == "auto" else device_choice
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = qdevice.local_device(local_rank, dev_type)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=qdevice.dist_backend(dev_type),
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type != "cpu" else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Runtime(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime) -> tuple[torch.nn.Module, bool]:
+    """Shard the model over the ranks. Returns (model, sharded).
+
+    Uses qtrain.parallel.parallelize when present; until then, data parallel with FSDP2
+    (one fully_shard per decoder layer, then the root) and bf16 params / fp32 reduction.
+    """
+    if rt.world_size == 1:
+        return model, False
+    try:
+        from qtrain.parallel import build_mesh, parallelize  # type: ignore[attr-defined]
+    except ImportError:
+        build_mesh = parallelize = None
+    if parallelize is not None:
+        mesh = build_mesh(cfg, rt.world_size)
+        return parallelize(model, mesh, cfg), True
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+            cfg.parallel.context_parallel_size) != (1, 1, 1):
+        from qtrain.errors import ConfigError
+
+        raise ConfigError("TP/PP/CP need qtrain.parallel, which is not installed in this build; "
+                          "use --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+                              reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model, True
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT-free termination; the loop checks it after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> "StopFlag":
+        def handler(signum, frame):  # noqa: ARG001
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_rank(self, device: torch.device) -> bool:
+        """True when any rank received SIGTERM (one tiny all-reduce per step when distributed,
+        so that every rank stops after the same step)."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
