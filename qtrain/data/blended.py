@@ -22,7 +22,7 @@ import torch
 from qtrain.data.gpt_dataset import SPLIT_NAMES, GPTDataset, GPTDatasetConfig, default_cache_dir, split_ranges
 from qtrain.data.index_cache import IndexCache
 from qtrain.data.indexed import IndexedDataset
-from qtrain.errors import ConfigError, DataError
+from qtrain.errors import ConfigError, DataError, QtrainError
 
 
 def _as_float(text: str) -> float | None:
@@ -241,9 +241,20 @@ def build_gpt_datasets(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_world_size() == 1:
         return _build_all(prefixes, weights, sizes, config, write_cache=True)
+    # Rank 0 builds and caches; its outcome (None or the error) is broadcast so that the other
+    # ranks load the cache, or fail with the same message instead of waiting forever.
     rank = torch.distributed.get_rank()
-    result = _build_all(prefixes, weights, sizes, config, write_cache=True) if rank == 0 else None
-    torch.distributed.barrier()
+    result, outcome = None, [None]
+    if rank == 0:
+        try:
+            result = _build_all(prefixes, weights, sizes, config, write_cache=True)
+        except (QtrainError, OSError) as e:
+            outcome = [f"{type(e).__name__}: {e}"]
+            torch.distributed.broadcast_object_list(outcome, src=0)
+            raise
+    torch.distributed.broadcast_object_list(outcome, src=0)
     if rank != 0:
+        if outcome[0] is not None:
+            raise DataError(f"rank 0 failed to build the datasets: {outcome[0]}")
         result = _build_all(prefixes, weights, sizes, config, write_cache=False)
     return result

@@ -302,3 +302,31 @@ def test_resumable_loader_with_workers_counts_delivered_batches(corpus):
     batches = [next(ld) for _ in range(3)]
     assert ld.state_dict() == {"consumed_samples": 6}  # not what the workers prefetched
     np.testing.assert_array_equal(batches[2]["input_ids"][1], ds[5]["input_ids"])
+
+
+def _distributed_build(rank: int, world: int, init_file: str, prefix: str, cache: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = GPTDatasetConfig(seq_length=SEQ, split="90,8,2", cache_dir=cache)
+        train = build_gpt_datasets(prefix, [50, 5, 2], config)[0]
+        try:
+            build_gpt_datasets(prefix + "_missing", [50, 5, 2], config)
+            failed = ""
+        except DataError as e:
+            failed = str(e)
+        np.save(f"{out}{rank}.npy", np.stack([train.sample_tokens(i) for i in range(len(train))]))
+        with open(f"{out}{rank}.txt", "w") as f:
+            f.write(f"{int(train.cache_hit)}\n{failed}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_rank0_builds_others_load(corpus, tmp_path):
+    out = str(tmp_path / "r")
+    torch.multiprocessing.spawn(
+        _distributed_build, args=(2, str(tmp_path / "init"), corpus["a"], str(tmp_path / "c"), out), nprocs=2
+    )
+    hits = [open(f"{out}{r}.txt").read().split("\n", 1) for r in range(2)]
+    assert [h[0] for h in hits] == ["0", "1"]  # rank 0 built, rank 1 loaded its cache
+    assert "_missing" in hits[0][1] and "rank 0 failed" in hits[1][1] and "_missing" in hits[1][1]
+    np.testing.assert_array_equal(np.load(f"{out}0.npy"), np.load(f"{out}1.npy"))
