@@ -12,6 +12,7 @@ Mirrors megatron-core 0.16.1's ``BlendedMegatronDatasetBuilder`` and ``BlendedDa
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Sequence
@@ -23,6 +24,8 @@ from qtrain.data.gpt_dataset import SPLIT_NAMES, GPTDataset, GPTDatasetConfig, d
 from qtrain.data.index_cache import IndexCache
 from qtrain.data.indexed import IndexedDataset
 from qtrain.errors import ConfigError, DataError, QtrainError
+
+logger = logging.getLogger(__name__)
 
 
 def _as_float(text: str) -> float | None:
@@ -185,6 +188,14 @@ def _split_datasets(
         if bounds is None:
             out.append(None)
             continue
+        if bounds[0] == bounds[1]:
+            # Megatron loops forever here; an empty split is more useful as "no dataset".
+            logger.warning(
+                "%s: --split %s leaves the %s split without documents (%d in all); it is skipped",
+                prefix, config.split, name, len(indexed),
+            )
+            out.append(None)
+            continue
         documents = np.arange(bounds[0], bounds[1], dtype=np.int32)
         out.append(GPTDataset(indexed, documents, size, name, config, write_cache))
     return out
@@ -196,10 +207,12 @@ def _build_all(
     for prefix in prefixes:
         if not IndexedDataset.exists(prefix):
             missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
-            raise DataError(
-                f"--data-path prefix {prefix!r} not found (missing {', '.join(missing)}); give the "
-                "prefix without .bin/.idx, e.g. data/corpus_text_document, as written by `qtrain preprocess`"
+            hint = (
+                f"drop the extension: --data-path {prefix[:-4]}"
+                if prefix.endswith((".bin", ".idx")) and IndexedDataset.exists(prefix[:-4])
+                else "give the prefix without .bin/.idx, e.g. data/corpus_text_document, as written by `qtrain preprocess`"
             )
+            raise DataError(f"--data-path prefix {prefix!r} not found (missing {', '.join(missing)}); {hint}")
     if len(prefixes) == 1 and weights is None:
         return list(_split_datasets(prefixes[0], sizes, config, write_cache))
     if weights is not None:
@@ -214,8 +227,8 @@ def _build_all(
     out: list[GPTDataset | BlendedDataset | None] = []
     for i in range(len(SPLIT_NAMES)):
         parts = [ds[i] for ds in per_prefix]
-        if parts[0] is None:
-            out.append(None)
+        if any(p is None for p in parts):
+            out.append(None)  # the split is off, or empty in some dataset (warned above)
             continue
         if weights is not None:
             out.append(BlendedDataset(parts, w, sum(t[i] for t in targets), config, write_cache))
@@ -229,7 +242,10 @@ def _build_all(
 def build_gpt_datasets(
     data_path: str | Sequence[str], sizes: Sequence[int | None], config: GPTDatasetConfig
 ) -> list[GPTDataset | BlendedDataset | None]:
-    """The [train, valid, test] datasets of ``--data-path`` (None for an empty split).
+    """The [train, valid, test] datasets of ``--data-path``.
+
+    A split is None when ``--split`` gives it no weight, or (with a warning) when it holds no
+    document in some dataset.
 
     ``sizes`` are the samples each split must provide (see :func:`train_valid_test_num_samples`;
     None: one epoch, only without weights). Under torch.distributed this must be called on every

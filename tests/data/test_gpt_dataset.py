@@ -241,8 +241,21 @@ def test_data_path_parsing_and_errors(tmp_path, corpus):
     missing = str(tmp_path / "nope_text_document")
     with pytest.raises(DataError, match=r"nope_text_document.*missing .*\.bin"):
         build_gpt_datasets(["1", corpus["a"], "1", missing], [10, 1, 1], GPTDatasetConfig(seq_length=SEQ, split="90,8,2"))
-    with pytest.raises(DataError, match="too few"):  # a split with no documents
-        build_gpt_datasets(corpus["b"], [10, 10, 10], GPTDatasetConfig(seq_length=SEQ, split="998,1,1", cache_dir=""))
+    with pytest.raises(DataError, match=r"drop the extension: --data-path .*a_text_document$"):
+        build_gpt_datasets(corpus["a"] + ".bin", [10, 1, 1], GPTDatasetConfig(seq_length=SEQ, split="90,8,2"))
+    # a split without documents is skipped (Megatron would loop forever)
+    ds = build_gpt_datasets(corpus["b"], [10, 10, 10], GPTDatasetConfig(seq_length=SEQ, split="998,1,1", cache_dir=""))
+    assert ds[0] is not None and ds[1] is None and ds[2] is None
+    ds = build_gpt_datasets(["1", corpus["a"], "1", corpus["b"]], [10, 10, 10], GPTDatasetConfig(seq_length=SEQ, split="995,4,1", cache_dir=""))
+    assert ds[1] is not None and ds[2] is None  # b (120 documents) has no test document
+    # a split with documents but no tokens cannot make samples
+    tiny = str(tmp_path / "tiny")
+    builder = IndexedDatasetBuilder(bin_path(tiny), dtype=np.uint16)
+    builder.add_document(np.arange(5), [5])
+    builder.add_document(np.zeros(0, np.int64), [0])
+    builder.finalize(idx_path(tiny))
+    with pytest.raises(DataError, match=r"tiny: the valid split has 1 sequences and 0 tokens"):
+        build_gpt_datasets(tiny, [1, 1, 0], GPTDatasetConfig(seq_length=2, split="50,50,0", cache_dir=""))
     assert train_valid_test_num_samples(100, 8, 50, 2) == [800, 48, 16]
 
 
