@@ -12,6 +12,7 @@ from torch import nn
 
 from qtrain.models.config import Qwen3Config
 from qtrain.ops.attention import attention
+from qtrain.ops.linear_cross_entropy import linear_cross_entropy
 from qtrain.ops.rmsnorm import rms_norm
 from qtrain.ops.rope import apply_rope, rope_cos_sin
 from qtrain.ops.swiglu import swiglu
@@ -130,9 +131,18 @@ class Qwen3ForCausalLM(nn.Module):
         return m.norm(h) if m.norm is not None else h
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits [B, S, V]; or, given `labels` [B, S] aligned with the inputs (labels[i] is the
+        token after input i, -100 = ignore), the cross-entropy loss ("mean" over counted tokens, or
+        "sum"), computed chunk by chunk without materialising the logits. The loss is computed here,
+        inside forward, so that a sharded (FSDP) LM head is gathered while it is used."""
         h = self.hidden_states(input_ids, position_ids, attention_mask)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        if labels is None:
+            return self.lm_head(h)
+        return linear_cross_entropy(h, self.lm_head.weight, labels, reduction=loss_reduction)
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
@@ -160,9 +170,8 @@ def build_model(cfg: Qwen3Config, device: str | torch.device = "meta") -> Qwen3F
 def materialize(model: Qwen3ForCausalLM, device: str | torch.device, dtype: torch.dtype = torch.float32,
                 std: float | None = None, seed: int | None = None) -> Qwen3ForCausalLM:
     """Allocate a meta-built (possibly sharded) model on `device` once and initialise it there."""
+    model.to(dtype)  # on meta this costs nothing, so the one real allocation is already in `dtype`
     model.to_empty(device=device)
-    if dtype != torch.float32:
-        model.to(dtype)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
