@@ -1,0 +1,129 @@
+"""`qtrain convert`: move a Qwen3 model between HF, qtrain (DCP) and Megatron (mg) checkpoints.
+
+Flag names follow MindSpeed-LLM's convert_ckpt_v2.py, e.g.
+
+    qtrain convert --load-model-type hf --save-model-type mg \\
+        --load-dir ./Qwen3-1.7B --save-dir ./ckpt/qwen3-mg \\
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --model-type-hf qwen3
+
+Tensors are read and written one at a time (Megatron output: one rank file at a time), so memory
+stays near one output file, not the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qtrain.checkpoint.layout import parse_num_layer_list
+from qtrain.checkpoint.megatron import save_megatron
+from qtrain.checkpoint.sources import config_dtype, open_source
+from qtrain.checkpoint.writers import save_hf_dir, save_qtrain
+from qtrain.errors import ConfigError, QtrainError
+from qtrain.models.hf import read_hf_config
+
+FORMATS = ("hf", "qtrain", "mg")
+PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qtrain convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-model-type", required=True, choices=FORMATS, help="format of --load-dir")
+    p.add_argument("--save-model-type", required=True, choices=FORMATS, help="format to write to --save-dir")
+    p.add_argument("--load-dir", required=True, help="checkpoint to read (HF dir, or the folder holding the tracker)")
+    p.add_argument("--save-dir", required=True, help="where to write the converted checkpoint")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of mg output")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of mg output")
+    p.add_argument("--num-layer-list", default=None, help="layers per PP stage for mg output, e.g. 14,14")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per virtual pipeline stage (interleaved schedule) for mg output")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="iteration to read from a qtrain/mg checkpoint (default: the tracker's)")
+    p.add_argument("--model-type-hf", default="qwen3", help="HF model family; only qwen3 is supported")
+    p.add_argument("--params-dtype", choices=sorted(PARAMS_DTYPES), default=None,
+                   help="dtype of hf/mg output (default: the dtype the source's config or args declare)")
+    p.add_argument("--hf-cfg-dir", default=None,
+                   help="HF dir whose config.json / generation_config.json / tokenizer to use for hf output "
+                        "(for Megatron checkpoints that were not written by qtrain)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load Megatron rank files with full pickle (only for files you trust)")
+    # MindSpeed-LLM flags accepted for drop-in scripts; they do not change a dense Qwen3 conversion.
+    p.add_argument("--use-mcore-models", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-type", default="GPT", help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer-model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", nargs="*", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--transformer-impl", default="local", help=argparse.SUPPRESS)
+    p.add_argument("--target-expert-parallel-size", type=int, default=1, help=argparse.SUPPRESS)
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.model_type_hf.lower() != "qwen3":
+        raise ConfigError(f"--model-type-hf {args.model_type_hf}: qtrain converts dense Qwen3 only (use qwen3)")
+    if args.model_type != "GPT":
+        raise ConfigError(f"--model-type {args.model_type}: only GPT (decoder-only) models are supported")
+    if args.target_expert_parallel_size != 1:
+        raise ConfigError("--target-expert-parallel-size: dense Qwen3 has no experts; leave it at 1")
+    if args.save_model_type != "mg" and (args.target_tensor_parallel_size != 1 or
+                                         args.target_pipeline_parallel_size != 1 or args.num_layer_list):
+        raise ConfigError(f"--target-*-parallel-size / --num-layer-list apply to mg output only, "
+                          f"not --save-model-type {args.save_model_type}")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+        return _convert(args)
+    except QtrainError as e:
+        print(f"qtrain convert: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    source = open_source(args.load_model_type, args.load_dir, args.iteration, weights_only=not args.trust_pickle)
+    if args.hf_cfg_dir:
+        _use_hf_cfg_dir(source, args.hf_cfg_dir)
+    dtype = PARAMS_DTYPES[args.params_dtype] if args.params_dtype else (
+        config_dtype(source.hf_config) or getattr(source, "dtype", None))
+    iteration = source.iteration if isinstance(source.iteration, int) else 1
+    try:
+        if args.save_model_type == "mg":
+            save_megatron(source.get, source.config, args.save_dir, tp=args.target_tensor_parallel_size,
+                          pp=args.target_pipeline_parallel_size,
+                          num_layer_list=parse_num_layer_list(args.num_layer_list),
+                          vpp_layers=args.num_layers_per_virtual_pipeline_stage, dtype=dtype,
+                          iteration=iteration, hf_config=source.hf_config, log=print)
+        elif args.save_model_type == "hf":
+            save_hf_dir(source, args.save_dir, dtype, generation_config_dir=getattr(source, "gen_dir", None))
+        else:
+            save_qtrain(source, args.save_dir, iteration, dtype)
+    finally:
+        source.close()
+    print(f"converted {args.load_model_type} {args.load_dir} -> {args.save_model_type} {args.save_dir} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _use_hf_cfg_dir(source, hf_cfg_dir: str) -> None:
+    """Take config.json (checked against the weights' shape), generation config and tokenizer from an HF dir."""
+    folder = Path(hf_cfg_dir)
+    cfg = read_hf_config(folder)
+    mine = source.config
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "tie_word_embeddings"):
+        if getattr(cfg, field) != getattr(mine, field):
+            raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {getattr(cfg, field)} there but "
+                              f"{getattr(mine, field)} in the checkpoint")
+    source.hf_config = json.loads((folder / "config.json").read_text())
+    source.config = cfg
+    source.gen_dir = folder
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        source.tokenizer_dir = folder

@@ -1,0 +1,327 @@
+"""Read and write Megatron legacy ("torch" format) checkpoints of Qwen3, as Megatron-LM and
+MindSpeed-LLM (convert_ckpt_v2.py, training with --ckpt-format torch) lay them out.
+
+Each rank file `iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt` is a dict with `args` (an
+argparse.Namespace), `checkpoint_version` 3.0, `iteration` and `model` (`model0`, `model1`, ...
+with virtual pipeline stages), the model being megatron-core GPTModel's state dict for that
+rank's slice (local layer spec names, layer numbers local to the chunk). Files written here
+carry no optimizer or RNG state: load them in Megatron with `--finetune` or
+`--no-load-optim --no-load-rng`.
+
+Public API:
+- `save_megatron(get_tensor, cfg, save_dir, tp=..., pp=...)` writes one (tp, pp) file at a time;
+- `MegatronReader(dir, iteration)` gives random access to HF-named tensors, one PP stage mapped at a time;
+- `load_megatron_state_dict(dir, iteration=None) -> (Qwen3Config, {hf_name: tensor})`, for `--load`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_name, resolve_iteration,
+                                      split_layers, write_tracker)
+from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
+from qtrain.errors import CheckpointError, ConfigError
+from qtrain.models.config import Qwen3Config
+
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+def megatron_args(cfg: Qwen3Config, *, tp: int, pp: int, num_layer_list: list[int] | None,
+                  vpp_layers: int | None, dtype: torch.dtype, iteration: int,
+                  hf_config: dict[str, Any] | None = None) -> argparse.Namespace:
+    """The `args` Megatron's load_args_from_checkpoint / check_checkpoint_args read, for Qwen3."""
+    chunks = None if vpp_layers is None else cfg.num_hidden_layers // pp // vpp_layers
+    return argparse.Namespace(
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
+        num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim,
+        vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=1,
+        max_position_embeddings=cfg.max_position_embeddings,
+        position_embedding_type="rope", add_position_embedding=False, use_rotary_position_embeddings=True,
+        rotary_percent=1.0, rotary_interleaved=False, rotary_base=int(cfg.rope_theta),
+        normalization="RMSNorm", norm_epsilon=cfg.rms_norm_eps, apply_layernorm_1p=False, qk_layernorm=True,
+        swiglu=True, add_bias_linear=False, add_qkv_bias=False,
+        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        init_method_std=cfg.initializer_range, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=chunks, num_layers_per_virtual_pipeline_stage=vpp_layers,
+        num_layer_list=None if num_layer_list is None else ",".join(map(str, num_layer_list)),
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_mcore_models=True, transformer_impl="local", ckpt_format="torch", model_type_hf="qwen3",
+        tokenizer_type="PretrainedFromHF", iteration=iteration, consumed_train_samples=0,
+        consumed_valid_samples=0,
+        # Not read by Megatron: lets `qtrain convert mg -> hf` restore the HF config.json exactly.
+        qtrain_hf_config=hf_config,
+    )
+
+
+def config_from_args(args: argparse.Namespace, source: str) -> tuple[Qwen3Config, dict[str, Any] | None]:
+    """A Qwen3Config from a checkpoint's `args`; refuses args that describe a different architecture."""
+    hf_config = getattr(args, "qtrain_hf_config", None)
+    if isinstance(hf_config, dict):
+        return Qwen3Config.from_hf_dict(hf_config, source=source), hf_config
+
+    def need(name: str) -> Any:
+        value = getattr(args, name, None)
+        if value is None:
+            raise CheckpointError(f"{source}: checkpoint args lack {name!r}; cannot tell the model's shape")
+        return value
+
+    mismatches = []
+    if getattr(args, "normalization", "LayerNorm") != "RMSNorm":
+        mismatches.append(f"normalization={getattr(args, 'normalization', None)!r} (Qwen3 uses RMSNorm)")
+    if not getattr(args, "swiglu", False):
+        mismatches.append("swiglu is off (Qwen3 uses SwiGLU)")
+    if not getattr(args, "qk_layernorm", False):
+        mismatches.append("qk_layernorm is off (Qwen3 normalises q and k)")
+    if getattr(args, "add_bias_linear", False) or getattr(args, "add_qkv_bias", False):
+        mismatches.append("linear biases are on (Qwen3 has none)")
+    if getattr(args, "num_experts", None):
+        mismatches.append(f"num_experts={args.num_experts} (MoE; qtrain converts dense Qwen3)")
+    if getattr(args, "position_embedding_type", "rope") != "rope":
+        mismatches.append(f"position_embedding_type={args.position_embedding_type!r} (Qwen3 uses rope)")
+    if mismatches:
+        raise ConfigError(f"{source}: not a dense Qwen3 checkpoint: " + "; ".join(mismatches))
+    heads = need("num_attention_heads")
+    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else heads
+    cfg = Qwen3Config(
+        vocab_size=need("padded_vocab_size"), hidden_size=need("hidden_size"),
+        intermediate_size=need("ffn_hidden_size"), num_hidden_layers=need("num_layers"),
+        num_attention_heads=heads, num_key_value_heads=groups or heads,
+        head_dim=getattr(args, "kv_channels", None) or need("hidden_size") // heads,
+        max_position_embeddings=need("max_position_embeddings"),
+        rope_theta=float(getattr(args, "rotary_base", 10000)),
+        rms_norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
+        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        initializer_range=float(getattr(args, "init_method_std", 0.02)),
+    )
+    return cfg, None
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, save_dir: str | Path, *,
+                  tp: int = 1, pp: int = 1, num_layer_list: list[int] | None = None,
+                  vpp_layers: int | None = None, dtype: torch.dtype | None = None, iteration: int = 1,
+                  hf_config: dict[str, Any] | None = None,
+                  log: Callable[[str], None] | None = None) -> list[Path]:
+    """Write a Megatron checkpoint for TP x PP ranks, one rank file at a time.
+
+    `get_tensor(hf_name)` returns a full HF tensor; it is called again for every TP rank, so only
+    one rank's shard is ever held. `dtype` casts every tensor (default: keep each tensor's dtype).
+    The tracker file is written last.
+    """
+    check_tp(cfg, tp)
+    stages = split_layers(cfg.num_hidden_layers, pp, num_layer_list, vpp_layers)
+    first = get_tensor(hf_param_names(cfg)[0])
+    out_dtype = dtype or first.dtype
+    del first
+    args = megatron_args(cfg, tp=tp, pp=pp, num_layer_list=num_layer_list, vpp_layers=vpp_layers,
+                         dtype=out_dtype, iteration=iteration, hf_config=hf_config)
+    root = Path(save_dir) / iteration_dir_name(iteration)
+    written = []
+    for p, chunks in enumerate(stages):
+        for t in range(tp):
+            obj: dict[str, Any] = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+            for v, layers in enumerate(chunks):
+                specs = chunk_specs(cfg, layers, pre_process=p == 0 and v == 0,
+                                    post_process=p == pp - 1 and v == len(chunks) - 1, pp_size=pp)
+                state = {}
+                for spec in specs:
+                    tensors = [get_tensor(n).to(out_dtype) for n in spec.hf_names]
+                    state[spec.mg_name] = shard(spec, tensors, cfg, tp, t)
+                    del tensors
+                obj["model" if len(chunks) == 1 else f"model{v}"] = state
+            path = root / rank_dir_name(t, p, pp) / MODEL_FILE
+            _atomic_torch_save(obj, path)
+            del obj, state
+            written.append(path)
+            if log:
+                log(f"wrote {path}")
+    write_tracker(save_dir, iteration)
+    return written
+
+
+def _torch_load(path: Path, weights_only: bool) -> dict[str, Any]:
+    """Load a rank file memory-mapped (tensors are read when touched)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+            except RuntimeError as e:  # files in the pre-zipfile format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refusing to unpickle a non-tensor object ({str(e).splitlines()[0]}). If you trust "
+            f"this file, convert with --trust-pickle to load it in full") from None
+
+
+class MegatronReader:
+    """HF-named tensors from a Megatron checkpoint, merging TP shards on demand.
+
+    Tensors of one pipeline stage are memory-mapped at a time; `get(name)` merges the TP shards
+    of the Megatron parameter that holds `name`.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, iteration: int | None = None, weights_only: bool = True):
+        self.dir = Path(ckpt_dir)
+        self.weights_only = weights_only
+        self.iteration = resolve_iteration(self.dir, iteration)
+        self.root = self.dir / iteration_dir_name(self.iteration)
+        self.tp, self.pp = self._discover()
+        head = _torch_load(self._path(0, 0), weights_only)
+        if "args" not in head:
+            raise CheckpointError(f"{self._path(0, 0)}: no 'args' entry; not a Megatron checkpoint file")
+        self.args = head["args"]
+        self.config, self.hf_config = config_from_args(self.args, str(self._path(0, 0)))
+        self.dtype = getattr(self.args, "params_dtype", None)
+        self._owner: dict[str, tuple[int, str, ParamSpec]] = {}
+        self._build_index(head)
+        self._stage: tuple[int, list[dict[str, Any]]] | None = None
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def _path(self, tp_rank: int, pp_rank: int) -> Path:
+        folder = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self._pp_suffix else "")
+        return self.root / folder / MODEL_FILE
+
+    def _discover(self) -> tuple[int, int]:
+        """TP and PP sizes (from args, else from the folders); names every missing rank file."""
+        if not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: iteration folder named by the tracker file does not exist")
+        ranks = []
+        for entry in sorted(os.listdir(self.root)):
+            m = _RANK_DIR.match(entry)
+            if m is None:
+                continue
+            if m.group(3) is not None:
+                raise CheckpointError(f"{self.root / entry}: expert-parallel (MoE) checkpoints are not supported")
+            ranks.append((int(m.group(1)), None if m.group(2) is None else int(m.group(2))))
+        if not ranks:
+            hint = (" (it looks like a torch_dist checkpoint: convert it to --ckpt-format torch with Megatron first)"
+                    if any(f.endswith(".distcp") or f == "metadata.json" for f in os.listdir(self.root)) else "")
+            raise CheckpointError(f"{self.root}: no mp_rank_* folders{hint}")
+        suffixes = {r[1] is not None for r in ranks}
+        if len(suffixes) > 1:
+            raise CheckpointError(f"{self.root}: mixes mp_rank_TT and mp_rank_TT_PPP folders")
+        self._pp_suffix = suffixes.pop()
+        tp = max(r[0] for r in ranks) + 1
+        pp = max(r[1] for r in ranks) + 1 if self._pp_suffix else 1
+        if self._path(0, 0).is_file():  # the sizes the checkpoint was saved with win over what is on disk
+            args = _torch_load(self._path(0, 0), self.weights_only).get("args")
+            tp = getattr(args, "tensor_model_parallel_size", None) or tp
+            pp = getattr(args, "pipeline_model_parallel_size", None) or pp
+        expected = [self._path(t, p) for p in range(pp) for t in range(tp)]
+        missing = [str(path) for path in expected if not path.is_file()]
+        if missing:
+            raise CheckpointError(f"{self.root}: incomplete Megatron checkpoint (TP={tp}, PP={pp}); missing "
+                                  + ", ".join(missing))
+        return tp, pp
+
+    def _chunks(self, obj: dict[str, Any], path: Path) -> list[dict[str, torch.Tensor]]:
+        if "model" in obj:
+            chunks = [obj["model"]]
+        else:
+            keys = sorted((k for k in obj if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
+            if not keys:
+                raise CheckpointError(f"{path}: no 'model' (or 'model0', ...) entry")
+            chunks = [obj[k] for k in keys]
+        out = []
+        for sd in chunks:
+            if any(k.startswith("language_model.") for k in sd):
+                raise CheckpointError(f"{path}: legacy (non-mcore) Megatron model names are not supported; "
+                                      f"save the model with --use-mcore-models")
+            out.append({nk: t for k, t in sd.items() if (nk := normalize_key(k)) is not None})
+        return out
+
+    def _build_index(self, head: dict[str, Any]) -> None:
+        """Find which stage and chunk holds each layer by counting the layers in each rank-0 file."""
+        counts = []
+        for p in range(self.pp):
+            obj = head if p == 0 else _torch_load(self._path(0, p), self.weights_only)
+            layer_ids = [{int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers.")}
+                         for sd in self._chunks(obj, self._path(0, p))]
+            counts.append([len(ids) for ids in layer_ids])
+            del obj
+        n_chunks = {len(c) for c in counts}
+        if len(n_chunks) != 1:
+            raise CheckpointError(f"{self.root}: pipeline stages hold different numbers of model chunks {counts}")
+        total = sum(map(sum, counts))
+        if total != self.config.num_hidden_layers:
+            raise CheckpointError(f"{self.root}: rank files hold {total} decoder layers, args say "
+                                  f"{self.config.num_hidden_layers}; some layers are missing")
+        v_count, offset = n_chunks.pop(), 0
+        self.stages: list[list[list[int]]] = [[[] for _ in range(v_count)] for _ in range(self.pp)]
+        for v in range(v_count):  # interleaved order: chunk v of every stage, then chunk v + 1
+            for p in range(self.pp):
+                self.stages[p][v] = list(range(offset, offset + counts[p][v]))
+                offset += counts[p][v]
+        for p, chunks in enumerate(self.stages):
+            for v, layers in enumerate(chunks):
+                specs = chunk_specs(self.config, layers, pre_process=p == 0 and v == 0,
+                                    post_process=p == self.pp - 1 and v == v_count - 1, pp_size=self.pp)
+                for spec in specs:
+                    for name in spec.hf_names:
+                        self._owner.setdefault(name, (p, v, spec))
+
+    def names(self) -> list[str]:
+        """HF tensor names in file order."""
+        return hf_param_names(self.config)
+
+    def _load_stage(self, p: int) -> list[dict[str, Any]]:
+        if self._stage is None or self._stage[0] != p:
+            self._stage = None  # drop the previous stage's mappings first
+            self._stage = (p, [_torch_load(self._path(t, p), self.weights_only) for t in range(self.tp)])
+        return self._stage[1]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full HF tensor `name`, merged from its TP shards."""
+        if name in self._pending:
+            return self._pending.pop(name)
+        if name not in self._owner:
+            raise KeyError(f"{name}: not a parameter of this Qwen3 model")
+        p, v, spec = self._owner[name]
+        shards = []
+        for t, obj in enumerate(self._load_stage(p)):
+            path = self._path(t, p)
+            sd = self._chunks(obj, path)[v]
+            if spec.mg_name not in sd:
+                raise CheckpointError(f"{path}: missing parameter {spec.mg_name!r} (model chunk {v})")
+            shards.append(sd[spec.mg_name])
+        tensors = dict(zip(spec.hf_names, merge(spec, shards, self.config)))
+        result = tensors.pop(name)
+        self._pending = tensors  # q/k/v and gate/up come out of one merge; keep the siblings
+        return result
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        """Release the memory-mapped stage."""
+        self._stage, self._pending = None, {}
+
+
+def load_megatron_state_dict(ckpt_dir: str | Path, iteration: int | None = None,
+                             weights_only: bool = True) -> tuple[Qwen3Config, dict[str, torch.Tensor]]:
+    """A Megatron checkpoint as (Qwen3Config, {HF name: full tensor}); for `qtrain pretrain --load`."""
+    reader = MegatronReader(ckpt_dir, iteration, weights_only)
+    state = {name: tensor.clone() for name, tensor in reader}
+    reader.close()
+    return reader.config, state

@@ -1,0 +1,183 @@
+"""Random access to the HF-named tensors of a checkpoint in any of the three formats.
+
+A source gives `config` (Qwen3Config), `hf_config` (the config.json dict to pass on, or None),
+`iteration`, `tokenizer_dir`, `names()` in HF file order and `get(name)` -> full tensor. Every
+`get` reads just that tensor, so a converter holds one tensor (or one output file) at a time.
+Safetensors are read with plain file reads rather than a memory map: mapped pages would count
+in the process's resident memory until the whole file is unmapped.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from qtrain.checkpoint.layout import iteration_dir_name, resolve_iteration
+from qtrain.checkpoint.megatron import MegatronReader
+from qtrain.checkpoint.megatron_map import hf_param_names
+from qtrain.errors import CheckpointError
+from qtrain.models.config import Qwen3Config
+from qtrain.models.hf import TOKENIZER_FILES, read_hf_config, safetensors_files
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Source(Protocol):
+    config: Qwen3Config
+    hf_config: dict[str, Any] | None
+    iteration: int | str | None
+    tokenizer_dir: Path | None
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+def _has_tokenizer(path: Path) -> Path | None:
+    return path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def config_dtype(hf_config: dict[str, Any] | None) -> torch.dtype | None:
+    """The dtype a config.json declares (`torch_dtype` or transformers 5's `dtype`), if known."""
+    if not hf_config:
+        return None
+    return _DTYPE_NAMES.get(hf_config.get("torch_dtype") or hf_config.get("dtype"))
+
+
+def _check_complete(where: str, have: set[str], cfg: Qwen3Config) -> None:
+    missing = [n for n in hf_param_names(cfg) if n not in have]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{where}: tensors missing for the model its config describes: "
+                              f"{', '.join(missing[:5])}{more}")
+
+
+class HFSource:
+    """An HF model dir: config.json + safetensors (single file or sharded with an index)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = read_hf_config(self.path)
+        self.hf_config = json.loads((self.path / "config.json").read_text())
+        self.iteration = None
+        self.tokenizer_dir = _has_tokenizer(self.path)
+        self._index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
+        for file in safetensors_files(self.path):
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
+                begin, end = meta["data_offsets"]
+                self._index[name] = (file, _ST_DTYPES[meta["dtype"]], meta["shape"], 8 + n + begin, end - begin)
+        _check_complete(str(self.path), set(self._index), self.config)
+
+    def names(self) -> list[str]:
+        return hf_param_names(self.config)
+
+    def get(self, name: str) -> torch.Tensor:
+        file, dtype, shape, offset, nbytes = self._index[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            while done < nbytes:  # one read() returns at most ~2 GiB on Linux
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{file}: truncated while reading tensor {name}")
+                done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        pass
+
+
+class QtrainSource:
+    """The "model" part of a qtrain (DCP) checkpoint, read tensor by tensor without a process group."""
+
+    def __init__(self, path: str | Path, iteration: int | None = None):
+        root = Path(path)
+        if (root / ".metadata").is_file():  # pointed straight at an iter_XXXXXXX folder
+            self.folder, self.iteration = root, None
+        else:
+            self.iteration = resolve_iteration(root, iteration)
+            self.folder = root / iteration_dir_name(self.iteration)
+        if not (self.folder / ".metadata").is_file():
+            raise CheckpointError(f"{self.folder}: no DCP .metadata; not a qtrain checkpoint (or incomplete)")
+        config_file = self.folder / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file}: missing; a qtrain checkpoint stores its model config there")
+        self.hf_config = json.loads(config_file.read_text())
+        self.config = Qwen3Config.from_hf_dict(self.hf_config, source=str(config_file))
+        self.tokenizer_dir = _has_tokenizer(self.folder)
+        self._reader = dcp.FileSystemReader(str(self.folder))
+        meta = self._reader.read_metadata().state_dict_metadata
+        self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
+        _check_complete(str(self.folder), set(self._meta), self.config)
+
+    def names(self) -> list[str]:
+        return hf_param_names(self.config)
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self._meta[name]
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
+        return tensor
+
+    def close(self) -> None:
+        pass
+
+
+class MegatronSource:
+    """A Megatron legacy checkpoint, TP shards merged on demand (see MegatronReader)."""
+
+    def __init__(self, path: str | Path, iteration: int | None = None, weights_only: bool = True):
+        self._reader = MegatronReader(path, iteration, weights_only)
+        self.config = self._reader.config
+        self.hf_config = self._reader.hf_config
+        self.iteration = self._reader.iteration
+        self.tokenizer_dir = None
+        tokenizer = getattr(self._reader.args, "tokenizer_name_or_path", None) or getattr(
+            self._reader.args, "tokenizer_model", None)
+        if tokenizer:  # MindSpeed records the HF tokenizer folder (or a file inside it)
+            folder = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
+            self.tokenizer_dir = _has_tokenizer(folder) if folder.is_dir() else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self._reader.dtype
+
+    def names(self) -> list[str]:
+        return self._reader.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._reader.get(name)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def open_source(kind: str, path: str | Path, iteration: int | None = None, weights_only: bool = True) -> Source:
+    """A source for `--load-model-type` hf | qtrain | mg."""
+    if not Path(path).exists():
+        raise CheckpointError(f"--load-dir {path}: no such directory")
+    if kind == "hf":
+        return HFSource(path)
+    if kind == "qtrain":
+        return QtrainSource(path, iteration)
+    if kind == "mg":
+        return MegatronSource(path, iteration, weights_only)
+    raise CheckpointError(f"--load-model-type {kind!r}: unknown format; choose hf, qtrain or mg")

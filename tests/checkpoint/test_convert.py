@@ -1,0 +1,203 @@
+"""`qtrain convert` between hf, qtrain (DCP) and mg: byte-identical round trips and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from qtrain.checkpoint.convert import main as convert
+from qtrain.checkpoint.megatron import load_megatron_state_dict
+from ckpt_helpers import assert_byte_identical, hf_tensors, make_hf
+
+
+def run(*argv: str | Path) -> None:
+    assert convert([str(a) for a in argv]) == 0
+
+
+def test_hf_mg_tp2_pp2_hf_byte_identical(hf_tied, hf_untied, tmp_path):
+    for name, src in (("tied", hf_tied), ("untied", hf_untied)):
+        mg, back = tmp_path / f"mg_{name}", tmp_path / f"hf_{name}"
+        run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", mg,
+            "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+        assert (mg / "latest_checkpointed_iteration.txt").read_text() == "1"
+        assert sorted(p.name for p in (mg / "iter_0000001").iterdir()) == [
+            "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+        run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", back)
+        assert_byte_identical(hf_tensors(src), hf_tensors(back))
+        assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+def test_hf_qtrain_mg_hf_byte_identical(hf_tied, hf_untied, tmp_path):
+    for name, src in (("tied", hf_tied), ("untied", hf_untied)):
+        q, mg, back = tmp_path / f"q_{name}", tmp_path / f"mg_{name}", tmp_path / f"hf_{name}"
+        run("--load-model-type", "hf", "--save-model-type", "qtrain", "--load-dir", src, "--save-dir", q)
+        run("--load-model-type", "qtrain", "--save-model-type", "mg", "--load-dir", q, "--save-dir", mg,
+            "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+        run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", back)
+        assert_byte_identical(hf_tensors(src), hf_tensors(back))
+
+
+def test_qtrain_checkpoint_layout(hf_tied, tmp_path):
+    """fp32 {"model": {HF name: tensor}} in DCP, config.json and tokenizer beside it, tracker last;
+    a tied model also stores lm_head.weight, as the live model's state dict does."""
+    q = tmp_path / "q"
+    run("--load-model-type", "hf", "--save-model-type", "qtrain", "--load-dir", hf_tied, "--save-dir", q)
+    assert (q / "latest_checkpointed_iteration.txt").read_text() == "1"
+    folder = q / "iter_0000001"
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    assert (folder / "tokenizer.json").read_bytes() == (hf_tied / "tokenizer.json").read_bytes()
+    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    assert not any(k.startswith("optim") for k in meta)
+    src = hf_tensors(hf_tied)
+    model = {n: torch.empty(tuple(meta["model." + n].size)) for n in list(src) + ["lm_head.weight"]}
+    dcp.load({"model": model}, checkpoint_id=str(folder), no_dist=True)
+    assert all(t.dtype == torch.float32 for t in model.values())
+    for n, t in src.items():
+        assert torch.equal(model[n], t.float()), n
+    assert torch.equal(model["lm_head.weight"], src["model.embed_tokens.weight"].float())
+
+
+def test_qtrain_to_hf_restores_dtype_and_tokenizer(hf_tied, tmp_path):
+    q, back = tmp_path / "q", tmp_path / "back"
+    run("--load-model-type", "hf", "--save-model-type", "qtrain", "--load-dir", hf_tied, "--save-dir", q)
+    run("--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", q, "--save-dir", back)
+    assert_byte_identical(hf_tensors(hf_tied), hf_tensors(back))  # bf16 again: the config says so
+    assert (back / "tokenizer_config.json").read_bytes() == (hf_tied / "tokenizer_config.json").read_bytes()
+    run("--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", q, "--save-dir", tmp_path / "f32",
+        "--params-dtype", "fp32")
+    assert {t.dtype for t in hf_tensors(tmp_path / "f32").values()} == {torch.float32}
+
+
+def test_uneven_pp_and_virtual_pipeline_round_trip(hf_untied, tmp_path):
+    src = hf_tensors(hf_untied)
+    for extra in (["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"],
+                  ["--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]):
+        mg, back = tmp_path / f"mg{len(extra)}{extra[-1]}", tmp_path / f"hf{len(extra)}{extra[-1]}"
+        run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_untied, "--save-dir", mg, *extra)
+        run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", back)
+        assert_byte_identical(src, hf_tensors(back))
+
+
+def test_mg_to_mg_reshard_and_load_state_dict(hf_tied, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied, "--save-dir", a,
+        "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+    run("--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", a, "--save-dir", b,
+        "--target-pipeline-parallel-size", "4", "--params-dtype", "fp32")
+    cfg, sd = load_megatron_state_dict(b)
+    assert cfg.num_hidden_layers == 4 and cfg.tie_word_embeddings
+    src = hf_tensors(hf_tied)
+    assert sorted(sd) == sorted(src)
+    for n, t in src.items():
+        assert sd[n].dtype == torch.float32 and torch.equal(sd[n], t.float()), n
+
+
+def test_mindspeed_flags_accepted(hf_tied, tmp_path):
+    run("--use-mcore-models", "--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
+        "--load-dir", hf_tied, "--save-dir", tmp_path / "mg", "--model-type-hf", "qwen3",
+        "--tokenizer-model", hf_tied / "tokenizer.json", "--spec", "mindspeed_llm.tasks.models.spec", "layer_spec",
+        "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1")
+    assert (tmp_path / "mg" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+def test_hf_cfg_dir_for_foreign_megatron(hf_tied, tmp_path):
+    """A Megatron checkpoint without qtrain's stored config: shape from args, config.json from --hf-cfg-dir."""
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied, "--save-dir", mg)
+    path = mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    obj = torch.load(path, weights_only=False)
+    del obj["args"].qtrain_hf_config  # as MindSpeed-LLM writes it
+    torch.save(obj, path)
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "a")
+    assert_byte_identical(hf_tensors(hf_tied), hf_tensors(tmp_path / "a"))
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "b",
+        "--hf-cfg-dir", hf_tied)
+    assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads((hf_tied / "config.json").read_text())
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _err(capsys, *argv) -> str:
+    assert convert([str(a) for a in argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_error_unknown_format(hf_tied, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert(["--load-model-type", "gguf", "--save-model-type", "hf", "--load-dir", str(hf_tied),
+                 "--save-dir", str(tmp_path)])
+    assert "invalid choice: 'gguf'" in capsys.readouterr().err
+    err = _err(capsys, "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", hf_tied,
+               "--save-dir", tmp_path / "x")
+    assert "latest_checkpointed_iteration.txt" in err and "tracker file not found" in err
+
+
+def test_error_missing_tracker(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for kind in ("mg", "qtrain"):
+        err = _err(capsys, "--load-model-type", kind, "--save-model-type", "hf", "--load-dir", tmp_path / "empty",
+                   "--save-dir", tmp_path / "x")
+        assert "tracker file not found" in err
+
+
+def test_error_parallel_sizes_must_divide(hf_tied, tmp_path, capsys):
+    base = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied, "--save-dir", tmp_path / "x"]
+    assert "num_key_value_heads" in _err(capsys, *base, "--target-tensor-parallel-size", "4")
+    assert "num_attention_heads" in _err(capsys, *base, "--target-tensor-parallel-size", "3")
+    assert "4 layers do not divide into 3" in _err(capsys, *base, "--target-pipeline-parallel-size", "3")
+    assert "summing to the model's 4 layers" in _err(capsys, *base, "--target-pipeline-parallel-size", "2",
+                                                     "--num-layer-list", "1,2")
+    assert not (tmp_path / "x").exists()  # checked before anything is written
+
+
+def test_error_vocab_not_divisible(tmp_path, capsys):
+    src = make_hf(tmp_path / "odd", tied=True, dtype=torch.float32, vocab_size=255)
+    err = _err(capsys, "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
+               "--save-dir", tmp_path / "x", "--target-tensor-parallel-size", "2")
+    assert "vocab_size (255)" in err
+
+
+def test_error_non_qwen3_config(hf_tied, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "llama"
+    shutil.copytree(hf_tied, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (src / "config.json").write_text(json.dumps(cfg))
+    err = _err(capsys, "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
+               "--save-dir", tmp_path / "x")
+    assert "model_type is 'llama'" in err and "qwen3" in err
+    assert "Qwen3 only" in _err(capsys, "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied,
+                                "--save-dir", tmp_path / "x", "--model-type-hf", "llama3")
+
+
+def test_error_missing_megatron_shards_are_named(hf_tied, tmp_path, capsys):
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied, "--save-dir", mg,
+        "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+    (mg / "iter_0000001" / "mp_rank_01_000" / "model_optim_rng.pt").unlink()
+    import shutil
+
+    shutil.rmtree(mg / "iter_0000001" / "mp_rank_01_001")
+    err = _err(capsys, "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg,
+               "--save-dir", tmp_path / "x")
+    assert "mp_rank_01_000/model_optim_rng.pt" in err and "mp_rank_01_001/model_optim_rng.pt" in err
+    assert "mp_rank_00_000" not in err.split("missing")[1]
+
+
+def test_error_missing_tensor_in_hf_dir(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    src = make_hf(tmp_path / "hf", tied=True, dtype=torch.float32)
+    tensors = hf_tensors(src)
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    err = _err(capsys, "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
+               "--save-dir", tmp_path / "x")
+    assert "model.layers.2.mlp.up_proj.weight" in err
