@@ -250,7 +250,7 @@ class IndexedDatasetBuilder:
             self.abort()
 
     def _as_array(self, tokens: Any) -> np.ndarray:
-        arr = np.asarray(tokens)
+        arr = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
         if arr.dtype != self.dtype:
             if arr.size and self._int_info is not None and arr.dtype.kind in "iub":
                 lo, hi = int(arr.min()), int(arr.max())
@@ -260,12 +260,14 @@ class IndexedDatasetBuilder:
                         "use a wider dtype (best_dtype(vocab_size))"
                     )
             arr = arr.astype(self.dtype)
-        return np.ascontiguousarray(arr).reshape(-1)
+        if arr.ndim != 1 or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr).reshape(-1)
+        return arr
 
     def add_item(self, tokens: Any) -> None:
         """Append one sequence (numpy array, list or CPU tensor) to the current document."""
         arr = self._as_array(tokens)
-        self._file.write(memoryview(arr).cast("B"))
+        self._file.write(arr)  # raw bytes through the buffer protocol, no copy
         self.sequence_lengths.append(arr.size)
 
     def end_document(self) -> None:
@@ -275,8 +277,8 @@ class IndexedDatasetBuilder:
     def add_document(self, tokens: Any, lengths: Sequence[int]) -> None:
         """Append a whole document: ``tokens`` split into sequences of ``lengths``."""
         arr = self._as_array(tokens)
-        self._file.write(memoryview(arr).cast("B"))
-        self.sequence_lengths.extend(int(n) for n in lengths)
+        self._file.write(arr)
+        self.sequence_lengths.extend(lengths)
         self.document_indices.append(len(self.sequence_lengths))
 
     def add_index(self, path_prefix: str) -> None:
