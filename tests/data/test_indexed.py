@@ -19,6 +19,9 @@ from qtrain.data.indexed import (
 )
 from qtrain.errors import DataError
 
+# megatron-core's builder trips a numpy 2 deprecation on torch tensors; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def _documents(seed: int, vocab: int, n_docs: int = 7) -> list[list[np.ndarray]]:
     """Documents of 1-3 sequences each, including an empty sequence and an empty document."""
