@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Pretrain Qwen3-32B on 4K-token samples (.bin/.idx from data_convert_qwen3_pretrain.sh).
+# Defaults: 2 node(s) x 8 devices, TP8 PP2, MBS 1, GBS 128; variables and their meaning: README.md.
+#   CKPT_LOAD_DIR=/model/Qwen3-32B DATA_PATH=/data/enwiki_text_document TOKENIZER_PATH=/model/Qwen3-32B \
+#   CKPT_SAVE_DIR=/data/ckpt/qwen3-32b bash examples/qwen3/pretrain_qwen3_32b_4k.sh
+MODEL_SIZE=32B
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+qtrain_pretrain "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Pretrain Qwen3-8B on 4K-token samples (.bin/.idx from data_convert_qwen3_pretrain.sh).
+# Defaults: 1 node(s) x 8 devices, TP1 PP2, MBS 1, GBS 64; variables and their meaning: README.md.
+#   CKPT_LOAD_DIR=/model/Qwen3-8B DATA_PATH=/data/enwiki_text_document TOKENIZER_PATH=/model/Qwen3-8B \
+#   CKPT_SAVE_DIR=/data/ckpt/qwen3-8b bash examples/qwen3/pretrain_qwen3_8b_4k.sh
+MODEL_SIZE=8B
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+qtrain_pretrain "$@"

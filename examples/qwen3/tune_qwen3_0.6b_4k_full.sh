@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Full-parameter SFT of Qwen3-0.6B on instruction data (from data_convert_qwen3_instruction.sh), 4K tokens.
+# Defaults: 1 node(s) x 8 devices, TP1 PP1, MBS 1, GBS 16; variables and their meaning: README.md.
+#   CKPT_LOAD_DIR=/model/Qwen3-0.6B DATA_PATH=/data/alpaca TOKENIZER_PATH=/model/Qwen3-0.6B \
+#   CKPT_SAVE_DIR=/data/ckpt/qwen3-0.6b-full bash examples/qwen3/tune_qwen3_0.6b_4k_full.sh
+MODEL_SIZE=0.6B
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+qtrain_sft full "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Full-parameter SFT of Qwen3-32B on instruction data (from data_convert_qwen3_instruction.sh), 4K tokens.
+# Defaults: 2 node(s) x 8 devices, TP8 PP2, MBS 1, GBS 16; variables and their meaning: README.md.
+#   CKPT_LOAD_DIR=/model/Qwen3-32B DATA_PATH=/data/alpaca TOKENIZER_PATH=/model/Qwen3-32B \
+#   CKPT_SAVE_DIR=/data/ckpt/qwen3-32b-full bash examples/qwen3/tune_qwen3_32b_4k_full.sh
+MODEL_SIZE=32B
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+qtrain_sft full "$@"
