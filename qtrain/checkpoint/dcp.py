@@ -158,7 +158,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
              "rng": {f"rank_{_rank()}": pickle.dumps(rng_state())}}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=str(tmp))
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if _rank() == 0:
         write_json_atomic(tmp / CONFIG_FILE, model_config_json)
         write_json_atomic(tmp / ARGS_FILE, args_json)
@@ -246,7 +246,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     if not finetune:
         state["train_state"] = b""
     try:
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     except Exception as e:
         raise CheckpointError(f"--load {folder}: cannot restore ({type(e).__name__}: {e}); the checkpoint's "
                               f"model config is {folder / CONFIG_FILE}: does it match the model flags?") from e
