@@ -1,1 +1,149 @@
+"""Parallelism for the plain Qwen3 model, applied from outside in one fixed order:
 
+    pipeline split -> tensor (+ sequence) parallel -> context parallel -> recompute -> compile -> FSDP
+
+`build_mesh(cfg, world_size)` validates the layout and makes the DeviceMesh;
+`parallelize(model, mesh, cfg)` transforms a meta-device Qwen3ForCausalLM and returns the module
+this rank trains (HF parameter names; materialise it afterwards with models.qwen3.materialize).
+Its `qtrain_parallel` attribute (a ParallelState) tells the training step what it must do:
+run the pipeline schedule, shard the batch for context parallel, compute the loss vocab-parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qtrain.parallel.mesh import ParallelDims, build_mesh, mesh_dims, parallel_args, stage_layers, validate_layout
+
+__all__ = ["ParallelState", "build_mesh", "parallelize", "parallel_state", "prepare_batch", "loss_scope",
+           "validate_layout", "ParallelDims"]
+
+
+@dataclass
+class ParallelState:
+    """What the training step needs to know about a parallelized model."""
+
+    mesh: Any
+    dims: ParallelDims
+    pipeline: Any = None  # qtrain.parallel.pipeline.Pipeline when PP > 1
+    cp_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def vocab_parallel(self) -> bool:
+        return self.dims.tp > 1
+
+
+def parallel_state(model: nn.Module) -> Optional[ParallelState]:
+    return getattr(model, "qtrain_parallel", None)
+
+
+def prepare_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part of a [B, S] batch this rank computes: its context-parallel slice with global
+    `position_ids`, or the batch unchanged."""
+    state = parallel_state(model)
+    if state is None or state.cp_group is None:
+        return batch
+    from qtrain.parallel.context import shard_batch
+
+    return shard_batch(batch, state.cp_group)
+
+
+def loss_scope(model: nn.Module):
+    """Context for the loss and its backward: `loss_parallel()` when the logits are vocab-sharded."""
+    state = parallel_state(model)
+    if state is not None and state.vocab_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def _positions_hook(seq_scale: int):
+    """Default position_ids 0..S-1 of the full sequence. Under sequence parallel a stage that
+    receives hidden states sees S/TP of them, so the count is scaled back."""
+
+    def hook(module, args, kwargs):  # noqa: ARG001
+        if len(args) > 1 or kwargs.get("position_ids") is not None:
+            return None
+        x = args[0] if args else kwargs["input_ids"]
+        seq = x.shape[1] * (1 if not torch.is_floating_point(x) else seq_scale)
+        kwargs["position_ids"] = torch.arange(seq, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        return args, kwargs
+
+    return hook
+
+
+def _layers(chunk: nn.Module) -> list[nn.Module]:
+    layers = chunk.model.layers
+    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+
+
+def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.device] = None,
+                loss_fn: Optional[Callable] = None, compile: bool = False) -> nn.Module:
+    """Apply the layout of `mesh` (from build_mesh) to a meta-device Qwen3ForCausalLM.
+
+    cfg: a PretrainConfig (ParallelArgs alone work too: then no bf16 and one micro-batch per step).
+    loss_fn(logits, labels) -> scalar is the pipeline's last-stage loss (default: qtrain's
+    cross-entropy). compile: torch.compile each decoder layer (off by default; slow on CPU).
+    Returns the module to materialise, optimise and checkpoint on this rank.
+    """
+    from qtrain.parallel.fsdp import apply_fsdp, data_parallel_mesh
+    from qtrain.parallel.recompute import apply_recompute
+    from qtrain.parallel.tensor import apply_tensor_parallel
+
+    p = parallel_args(cfg)
+    dims = mesh_dims(mesh)
+    validate_layout(cfg, dims.world_size, model.config)
+    bf16 = bool(getattr(getattr(cfg, "training", None), "bf16", False))
+    stages = stage_layers(p, model.config.num_hidden_layers)
+    state = ParallelState(mesh, dims)
+
+    if dims.pp > 1:
+        from qtrain.parallel.pipeline import split_into_chunks, stage_view
+
+        chunks = split_into_chunks(model, stages, mesh["pp"].get_local_rank())
+    else:
+        chunks = [model]
+    for chunk in chunks:
+        if dims.tp > 1:
+            apply_tensor_parallel(chunk, mesh["tp"], p.sequence_parallel)
+        if dims.cp > 1:
+            from qtrain.parallel.context import apply_context_parallel
+
+            state.cp_group = mesh["cp"].get_group()
+            apply_context_parallel(chunk, state.cp_group)
+        apply_recompute(chunk, p.recompute_granularity, p.recompute_method, p.recompute_num_layers)
+        if compile:
+            for layer in _layers(chunk):
+                layer.compile()
+        chunk.register_forward_pre_hook(_positions_hook(dims.tp if p.sequence_parallel else 1), with_kwargs=True)
+    view = stage_view(chunks) if dims.pp > 1 else model
+    apply_fsdp(chunks, _layers(view), data_parallel_mesh(mesh), bf16, reshard_after_forward=dims.pp == 1)
+
+    if dims.pp > 1:
+        state.pipeline = _build_pipeline(chunks, stages, mesh, cfg, dims, device, loss_fn)
+    view.qtrain_parallel = state
+    return view
+
+
+def _build_pipeline(chunks, stages, mesh, cfg, dims: ParallelDims, device, loss_fn):
+    from qtrain.ops.cross_entropy import cross_entropy
+    from qtrain.parallel.pipeline import Pipeline, tied_embedding_group
+
+    training = getattr(cfg, "training", None)
+    mbs = getattr(training, "micro_batch_size", 1)
+    gbs = getattr(training, "global_batch_size", None) or mbs * dims.dp
+    tied = getattr(chunks[0].config, "tie_word_embeddings", False)
+    if device is None:
+        acc = torch.accelerator.current_accelerator()
+        device = torch.device("cpu") if acc is None or mesh.device_type == "cpu" else \
+            torch.device(acc.type, torch.accelerator.current_device_index())
+    return Pipeline(chunks, stages, mesh["pp"].get_group(), device,
+                    num_microbatches=gbs // (mbs * dims.dp), loss_fn=loss_fn or cross_entropy,
+                    vocab_parallel=dims.tp > 1, tied_group=tied_embedding_group(mesh) if tied else None)

@@ -1,0 +1,90 @@
+"""Tensor (and sequence) parallelism with DTensor plans, applied to a meta-device Qwen3ForCausalLM.
+
+Megatron's layout: q/k/v and gate/up projections split by output (column parallel), o/down by
+input (row parallel), so each rank owns whole heads and one all-reduce (or, with
+--sequence-parallel, one reduce-scatter + all-gather pair) per block suffices. The embedding and
+LM head are split by vocabulary; logits stay vocab-sharded and the loss runs under
+`loss_parallel()` (see `loss_context`), so the full [tokens, vocab] logits never exist on one rank.
+
+q_norm / k_norm act on each head's vector with one weight shared by all heads. A rank sees only
+its heads, so their weight gradient is a partial sum: they are marked as sharded along the head
+dim (SequenceParallel(sequence_dim=2)) so DTensor sums that gradient over TP ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+
+def _layers(model: nn.Module):
+    layers = model.model.layers
+    return layers.values() if isinstance(layers, nn.ModuleDict) else layers
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Shard `model` (a Qwen3ForCausalLM or a pipeline stage of one) over `tp_mesh` in place.
+
+    Works on any subset of embed_tokens / layers / norm / lm_head (missing ones are None).
+    """
+    act = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
+    top: dict[str, object] = {}
+    if model.model.embed_tokens is not None:
+        top["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=act)
+    if model.model.norm is not None and sequence_parallel:
+        top["model.norm"] = SequenceParallel()
+    if model.lm_head is not None:
+        top["lm_head"] = ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for layer in _layers(model):
+        parallelize_module(layer, tp_mesh, _layer_plan(sequence_parallel))
+    _retie(model)
+
+
+def _layer_plan(sp: bool) -> dict[str, object]:
+    act = Shard(1) if sp else Replicate()
+    heads = SequenceParallel(sequence_dim=2, use_local_output=True)  # [B, S, heads, D]: heads are local
+    plan: dict[str, object] = {
+        "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=act),
+        "self_attn.q_norm": heads, "self_attn.k_norm": heads,
+        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=act),
+    }
+    if sp:
+        plan.update({
+            "input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+            # attention(x, cos, sin, mask): gather the sequence of x only
+            "self_attn": PrepareModuleInput(input_layouts=(act, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "mlp": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
+        })
+    return plan
+
+
+def _retie(model: nn.Module) -> None:
+    """parallelize_module gave the embedding and the LM head separate DTensors; both are
+    Shard(0) over the vocabulary, so tying them again keeps one shared parameter."""
+    if (getattr(model.config, "tie_word_embeddings", False) and model.lm_head is not None
+            and model.model.embed_tokens is not None):
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def loss_context(logits: torch.Tensor):
+    """`loss_parallel()` when the logits are vocab-sharded DTensors, else a no-op. The loss and its
+    backward must both run inside it."""
+    if isinstance(logits, DTensor) and any(isinstance(p, Shard) for p in logits.placements):
+        return loss_parallel()
+    return contextlib.nullcontext()
