@@ -232,12 +232,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         keys = set(reader.read_metadata().state_dict_metadata)
     except Exception as e:  # a truncated or foreign .metadata
         raise CheckpointError(f"--load {folder}: unreadable DCP metadata ({e})") from e
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state: dict[str, Any] = {"model": model_sd}
     with_optim = optimizer is not None and load_optim and not finetune
+    if with_optim and not any(k.startswith("optim.") for k in keys):
+        raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
+    # Only ask for the optimizer's state dict when restoring it: asking initialises its state.
+    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
+    state: dict[str, Any] = {"model": model_sd}
     if with_optim:
-        if not any(k.startswith("optim.") for k in keys):
-            raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
         state["optim"] = optim_sd
     rng_key = f"rng.rank_{_rank()}"
     with_rng = load_rng and not finetune and rng_key in keys and _saved_world(keys) == _world()
