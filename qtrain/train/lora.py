@@ -163,15 +163,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def init_lora_weights(model: nn.Module, seed: int | None = None) -> None:
-    """(Re)initialise every adapter (after `to_empty` on a meta-built model), reproducibly with a seed."""
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for m in lora_modules(model).values():
-            m.reset_lora_parameters()
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (FSDP/TP-sharded adapters), a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -188,9 +179,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write the model's adapters as a PEFT adapter dir (single process; see `write_adapter`)."""
+    return write_adapter(adapter_state_dict(model), cfg, out_dir, base_model)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str | Path,
+                  base_model: str | None = None) -> Path:
     """Write adapter_model.safetensors then adapter_config.json (the config last marks it complete)."""
     out_dir = Path(out_dir)
-    tensors = adapter_state_dict(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -221,22 +217,40 @@ def load_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[t
     return cfg, out
 
 
-def merge_lora(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """HF-named full weights with the adapter folded in: W + (B @ A) * alpha / r (math in float32,
-    result in W's dtype). Returns a new dict; tensors the adapter does not touch are shared."""
-    cfg, pairs = load_adapter(adapter_dir)
+def fold_adapters(state_dict: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  scaling: float, source: str) -> dict[str, torch.Tensor]:
+    """A new state dict with W + (B @ A) * scaling for each {module: (A, B)} (float32 math, W's dtype)."""
     out = dict(state_dict)
     for module, (a, b) in pairs.items():
         key = f"{module}.weight"
         if key not in out:
-            raise CheckpointError(f"--lora-load {adapter_dir}: adapter targets {module}, which the base "
-                                  "model does not have (adapter made for another model?)")
+            raise CheckpointError(f"{source}: adapter targets {module}, which the base model does not have "
+                                  "(adapter made for another model?)")
         w = out[key]
         if (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise CheckpointError(f"--lora-load {adapter_dir}: {module} adapter is {b.shape[0]}x{a.shape[1]}, "
+            raise CheckpointError(f"{source}: {module} adapter is {b.shape[0]}x{a.shape[1]}, "
                                   f"the base weight is {tuple(w.shape)}")
-        out[key] = (w.float() + (b.float() @ a.float()) * cfg.scaling).to(w.dtype)
+        out[key] = (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
     return out
+
+
+def merge_lora(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """HF-named full weights with a saved PEFT adapter folded in: W + (B @ A) * alpha / r.
+    Returns a new dict; tensors the adapter does not touch are shared (for `qtrain convert --lora-load`)."""
+    cfg, pairs = load_adapter(adapter_dir)
+    return fold_adapters(state_dict, pairs, cfg.scaling, f"--lora-load {adapter_dir}")
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A LoRA-injected model's full state dict (with `.lora_A.weight` / `.lora_B.weight` keys) ->
+    plain HF-named weights with the adapters merged."""
+    pairs = {}
+    for key in state_dict:
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            pairs[module] = (state_dict[key], state_dict[f"{module}.lora_B.weight"])
+    plain = {k: v for k, v in state_dict.items() if ".lora_A." not in k and ".lora_B." not in k}
+    return fold_adapters(plain, pairs, scaling, "LoRA model")
 
 
 @torch.no_grad()
