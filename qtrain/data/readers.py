@@ -394,7 +394,7 @@ def decode_chunk(chunk: Chunk) -> Iterator[tuple[int, Any]]:
             if raw.isspace() or not raw:
                 continue
             try:
-                obj = loads(_utf8(raw))
+                obj = loads(_utf8(raw.rstrip(b"\r\n")))
             except RecordError as exc:
                 yield k, exc
                 continue

@@ -267,5 +267,16 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, fast: bool = True) -> Tokenizer:
-    """Load `path` (default: the bundled-by-pip Qwen3 tokenizer, see `find_qwen3_tokenizer`)."""
-    return Tokenizer(path if path is not None else find_qwen3_tokenizer(), fast=fast)
+    """Load `path` (default: the pip-installed Qwen3 tokenizer, see `find_qwen3_tokenizer`).
+
+    Cached per process (keyed by the resolved path, its tokenizer files' mtimes and `fast`): loading
+    takes seconds and a tokenizer is never modified after construction.
+    """
+    folder = Path(path if path is not None else find_qwen3_tokenizer()).resolve()
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.json"))) if folder.is_dir() else ()
+    return _load_cached(str(folder), stamp, fast)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(folder: str, stamp: tuple, fast: bool) -> Tokenizer:
+    return Tokenizer(folder, fast=fast)
