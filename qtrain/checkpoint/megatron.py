@@ -194,7 +194,7 @@ class MegatronReader:
         self.dtype = getattr(self.args, "params_dtype", None)
         self._owner: dict[str, tuple[int, str, ParamSpec]] = {}
         self._build_index(head)
-        self._stage: tuple[int, list[dict[str, Any]]] | None = None
+        self._stage: tuple[int, list[list[dict[str, torch.Tensor]]]] | None = None
         self._pending: dict[str, torch.Tensor] = {}
 
     def _path(self, tp_rank: int, pp_rank: int) -> Path:
@@ -284,10 +284,12 @@ class MegatronReader:
         """HF tensor names in file order."""
         return hf_param_names(self.config)
 
-    def _load_stage(self, p: int) -> list[dict[str, Any]]:
+    def _load_stage(self, p: int) -> list[list[dict[str, torch.Tensor]]]:
+        """`[tp rank][chunk] -> state dict` of stage p, memory-mapped; the previous stage is released."""
         if self._stage is None or self._stage[0] != p:
-            self._stage = None  # drop the previous stage's mappings first
-            self._stage = (p, [_torch_load(self._path(t, p), self.weights_only) for t in range(self.tp)])
+            self._stage = None
+            self._stage = (p, [self._chunks(_torch_load(self._path(t, p), self.weights_only), self._path(t, p))
+                               for t in range(self.tp)])
         return self._stage[1]
 
     def get(self, name: str) -> torch.Tensor:
@@ -298,12 +300,10 @@ class MegatronReader:
             raise KeyError(f"{name}: not a parameter of this Qwen3 model")
         p, v, spec = self._owner[name]
         shards = []
-        for t, obj in enumerate(self._load_stage(p)):
-            path = self._path(t, p)
-            sd = self._chunks(obj, path)[v]
-            if spec.mg_name not in sd:
-                raise CheckpointError(f"{path}: missing parameter {spec.mg_name!r} (model chunk {v})")
-            shards.append(sd[spec.mg_name])
+        for t, chunks in enumerate(self._load_stage(p)):
+            if spec.mg_name not in chunks[v]:
+                raise CheckpointError(f"{self._path(t, p)}: missing parameter {spec.mg_name!r} (model chunk {v})")
+            shards.append(chunks[v][spec.mg_name])
         tensors = dict(zip(spec.hf_names, merge(spec, shards, self.config)))
         result = tensors.pop(name)
         self._pending = tensors  # q/k/v and gate/up come out of one merge; keep the siblings

@@ -191,6 +191,19 @@ def test_error_missing_megatron_shards_are_named(hf_tied, tmp_path, capsys):
     assert "mp_rank_00_000" not in err.split("missing")[1]
 
 
+def test_error_missing_parameter_in_a_rank_file(hf_tied, tmp_path, capsys):
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied, "--save-dir", mg,
+        "--target-tensor-parallel-size", "2")
+    path = mg / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
+    obj = torch.load(path, weights_only=False)
+    del obj["model"]["decoder.layers.3.mlp.linear_fc2.weight"]
+    torch.save(obj, path)
+    err = _err(capsys, "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg,
+               "--save-dir", tmp_path / "x")
+    assert "mp_rank_01/model_optim_rng.pt: missing parameter 'decoder.layers.3.mlp.linear_fc2.weight'" in err
+
+
 def test_error_missing_tensor_in_hf_dir(tmp_path, capsys):
     from safetensors.torch import save_file
 
