@@ -214,3 +214,26 @@ def test_error_missing_tensor_in_hf_dir(tmp_path, capsys):
     err = _err(capsys, "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
                "--save-dir", tmp_path / "x")
     assert "model.layers.2.mlp.up_proj.weight" in err
+
+
+def test_qtrain_load_of_megatron_dir_gives_hf_loss(tmp_path):
+    """The training loop's --load path (qtrain.checkpoint.dcp.load_checkpoint) takes a TP2 x PP2
+    Megatron dir via load_megatron_state_dict; the loss then equals transformers' on the HF original."""
+    import transformers
+
+    from qtrain.checkpoint.dcp import load_checkpoint
+    from qtrain.models.hf import read_hf_config
+    from qtrain.models.qwen3 import Qwen3ForCausalLM
+
+    src = make_hf(tmp_path / "hf", tied=False, dtype=torch.float32, seed=5)
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", mg,
+        "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+    model = Qwen3ForCausalLM(read_hf_config(src))
+    assert load_checkpoint(mg, model, None).kind == "megatron"
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    with torch.no_grad():
+        loss = model(ids, labels=labels)
+        ref = transformers.Qwen3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(ids, labels=ids).loss
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
