@@ -192,8 +192,9 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, in
 class Progress:
     """Counts and the progress line: documents, docs/s, MB/s (input bytes), tokens/s, ETA."""
 
-    def __init__(self, total_bytes: int, interval: int, out=sys.stderr):
-        self.total_bytes, self.interval, self.out = total_bytes, interval, out
+    def __init__(self, total_bytes: int, interval: int, out=None):
+        self.total_bytes, self.interval = total_bytes, interval
+        self.out = out if out is not None else sys.stderr
         self.start = time.perf_counter()
         self.docs = self.empty = self.blank = self.tokens = self.nbytes = 0
         self.skipped: Counter = Counter()
@@ -267,8 +268,9 @@ class Writers:
             builder.abort()
 
 
-def run(args: argparse.Namespace, out=sys.stderr) -> Progress:
-    """Preprocess according to parsed arguments; returns the final counts."""
+def run(args: argparse.Namespace, out=None) -> Progress:
+    """Preprocess according to parsed arguments; returns the final counts. Progress goes to `out`."""
+    out = out if out is not None else sys.stderr
     _validate(args)
     from qtrain.data.tokenizer import load_tokenizer
 
