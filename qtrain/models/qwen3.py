@@ -14,7 +14,7 @@ from qtrain.models.config import Qwen3Config
 from qtrain.ops.attention import attention
 from qtrain.ops.linear_cross_entropy import linear_cross_entropy
 from qtrain.ops.rmsnorm import rms_norm
-from qtrain.ops.rope import apply_rope, rope_cos_sin
+from qtrain.ops.rope import apply_rope_qk, rope_cos_sin
 from qtrain.ops.swiglu import swiglu
 
 
@@ -51,7 +51,7 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_qk(q, k, cos, sin)
         out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
