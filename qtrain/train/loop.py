@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,8 @@ from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import BatchPlan, check_model_fits, describe_plan, make_batch_plan
 from qtrain.train.runtime import Runtime, StopFlag, apply_parallelism, init_runtime
 from qtrain.train.schedule import build_schedule
-from qtrain.train.step import forward_backward, forward_loss
+from qtrain.parallel import parallel_state
+from qtrain.train.step import forward_backward, forward_loss, pipeline_forward_backward, uses_pipeline
 
 
 class NonFiniteError(QtrainError):
@@ -44,6 +45,19 @@ class TrainResult:
     stopped_by_signal: bool = False
     saved: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class LoopHooks:
+    """Where a variant of the loop (`qtrain sft`) plugs in; the defaults are pretraining's behaviour."""
+
+    build_datasets: Optional[Callable[..., tuple[Any, Any]]] = None  # (cfg, sizes) -> (train_ds, valid_ds)
+    prepare_model: Optional[Callable[..., torch.nn.Module]] = None  # (model) -> model, before parallelism
+    skip_load: bool = False  # prepare_model has already loaded the --load weights
+    forward_backward: Callable[..., torch.Tensor] = forward_backward
+    forward_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] = forward_loss
+    after_save: Optional[Callable[..., None]] = None  # (model, iteration, checkpoint path)
+    export_hf: Optional[Callable[..., None]] = None  # replaces _export_hf: (model, model_cfg, cfg, rt, sharded)
 
 
 def _tokenizer_vocab(cfg: PretrainConfig) -> Optional[int]:
@@ -78,17 +92,30 @@ def prepare(cfg: PretrainConfig, world_size: int):
     return model_cfg, batch
 
 
-def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
+def dry_run(cfg: PretrainConfig) -> str:
+    """The plan for the world size torchrun would give (WORLD_SIZE), else the smallest world
+    that fits TP x PP x CP; no process group, no data, no model memory."""
+    import os
+
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "0")) or \
+        p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    model_cfg, batch = prepare(cfg, world)
+    return describe_plan(cfg, model_cfg, batch, world)
+
+
+def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) -> TrainResult:
     """Run `qtrain pretrain` with the given options (inside or outside torchrun)."""
+    hooks = hooks or LoopHooks()
     t_start = time.time()
+    if cfg.training.dry_run:
+        log(dry_run(cfg))
+        return TrainResult()
     rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes)
     say = log if rt.is_main else (lambda *a, **k: None)
 
     # ---- 1. plan: model shape, batch math, pre-start checks
     model_cfg, batch = prepare(cfg, rt.world_size)
-    if cfg.training.dry_run:
-        say(describe_plan(cfg, model_cfg, batch, rt.world_size))
-        return TrainResult()
     load_kind = _check_load(cfg)
     if not cfg.data.data_path:
         raise ConfigError("--data-path is required: the prefix of a .bin/.idx dataset (from `qtrain preprocess`)")
@@ -102,7 +129,10 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
     sizes = train_valid_test_num_samples(t.train_iters, batch.global_batch_size, t.eval_interval, t.eval_iters)
     data_cfg = GPTDatasetConfig(seq_length=cfg.data.seq_length, seed=t.seed, split=cfg.data.split,
                                 cache_dir=cfg.data.data_cache_path)
-    train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
+    if hooks.build_datasets is not None:
+        train_ds, valid_ds = hooks.build_datasets(cfg, sizes)
+    else:
+        train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
     if train_ds is None:
         raise ConfigError(f"--split {cfg.data.split} leaves no training data; give the train part a weight")
 
@@ -111,7 +141,11 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
 
     torch.manual_seed(t.seed)
     model = materialize(build_model(model_cfg, "meta"), rt.device, seed=t.seed)
-    model, sharded = apply_parallelism(model, cfg, rt)
+    if hooks.prepare_model is not None:
+        model = hooks.prepare_model(model)
+    par = apply_parallelism(model, cfg, rt)
+    model, sharded, dp_rank = par.model, par.sharded, par.dp_rank
+    pipelined = uses_pipeline(model)
     model.train()
 
     # ---- 4. optimizer and LR schedule
@@ -121,7 +155,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
 
     # ---- 5. resume or start from weights
     iteration, consumed = 0, 0
-    if cfg.checkpoint.load and load_kind is not None:
+    if cfg.checkpoint.load and load_kind is not None and not hooks.skip_load:
         c = cfg.checkpoint
         loaded = ckpt.load_checkpoint(c.load, model, optimizer, load_optim=not c.no_load_optim,
                                       load_rng=not c.no_load_rng, finetune=c.finetune)
@@ -130,7 +164,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
             consumed = int(loaded.train_state["consumed_samples"])
         say(f"loaded {loaded.kind} checkpoint {loaded.path} (iteration {iteration}"
             f"{', rng restored' if loaded.rng_restored else ''})")
-    loader = ResumableLoader(train_ds, batch.micro_batch_size, rt.rank, batch.data_parallel_size,
+    loader = ResumableLoader(train_ds, batch.micro_batch_size, dp_rank, batch.data_parallel_size,
                              consumed_samples=consumed, num_workers=cfg.data.num_workers)
 
     # ---- 6. train
@@ -166,18 +200,25 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
              "world_size": rt.world_size, "global_batch_size": batch.global_batch_size},
             model_cfg.to_hf_dict("float32"), cfg.to_dict())
         result.saved.append(str(path))
+        if hooks.after_save is not None:
+            hooks.after_save(model, it, path)
         say(f"saved checkpoint {path}")
 
     try:
         while iteration < t.train_iters:
             set_lr(optimizer, schedule.lr_for_iteration(iteration + 1, batch.global_batch_size))
             step_loss = torch.zeros((), dtype=torch.float32, device=rt.device)
-            for micro in range(batch.num_microbatches):
-                if sharded and hasattr(model, "set_requires_gradient_sync"):
-                    model.set_requires_gradient_sync(micro == batch.num_microbatches - 1)
-                step_loss += forward_backward(model, next(loader), batch.num_microbatches, rt.device, t.bf16, sharded)
-            step_loss /= batch.num_microbatches
-            gnorm = _full(torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else math.inf))
+            if pipelined:
+                step_loss = pipeline_forward_backward(
+                    model, [next(loader) for _ in range(batch.num_microbatches)], rt.device)
+            else:
+                for micro in range(batch.num_microbatches):
+                    if sharded and hasattr(model, "set_requires_gradient_sync"):
+                        model.set_requires_gradient_sync(micro == batch.num_microbatches - 1)
+                    step_loss += hooks.forward_backward(model, next(loader), batch.num_microbatches, rt.device,
+                                                        t.bf16, sharded)
+                step_loss /= batch.num_microbatches
+            gnorm = clip_gradients(model, params, t.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             iteration += 1
@@ -204,9 +245,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
                 loss_acc.zero_()
                 iters_since_log, t_log = 0, time.time()
 
-            if valid_ds is not None and t.eval_iters > 0 and iteration % t.eval_interval == 0:
+            if valid_ds is not None and t.eval_iters > 0 and not pipelined and iteration % t.eval_interval == 0:
                 result.valid[iteration] = _evaluate(model, valid_ds, iteration // t.eval_interval - 1, cfg, batch, rt,
-                                                    sharded, say, writer, iteration)
+                                                    sharded, dp_rank, say, writer, iteration, hooks.forward_loss)
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
                 t_log = time.time()
@@ -220,15 +261,15 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
                 break
 
         check_finite()
-        if (not result.stopped_by_signal and valid_ds is not None and t.eval_iters > 0
+        if (not result.stopped_by_signal and valid_ds is not None and t.eval_iters > 0 and not pipelined
                 and iteration % t.eval_interval != 0):
             result.valid[iteration] = _evaluate(model, valid_ds, t.train_iters // t.eval_interval, cfg, batch, rt,
-                                                sharded, say, writer, iteration)
+                                                sharded, dp_rank, say, writer, iteration, hooks.forward_loss)
         if cfg.checkpoint.save and iteration > result.start_iteration and \
                 not (result.saved and result.saved[-1].endswith(f"iter_{iteration:07d}")):
             save(iteration)
         if cfg.checkpoint.save_hf and not result.stopped_by_signal:
-            _export_hf(model, model_cfg, cfg, rt, sharded)
+            (hooks.export_hf or _export_hf)(model, model_cfg, cfg, rt, sharded)
             say(f"exported HF model to {cfg.checkpoint.save_hf}")
     finally:
         stop.uninstall()
@@ -236,6 +277,20 @@ def pretrain(cfg: PretrainConfig, log=print) -> TrainResult:
     result.iteration, result.consumed_samples = iteration, loader.consumed_samples
     result.seconds = time.time() - t_start
     return result
+
+
+def clip_gradients(model: torch.nn.Module, params: list, max_norm: float) -> torch.Tensor:
+    """Clip to --clip-grad (0: only measure) and return the global norm as a device tensor.
+
+    Data parallel alone: torch's clip_grad_norm_ (no host sync). With TP/PP the gradients live on
+    several meshes and stages: qtrain.parallel.grads computes the global norm (it syncs).
+    """
+    state = parallel_state(model)
+    if state is not None and (state.dims.tp > 1 or state.dims.pp > 1):
+        from qtrain.parallel.grads import clip_grad_norm_
+
+        return torch.tensor(clip_grad_norm_(model, max_norm), dtype=torch.float32, device=params[0].device)
+    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
 
 
 def _all_max(t: torch.Tensor) -> torch.Tensor:
@@ -262,20 +317,20 @@ def _check_load(cfg: PretrainConfig) -> Optional[str]:
 
 @torch.no_grad()
 def _evaluate(model, valid_ds, eval_index: int, cfg: PretrainConfig, batch: BatchPlan, rt: Runtime, sharded: bool,
-              say, writer, iteration: int) -> float:
+              dp_rank: int, say, writer, iteration: int, loss_fn=forward_loss) -> float:
     """Token-weighted validation loss over --eval-iters global batches; the eval_index-th evaluation
     reads the eval_index-th block of validation samples (so resume evaluates the same samples)."""
     from qtrain.data.sampler import ResumableLoader
 
     t = cfg.training
     start = eval_index * t.eval_iters * batch.global_batch_size
-    loader = ResumableLoader(valid_ds, batch.micro_batch_size, rt.rank, batch.data_parallel_size,
+    loader = ResumableLoader(valid_ds, batch.micro_batch_size, dp_rank, batch.data_parallel_size,
                              consumed_samples=start)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
     count = torch.zeros((), dtype=torch.float64, device=rt.device)
     for _ in range(t.eval_iters * batch.num_microbatches):
-        s, n = forward_loss(model, next(loader), rt.device, t.bf16, sharded)
+        s, n = loss_fn(model, next(loader), rt.device, t.bf16, sharded)
         total += s.double()
         count += n.double()
     model.train()

@@ -1,4 +1,4 @@
-"""Process setup for training: torchrun-aware process group, device, data-parallel sharding,
+"""Process setup for training: torchrun-aware process group, device, the parallel layout,
 and the SIGTERM flag (finish the step, save, exit 0)."""
 
 from __future__ import annotations
@@ -49,35 +49,36 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime) -> tuple[torch.nn.Module, bool]:
-    """Shard the model over the ranks. Returns (model, sharded).
+@dataclass
+class Parallel:
+    """The model this rank trains and where it sits in the data-parallel dimension."""
 
-    Uses qtrain.parallel.parallelize when present; until then, data parallel with FSDP2
-    (one fully_shard per decoder layer, then the root) and bf16 params / fp32 reduction.
+    model: torch.nn.Module
+    sharded: bool
+    dp_rank: int
+    dp_size: int
+
+
+def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime) -> Parallel:
+    """Lay the (materialised) model out over the ranks with qtrain.parallel: TP, PP, CP, recompute,
+    FSDP2 with bf16 params and fp32 gradient reduction. A single rank trains the plain model.
+
+    The model is initialised before sharding, so every layout starts from the same weights as
+    one process with the same --seed.
     """
-    if rt.world_size == 1:
-        return model, False
-    try:
-        from qtrain.parallel import build_mesh, parallelize  # type: ignore[attr-defined]
-    except ImportError:
-        build_mesh = parallelize = None
-    if parallelize is not None:
-        mesh = build_mesh(cfg, rt.world_size)
-        return parallelize(model, mesh, cfg), True
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    p = cfg.parallel
+    if rt.world_size == 1 and (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                               p.context_parallel_size) == (1, 1, 1):
+        if p.recompute_granularity:
+            from qtrain.parallel.recompute import apply_recompute
 
-    if (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-            cfg.parallel.context_parallel_size) != (1, 1, 1):
-        from qtrain.errors import ConfigError
+            apply_recompute(model, p.recompute_granularity, p.recompute_method, p.recompute_num_layers)
+        return Parallel(model, False, 0, 1)
+    from qtrain.parallel import build_mesh, parallelize
 
-        raise ConfigError("TP/PP/CP need qtrain.parallel, which is not installed in this build; "
-                          "use --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1")
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
-                              reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model, True
+    mesh = build_mesh(cfg, rt.world_size, rt.device.type, model.config)
+    model = parallelize(model, mesh, cfg, device=rt.device)
+    return Parallel(model, True, mesh["dp"].get_local_rank(), mesh["dp"].size())
 
 
 class StopFlag:
