@@ -6,7 +6,9 @@ reference path, so the choice never changes CPU results. Under torch.compile the
 plain dict read, which dynamo guards on without a graph break.
 
 QTRAIN_OPS selects explicitly:
-  auto (default)   fused where available: Liger on CUDA if importable, torch_npu on NPU, else reference
+  auto (default)   fused where available: Liger on CUDA if importable, torch_npu on NPU, else reference;
+                   inside torch.compile'd code the element-wise ops (rms_norm, rope, swiglu) take the
+                   reference, which inductor fuses with its neighbours (an opaque kernel would stop that)
   reference        the PyTorch reference everywhere (torch.compile fuses it when compile is on)
   liger | npu      that library for every op on its device (an error if it is missing there)
   op=impl,...      per op, e.g. "rope=reference,swiglu=reference"; unnamed ops stay on auto
@@ -27,11 +29,14 @@ ENV = "QTRAIN_OPS"
 OPS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
 IMPLS = ("reference", "liger", "npu")
 _NATIVE = {"cuda": "liger", "npu": "npu"}  # the fused library of each device type
+_ELEMENTWISE = ("rms_norm", "rope", "swiglu")  # what inductor fuses as well as a library kernel
 
 log = logging.getLogger("qtrain.ops")
 
-# device type -> op -> implementation; device types absent here use the reference.
+# device type -> op -> implementation, in eager code and inside torch.compile'd code;
+# device types absent here use the reference.
 _TABLE: dict[str, dict[str, str]] = {}
+_COMPILED_TABLE: dict[str, dict[str, str]] = {}
 _LIGER: Optional[ModuleType] = None  # liger_kernel.ops once imported
 _NPU: Optional[ModuleType] = None  # torch_npu once imported
 _SPEC: str = "auto"
@@ -127,18 +132,23 @@ def configure(spec: Optional[str] = None) -> dict[str, dict[str, str]]:
         _NPU = _import_npu()
     available = {"liger": _LIGER is not None, "npu": _NPU is not None}
     table = {dev: resolve(dev, requested, available) for dev in _present()}
+    compiled = {dev: {op: "reference" if op in _ELEMENTWISE and op not in requested else impl
+                      for op, impl in choice.items()} for dev, choice in table.items()}
     _TABLE.clear()
     _TABLE.update(table)
+    _COMPILED_TABLE.clear()
+    _COMPILED_TABLE.update(compiled)
     _SPEC = spec
     for dev, choice in table.items():
-        log.log(logging.DEBUG if dev == "cpu" else logging.INFO, "qtrain ops on %s (%s=%s): %s", dev, ENV, spec,
-                ", ".join(f"{op}={impl}" for op, impl in choice.items()))
+        log.log(logging.DEBUG if dev == "cpu" else logging.INFO, "qtrain ops on %s (%s=%s): %s; under torch.compile: %s",
+                dev, ENV, spec, ", ".join(f"{op}={impl}" for op, impl in choice.items()),
+                ", ".join(f"{op}={impl}" for op, impl in compiled[dev].items()))
     return {d: dict(t) for d, t in table.items()}
 
 
 def impl(op: str, device: torch.device) -> str:
-    """The implementation `op` uses for tensors on `device`."""
-    table = _TABLE.get(device.type)
+    """The implementation `op` uses for tensors on `device` (here, eager or compiled)."""
+    table = (_COMPILED_TABLE if torch.compiler.is_compiling() else _TABLE).get(device.type)
     return table[op] if table is not None else "reference"
 
 
@@ -160,13 +170,15 @@ def npu() -> ModuleType:
     return _NPU
 
 
-def backend(device_type: Optional[str] = None) -> dict[str, str]:
-    """{op: implementation} on `device_type` (default: this machine's accelerator, else "cpu")."""
+def backend(device_type: Optional[str] = None, compiled: bool = False) -> dict[str, str]:
+    """{op: implementation} on `device_type` (default: this machine's accelerator, else "cpu"), in
+    eager code or (compiled=True) inside torch.compile'd code."""
     if device_type is None:
         from qtrain.device import device_type as current
 
         device_type = current()
-    return dict(_TABLE.get(device_type) or dict.fromkeys(OPS, "reference"))
+    table = _COMPILED_TABLE if compiled else _TABLE
+    return dict(table.get(device_type) or dict.fromkeys(OPS, "reference"))
 
 
 @contextlib.contextmanager

@@ -125,3 +125,28 @@ def test_cpu_results_do_not_depend_on_the_choice():
         with dispatch.using(spec):
             out[spec] = (model(ids), model(ids, labels=ids))
     assert torch.equal(out["auto"][0], out["reference"][0]) and torch.equal(out["auto"][1], out["reference"][1])
+
+
+def test_compiled_code_keeps_elementwise_ops_on_the_reference(monkeypatch):
+    """auto: inside torch.compile the element-wise ops take the reference (inductor fuses it) and the
+    fused loss keeps Liger; an explicit QTRAIN_OPS=liger keeps Liger everywhere."""
+    calls: list = []
+    monkeypatch.setattr(dispatch, "_LIGER", _fake_liger(calls))
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        dispatch.configure("auto")
+        assert dispatch.backend("cuda") == ALL_LIGER
+        assert dispatch.backend("cuda", compiled=True) == {**ALL_REF, "linear_cross_entropy": "liger"}
+        dispatch.configure("liger")
+        assert dispatch.backend("cuda", compiled=True) == ALL_LIGER
+
+    # The lookup itself, traced by dynamo: route the CPU like CUDA's auto tables.
+    dispatch.configure("auto")
+    monkeypatch.setitem(dispatch._TABLE, "cpu", dict(ALL_LIGER))
+    monkeypatch.setitem(dispatch._COMPILED_TABLE, "cpu", {**ALL_REF, "linear_cross_entropy": "liger"})
+    x, w = torch.randn(4, 8), torch.randn(8)
+    torch._dynamo.reset()
+    out = torch.compile(rms_norm, backend="eager", fullgraph=True)(x, w, 1e-6)
+    assert calls == [] and torch.allclose(out, rms_norm_reference(x, w, 1e-6))
+    rms_norm(x, w, 1e-6)
+    assert calls == ["rms_norm"]
