@@ -1,0 +1,203 @@
+"""`qtrain sft`: supervised fine-tuning, the pretraining loop on instruction data (+ optional LoRA).
+
+Same flags, parallel layouts and checkpoints as `qtrain pretrain` (qtrain.train.loop), plus the
+MindSpeed-LLM SFT flags below. What changes is plugged into the loop through `LoopHooks`:
+
+- data: `--data-path PREFIX` of the instruction handlers' datasets (qtrain.data.instruction_dataset);
+  packed samples get a block-diagonal causal mask and per-sample positions, so a pack trains
+  exactly like its samples one by one;
+- loss: mean cross-entropy over the response tokens (labels != -100) of each micro-batch, then
+  the mean over micro-batches and data-parallel ranks. This is MindSpeed-LLM's SFT loss (its
+  `loss_func`: sum(loss * mask) / mask.sum() per micro-batch, averaged by Megatron across
+  micro-batches and DP without --calculate-per-token-loss). A micro-batch without response
+  tokens contributes 0 instead of NaN;
+- LoRA (`--lora-r`): adapters injected before sharding, base frozen; starting weights (HF,
+  Megatron, or a qtrain checkpoint with --finetune) are loaded into the base first. Each saved
+  checkpoint also holds `adapter/` (PEFT format); `--save-hf` exports the merged model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from qtrain.errors import ConfigError, QtrainError
+from qtrain.train.step import autocast_context
+
+SFT_FLAGS_HELP = "SFT options (qtrain sft only); every `qtrain pretrain` option is accepted too"
+
+
+def sft_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qtrain sft", add_help=False, allow_abbrev=False)
+    g = p.add_argument_group("sft", SFT_FLAGS_HELP)
+    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank; without it all weights are trained")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (delta = B A alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"],
+                   help="HF (q_proj ...) or Megatron (linear_qkv linear_proj linear_fc1 linear_fc2) names")
+    g.add_argument("--no-shuffle", action="store_true", help="read samples in dataset order every epoch")
+    # MindSpeed-LLM SFT script flags that describe what qtrain sft always does.
+    for flag in ("--is-instruction-dataset", "--reset-position-ids", "--reset-attention-mask", "--neat-pack",
+                 "--variable-seq-lengths", "--no-pad-to-seq-lengths"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--stage", default="sft", help=argparse.SUPPRESS)
+    g.add_argument("--prompt-type", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(SFT options, the rest for the pretrain parser)."""
+    ns, rest = sft_parser().parse_known_args(argv)
+    if ns.stage != "sft":
+        raise ConfigError(f"--stage {ns.stage}: qtrain sft does supervised fine-tuning only (--stage sft)")
+    if ns.variable_seq_lengths:
+        warnings.warn("--variable-seq-lengths: qtrain pads every sample to --seq-length", stacklevel=2)
+    return ns, rest
+
+
+# ----------------------------------------------------------------------------- loss
+
+def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"position_ids": batch["position_ids"].to(device, non_blocking=True)}
+    if "attention_mask" in batch:
+        out["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+    return out
+
+
+def sft_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool,
+                 sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token losses, number of response tokens) of one micro-batch."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with autocast_context(device, bf16, sharded):
+        total = model(input_ids, labels=labels, loss_reduction="sum", **_model_inputs(batch, device))
+    return total.float(), (labels != -100).sum()
+
+
+def sft_forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_microbatches: int,
+                         device: torch.device, bf16: bool, sharded: bool) -> torch.Tensor:
+    """Mean loss over this micro-batch's response tokens; grads scaled by 1/num_microbatches."""
+    total, count = sft_loss_sum(model, batch, device, bf16, sharded)
+    loss = total / count.clamp(min=1)
+    (loss / num_microbatches).backward()
+    return loss.detach()
+
+
+@torch.no_grad()
+def sft_forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool,
+                     sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return sft_loss_sum(model, batch, device, bf16, sharded)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+def build_hooks(cfg, sft: argparse.Namespace):
+    """LoopHooks for `pretrain(cfg, hooks=...)` (also used by tests)."""
+    from qtrain.checkpoint import dcp as ckpt
+    from qtrain.data.instruction_dataset import build_instruction_datasets
+    from qtrain.train.loop import LoopHooks
+
+    paths = cfg.data.data_path
+    if len(paths) != 1:
+        raise ConfigError(f"--data-path: qtrain sft takes one instruction data prefix, got {paths}")
+
+    def build_datasets(cfg, sizes):
+        train, valid, _ = build_instruction_datasets(paths[0], cfg.data.split, sizes, cfg.data.seq_length,
+                                                     pad_id=0, seed=cfg.training.seed, shuffle=not sft.no_shuffle)
+        par = cfg.parallel
+        if train is not None and train.packed and (par.pipeline_model_parallel_size > 1
+                                                   or par.context_parallel_size > 1):
+            raise ConfigError(f"--data-path {paths[0]}: packed samples need the per-sample attention mask, which "
+                              "the pipeline and context-parallel paths do not carry yet; preprocess without "
+                              "--pack, or train with --pipeline-model-parallel-size 1 --context-parallel-size 1")
+        return train, valid
+
+    hooks = LoopHooks(build_datasets=build_datasets, forward_backward=sft_forward_backward,
+                      forward_loss=sft_forward_loss)
+    if sft.lora_r is None:
+        return hooks
+
+    from qtrain.train.lora import LoRAConfig, adapter_state_dict, inject_lora, write_adapter
+
+    p = cfg.parallel
+    if p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1 or p.context_parallel_size > 1:
+        raise ConfigError("--lora-r: LoRA trains with data parallelism (FSDP) only in this version; "
+                          "use --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 "
+                          "--context-parallel-size 1")
+    lora = LoRAConfig(r=sft.lora_r, alpha=sft.lora_alpha, dropout=sft.lora_dropout,
+                      target_modules=sft.lora_target_modules)
+    c = cfg.checkpoint
+    # Weights-only starts are loaded into the plain model, before the adapters change its state dict;
+    # resuming a LoRA run's own checkpoint restores base + adapters through the loop.
+    kind = ckpt.detect_kind(c.load) if c.load and Path(c.load).exists() and (
+        not c.save or Path(c.load).resolve() != Path(c.save).resolve()) else None
+    hooks.skip_load = kind in ("hf", "megatron") or (kind == "qtrain" and c.finetune)
+
+    def prepare_model(model):
+        if hooks.skip_load:
+            ckpt.load_checkpoint(c.load, model, None, finetune=True)
+        inject_lora(model, lora)
+        return model
+
+    def after_save(model, iteration, path):
+        tensors = adapter_state_dict(model)  # collective when sharded
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            write_adapter(tensors, lora, Path(path) / "adapter", base_model=c.load)
+
+    def export_hf(model, model_cfg, cfg, rt, sharded):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from qtrain.models.hf import save_hf
+        from qtrain.models.qwen3 import build_model
+        from qtrain.train.lora import merge_lora_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+            if sharded else {k: v.detach() for k, v in model.state_dict().items()}
+        if not rt.is_main:
+            return
+        plain = build_model(model_cfg, "cpu")
+        plain.load_state_dict(merge_lora_state_dict(full, lora.scaling))
+        plain.tie_weights()
+        save_hf(plain, cfg.checkpoint.save_hf, tokenizer_dir=cfg.data.tokenizer_name_or_path)
+
+    hooks.prepare_model, hooks.after_save, hooks.export_hf = prepare_model, after_save, export_hf
+    return hooks
+
+
+def run_sft(argv: list[str], log=print):
+    """Parse `qtrain sft` flags and train; returns the loop's TrainResult."""
+    from qtrain.config import parse_args
+    from qtrain.train.loop import pretrain
+
+    sft, rest = split_argv(argv)
+    cfg = parse_args(rest)
+    return pretrain(cfg, log=log, hooks=build_hooks(cfg, sft))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qtrain.train.runtime import shutdown
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from qtrain.config import build_parser
+
+        print(build_parser("qtrain sft").format_help())
+        print(sft_parser().format_help().split("\n", 2)[2])
+        return 0
+    try:
+        run_sft(argv)
+    except QtrainError as e:
+        print(f"qtrain sft: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

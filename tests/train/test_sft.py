@@ -1,0 +1,247 @@
+"""qtrain sft: instruction items, response-only loss, packed == unpacked, a tiny model learns its data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
+from qtrain.data.instruction_dataset import InstructionDataset, dataset_prefixes, make_sft_item
+from qtrain.data.packing import write_packs
+from qtrain.models.config import Qwen3Config
+from qtrain.models.qwen3 import Qwen3ForCausalLM
+from qtrain.train.sft import run_sft, sft_forward_backward
+
+VOCAB, EOS, SEQ = 64, 2, 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _samples(n=6, seed=0):
+    """(prompt ids, response ids ending in EOS) pairs of varied lengths, ids 3..63."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        prompt = rng.randint(3, VOCAB, size=rng.randint(4, 9)).tolist()
+        response = rng.randint(3, VOCAB, size=rng.randint(2, 5)).tolist() + [EOS]
+        out.append((prompt, response))
+    return out
+
+
+def _write(prefix, arrays):
+    b = IndexedDatasetBuilder(bin_path(prefix), dtype=np.int32)
+    for a in arrays:
+        b.add_item(np.asarray(a, dtype=np.int32))
+        b.end_document()
+    b.finalize(idx_path(prefix))
+
+
+def write_instruction_data(prefix, samples, pack=False, seq_length=SEQ):
+    """The three datasets exactly as the instruction handlers lay them out (unpacked, or packed
+    through the preprocess packer)."""
+    ids = [p + r for p, r in samples]
+    labels = [[-100] * len(p) + r for p, r in samples]
+    out = dataset_prefixes(str(prefix))
+    if not pack:
+        _write(out["input_ids"], ids)
+        _write(out["labels"], labels)
+        _write(out["attention_mask"], [[1] * len(x) for x in ids])
+    else:
+        _write(f"{prefix}_tmp_ids", ids)
+        _write(f"{prefix}_tmp_labels", labels)
+        write_packs(f"{prefix}_tmp_ids", f"{prefix}_tmp_labels", out, seq_length, pad_id=0)
+    return str(prefix)
+
+
+def _model(seed=0):
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      rope_theta=10000.0)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg)
+    model.init_weights(std=0.2)
+    return model
+
+
+def _batch(ds, idx):
+    items = [ds[i] for i in idx]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ----------------------------------------------------------------------------- items
+
+def test_packed_item_layout():
+    tokens = np.array([10, 11, 12, 13, 20, 21, 22, 0])
+    labels = np.array([-100, -100, 12, 13, -100, 21, 22, -100])
+    segs = np.array([1, 1, 1, 1, 2, 2, 2, 0])
+    item = make_sft_item(tokens, labels, segs, 10, pad_id=0, packed=True)
+    # labels[i] = the trained token after i, only inside one sample: never across the boundary at 3|4.
+    assert item["labels"].tolist() == [-100, 12, 13, -100, 21, 22, -100, -100, -100, -100]
+    assert item["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
+    m = item["attention_mask"][0]
+    assert m.shape == (10, 10)
+    assert m[3, :4].all() and not m[3, 4:].any()  # last token of sample 1 sees sample 1 only
+    assert m[6, 4:7].all() and not m[6, :4].any() and not m[6, 7:].any()
+    assert m[2, :3].all() and not m[2, 3]  # causal inside a sample
+    for pad in (7, 8, 9):  # padding sees itself only
+        assert m[pad].nonzero().flatten().tolist() == [pad]
+
+
+def test_unpacked_item_pads_without_mask():
+    item = make_sft_item(np.array([5, 6, 7]), np.array([-100, 6, 7]), np.array([1, 1, 1]), 6, pad_id=0,
+                         packed=False)
+    assert "attention_mask" not in item
+    assert item["input_ids"].tolist() == [5, 6, 7, 0, 0, 0]
+    assert item["labels"].tolist() == [6, 7, -100, -100, -100, -100]
+    assert item["position_ids"][:3].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_prompt_positions_never_reach_the_loss(tmp_path):
+    samples = _samples(4)
+    ds = InstructionDataset(write_instruction_data(tmp_path / "p", samples, pack=True), SEQ, 0, shuffle=False)
+    batch = _batch(ds, [0])
+    trained = batch["labels"][0] != -100
+    model = _model()
+
+    def grads(noise_at=None):
+        """Parameter grads, with noise added to the final hidden state at `noise_at` positions."""
+        model.zero_grad()
+        handle = None
+        if noise_at is not None:
+            noise = torch.zeros(1, SEQ, 32)
+            noise[0, noise_at] = torch.randn(int(noise_at.sum()), 32, generator=torch.Generator().manual_seed(0))
+            handle = model.model.norm.register_forward_hook(lambda m, i, o: o + noise)
+        loss = sft_forward_backward(model, batch, 1, torch.device("cpu"), False, False)
+        if handle is not None:
+            handle.remove()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, ref = grads()
+    # Whatever the model predicts at prompt, boundary and padding positions, loss and grads are identical.
+    loss2, perturbed = grads(~trained)
+    assert loss2 == loss
+    assert all(torch.equal(ref[n], perturbed[n]) for n in ref)
+    # The same perturbation on response positions does change them (the check can fail).
+    loss3, _ = grads(trained)
+    assert loss3 != loss
+
+    # Exactly the positions whose next token is a response token are trained: per sample unpacked,
+    # and in total over the packs.
+    unpacked = InstructionDataset(write_instruction_data(tmp_path / "u", samples), SEQ, 0, shuffle=False)
+    for i, (p, r) in enumerate(samples):
+        want = [False] * (len(p) - 1) + [True] * len(r) + [False] * (SEQ - len(p) - len(r) + 1)
+        assert (unpacked[i]["labels"] != -100).tolist() == want
+    total = sum(int((ds[i]["labels"] != -100).sum()) for i in range(len(ds)))
+    assert total == sum(len(r) for _, r in samples)
+
+
+def _per_sample_losses(model, ds):
+    """{(prompt+response tokens): (sum NLL, count)} over every sample of every document."""
+    out = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        kw = {"position_ids": item["position_ids"][None]}
+        if "attention_mask" in item:
+            kw["attention_mask"] = item["attention_mask"][None]
+        with torch.no_grad():
+            logits = model(item["input_ids"][None], **kw)[0]
+        nll = F.cross_entropy(logits.double(), item["labels"], ignore_index=-100, reduction="none")
+        pos = item["position_ids"]
+        starts = (pos == 0).nonzero().flatten().tolist() + [SEQ]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if (item["labels"][a:b] != -100).any():
+                key = tuple(item["input_ids"][a:b].tolist())
+                key = key[: len(key) - next(j for j, t in enumerate(reversed(key)) if t != 0)]
+                out[key] = (float(nll[a:b].sum()), int((item["labels"][a:b] != -100).sum()))
+    return out
+
+
+def test_packed_and_unpacked_give_the_same_loss_per_sample(tmp_path):
+    samples = _samples(7, seed=3)
+    unpacked = InstructionDataset(write_instruction_data(tmp_path / "u", samples), SEQ, 0, shuffle=False)
+    packed = InstructionDataset(write_instruction_data(tmp_path / "k", samples, pack=True), SEQ, 0, shuffle=False)
+    assert packed.packed and not unpacked.packed and len(packed.docs) < len(samples)
+    model = _model(1).eval()
+    a, b = _per_sample_losses(model, unpacked), _per_sample_losses(model, packed)
+    assert len(a) == len(samples) and set(a) == set(b)
+    for key in a:
+        assert a[key][1] == b[key][1]
+        assert abs(a[key][0] - b[key][0]) <= 1e-5 * max(1.0, abs(a[key][0])), key
+
+
+def test_mean_over_response_tokens_of_the_micro_batch(tmp_path):
+    ds = InstructionDataset(write_instruction_data(tmp_path / "u", _samples(3)), SEQ, 0, shuffle=False)
+    batch = _batch(ds, [0, 1, 2])
+    model = _model()
+    loss = sft_forward_backward(model, batch, 1, torch.device("cpu"), False, False)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"])
+    ref = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _sft_args(data, save, iters, extra=()):
+    return ["--data-path", data, "--padded-vocab-size", str(VOCAB), "--num-layers", "2", "--hidden-size", "32",
+            "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--group-query-attention", "--kv-channels", "8", "--max-position-embeddings", "64",
+            "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", str(iters), "--lr", "1e-2", "--lr-decay-style", "constant", "--weight-decay", "0",
+            "--log-interval", "5", "--eval-iters", "0", "--split", "100,0,0", "--save", str(save),
+            "--device", "cpu", "--init-method-std", "0.1", "--seed", "7", *extra]
+
+
+def test_tiny_model_learns_an_instruction_set_and_answers_it(tmp_path):
+    from qtrain.infer.generate import generate
+    from qtrain.infer.loading import load_model_for_inference
+
+    samples = _samples(6, seed=5)
+    data = write_instruction_data(tmp_path / "alpaca", samples, pack=True)
+    result = run_sft(_sft_args(data, tmp_path / "ckpt", 60), log=lambda *a: None)
+    losses = list(result.losses.values())
+    assert losses[-1] < 0.05 * losses[0], losses
+    model, _ = load_model_for_inference(tmp_path / "ckpt")
+    for prompt, response in samples:
+        out = generate(model, torch.tensor([prompt]), 8, eos_token_ids=[EOS])
+        assert out[0, len(prompt):].tolist() == response
+
+
+def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path):
+    from qtrain.checkpoint.sources import QtrainSource
+    from qtrain.models.hf import iter_safetensors, save_hf
+    from qtrain.train.lora import merge_lora
+
+    base = _model(2)
+    save_hf(base, tmp_path / "base")
+    data = write_instruction_data(tmp_path / "alpaca", _samples(4, seed=6))
+    args = _sft_args(data, tmp_path / "ckpt", 12, ["--load", str(tmp_path / "base"), "--finetune", "--lora-r", "4",
+                                                   "--lora-alpha", "8", "--lora-target-modules", "linear_qkv",
+                                                   "linear_fc1", "--save-hf", str(tmp_path / "merged")])
+    result = run_sft(args, log=lambda *a: None)
+    losses = list(result.losses.values())
+    assert losses[-1] < losses[0]
+    src = QtrainSource(tmp_path / "ckpt")
+    for name, want in base.state_dict().items():  # the base weights did not move
+        if name != "lm_head.weight":
+            assert torch.equal(src.get(name), want), name
+    adapter = tmp_path / "ckpt" / "iter_0000012" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and "up_proj" in cfg["target_modules"] and "o_proj" not in cfg["target_modules"]
+    merged = merge_lora(dict(base.state_dict()), adapter)
+    exported = dict(iter_safetensors(tmp_path / "merged"))
+    changed = 0
+    for name, t in exported.items():
+        assert torch.allclose(t.float(), merged[name].float(), atol=1e-6), name
+        changed += not torch.equal(t, base.state_dict()[name])
+    assert changed == 2 * 5  # q, k, v, gate, up of both layers
