@@ -190,6 +190,11 @@ class MegatronReader:
         if "args" not in head:
             raise CheckpointError(f"{self._path(0, 0)}: no 'args' entry; not a Megatron checkpoint file")
         self.args = head["args"]
+        for flag, value in (("noop_layers", getattr(self.args, "noop_layers", None)),
+                            ("schedules_method", getattr(self.args, "schedules_method", None))):
+            if value:  # these reorder or skip layers in ways the files alone do not reveal
+                raise CheckpointError(f"{self._path(0, 0)}: saved with {flag}={value!r}, which qtrain "
+                                      f"cannot map back to layer order; re-save without it in MindSpeed-LLM")
         self.config, self.hf_config = config_from_args(self.args, str(self._path(0, 0)))
         self.dtype = getattr(self.args, "params_dtype", None)
         self._owner: dict[str, tuple[int, str, ParamSpec]] = {}

@@ -102,12 +102,14 @@ def check_tp(cfg: Qwen3Config, tp: int) -> None:
                           "bias-free attention only")
 
 
-def _qkv_full(cfg: Qwen3Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _qkv_rank(cfg: Qwen3Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """Rows of linear_qkv for TP rank `rank`: its query groups, each [q heads; k head; v head]."""
     groups, d = cfg.num_key_value_heads, cfg.head_dim
     per_group = cfg.num_attention_heads // groups
     hidden = q.shape[1]
-    return torch.cat([q.reshape(groups, per_group * d, hidden), k.reshape(groups, d, hidden),
-                      v.reshape(groups, d, hidden)], dim=1).reshape(-1, hidden)
+    g = slice(rank * groups // tp, (rank + 1) * groups // tp)
+    return torch.cat([q.reshape(groups, per_group * d, hidden)[g], k.reshape(groups, d, hidden)[g],
+                      v.reshape(groups, d, hidden)[g]], dim=1).reshape(-1, hidden)
 
 
 def shard(spec: ParamSpec, tensors: list[torch.Tensor], cfg: Qwen3Config, tp: int, rank: int) -> torch.Tensor:
@@ -119,7 +121,7 @@ def shard(spec: ParamSpec, tensors: list[torch.Tensor], cfg: Qwen3Config, tp: in
     elif spec.kind == ROW:
         part = torch.chunk(tensors[0], tp, dim=1)[rank]
     elif spec.kind == QKV:
-        part = torch.chunk(_qkv_full(cfg, *tensors), tp, dim=0)[rank]
+        return _qkv_rank(cfg, *tensors, tp, rank)
     elif spec.kind == FC1:
         return torch.cat([torch.chunk(tensors[0], tp, dim=0)[rank], torch.chunk(tensors[1], tp, dim=0)[rank]])
     else:

@@ -23,7 +23,7 @@ from qtrain.models.config import Qwen3Config
 from qtrain.models.hf import copy_tokenizer, generation_config, write_safetensors_sharded
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-HF_SHARD_BYTES = 2 * 10**9  # smaller than HF's 5 GB: the writer holds one shard in memory
+HF_SHARD_BYTES = 10**9  # smaller than HF's 5 GB: the writer holds a shard (and a bytes copy of it) in memory
 
 
 def hf_config_for(source: Source, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -73,7 +73,8 @@ class _StreamingPlanner(DefaultSavePlanner):
 
 def save_qtrain(source: Source, save_dir: str | Path, iteration: int, dtype: torch.dtype | None = None) -> Path:
     """An optimizer-free qtrain checkpoint: {"model": {HF name: fp32 tensor}} in DCP, config.json
-    (and the tokenizer files when the source has them), then the tracker. Tied models also store `lm_head.weight`, as the live model's state dict does.
+    (and the tokenizer files when the source has them), then the tracker. Tied models also store
+    `lm_head.weight`, as the live model's state dict does.
 
     Each tensor goes to its own DCP file, so only one tensor is in memory at a time.
     """

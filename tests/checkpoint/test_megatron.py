@@ -140,6 +140,11 @@ def test_reader_refuses_non_qwen3_args_and_untrusted_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="--trust-pickle"):
         MegatronReader(mg)
     assert MegatronReader(mg, weights_only=False).config.num_hidden_layers == 4
+    del obj["args"].odd
+    obj["args"].noop_layers = "3"  # MindSpeed-LLM's skipped layers: the files alone cannot place them
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="noop_layers='3'"):
+        MegatronReader(mg)
 
 
 # ----------------------------------------------------------------------------- megatron-core parity
