@@ -89,6 +89,7 @@ def prepare(cfg: PretrainConfig, world_size: int):
     batch = make_batch_plan(cfg, world_size)
     if cfg.training.train_iters is None:
         raise ConfigError("--train-iters is required: the number of optimizer steps to train for")
+    build_schedule(cfg.optim, cfg.training.train_iters, batch.global_batch_size)  # warmup/decay lengths fit
     return model_cfg, batch
 
 
