@@ -20,6 +20,10 @@
 
 set -euo pipefail
 
+# As in the published recipes: patient collective setup on Ascend, its allocator's expandable segments.
+export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1800}
+export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
+
 # Published recipes (MindSpeed-LLM examples/mcore/qwen3, 4K sequence):
 #   size  task      NPUS_PER_NODE NNODES TP PP MBS GBS
 _QWEN3_RECIPES="
@@ -91,8 +95,11 @@ _show() {
 }
 
 # Run a command with its output on the terminal and appended to LOG_FILE (a restarted job keeps
-# the earlier lines); the exit status is the command's, not tee's.
+# the earlier lines). SIGTERM/SIGINT are passed on to it, so that a platform stopping the job (or
+# Ctrl-C) reaches torchrun and qtrain saves a checkpoint before exiting, also when this shell is
+# the container's PID 1. The exit status is the command's.
 _run_logged() {
+  local pid tee_pid logfd status=0
   if [ "${QTRAIN_PRINT_ONLY:-0}" = 1 ]; then
     _show "$@"
     return 0
@@ -105,7 +112,20 @@ _run_logged() {
     _show "$@"
   } >>"$LOG_FILE"
   echo "$(basename "$0"): log: $LOG_FILE"
-  "$@" 2>&1 | tee -a "$LOG_FILE"
+  exec {logfd}> >(tee -a "$LOG_FILE")
+  tee_pid=$!
+  "$@" >&"$logfd" 2>&1 &
+  pid=$!
+  trap 'echo "$(basename "$0"): stop requested: passing SIGTERM on (a checkpoint is saved first)" >&2
+        kill -TERM "$pid" 2>/dev/null || true' TERM INT
+  while :; do
+    wait "$pid" && status=0 || status=$?
+    kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupted wait: the command still runs
+  done
+  trap - TERM INT
+  exec {logfd}>&-
+  wait "$tee_pid" 2>/dev/null || true
+  return "$status"
 }
 
 _py() { echo "${PYTHON:-python3}"; }

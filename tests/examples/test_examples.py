@@ -266,6 +266,31 @@ def test_pretrain_1p7b_runs_from_variables_and_a_restart_resumes(pretrained, hf_
     assert (pretrained / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
+def test_a_stopped_job_saves_a_checkpoint(hf_tiny, pretrain_data, work):
+    """A platform stops a job with SIGTERM to the script (often PID 1): the run saves, then ends."""
+    needs("qtrain.train.pretrain")
+    save, logs = work / "ckpt" / "stopped", work / "logs"
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+    env.update(QTRAIN_TINY="1", PYTHON=sys.executable, MASTER_PORT=str(free_port()), CKPT_LOAD_DIR=str(hf_tiny),
+               DATA_PATH=pretrain_data, CKPT_SAVE_DIR=str(save), LOG_DIR=str(logs), TRAIN_ITERS="1000",
+               SAVE_INTERVAL="1000")
+    proc = subprocess.Popen(["bash", str(EXAMPLES / "pretrain_qwen3_0.6b_4k.sh")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    seen = []
+    for line in proc.stdout:  # wait for the first trained iteration
+        seen.append(line)
+        if re.search(r"iteration\s+1/\s*1000 \|", line):
+            break
+    proc.send_signal(15)
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=300)
+    tracker = save / "latest_checkpointed_iteration.txt"
+    assert tracker.is_file(), "".join(seen)[-4000:]
+    iteration = int(tracker.read_text())
+    assert 1 <= iteration < 1000 and (save / f"iter_{iteration:07d}").is_dir()
+    assert "stop requested" in "".join(seen)
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_sft_1p7b_trains_and_saves(kind, hf_tiny, sft_data, work):
     needs("qtrain.train.sft")
@@ -328,3 +353,43 @@ def test_evaluate_measures_perplexity_of_the_trained_checkpoint(pretrained, hf_t
     out = ok(run("evaluate_qwen3.sh", CKPT_LOAD_DIR=pretrained, TOKENIZER_PATH=hf_tiny, DATA_PATH=pretrain_data,
                  LOG_DIR=work / "logs"))
     assert re.search(r"perplexity", out, re.I), out[-3000:]
+
+
+# ---------------------------------------------------------------- several nodes
+
+
+def test_slurm_script_gives_each_node_its_rank_and_the_master(tmp_path):
+    """The sbatch script under stand-ins for scontrol and srun (two nodes, run one after the other)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    (bin_dir / "srun").write_text(  # drop srun's options, run the command once per node
+        '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\n'
+        'for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = ok(run("../slurm/qwen3_pretrain.sbatch", QTRAIN_PRINT_ONLY=1, QTRAIN_TINY=0, QTRAIN_DIR=ROOT,
+                 SLURM_JOB_NUM_NODES=2, SLURM_JOB_NODELIST="node-[a-b]", MASTER_PORT=29400,
+                 PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    commands = [line.split() for line in out.strip().splitlines()]
+    assert [flag(c, "--node_rank") for c in commands] == ["0", "1"]
+    for c in commands:
+        assert flag(c, "--nnodes") == "2" and flag(c, "--master_addr") == "node-a"
+        assert flag(c, "--master_port") == "29400" and flag(c, "--tensor-model-parallel-size") == "8"
+
+
+def test_pytorchjob_manifest_runs_an_example_on_every_pod():
+    yaml = pytest.importorskip("yaml")
+    job = yaml.safe_load((ROOT / "examples" / "k8s" / "pytorchjob.yaml").read_text())
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    nodes = sum(spec["replicas"] for spec in replicas.values())
+    for role in ("Master", "Worker"):
+        (container,) = replicas[role]["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["NNODES"] == str(nodes) and set(env) <= set(VARIABLES)
+        command = " ".join(container["command"] + container["args"])
+        script = re.search(r"/opt/qtrain/(examples/qwen3/\S+\.sh)", command).group(1)
+        assert (ROOT / script).is_file() and 'NODE_RANK="$RANK"' in command
+        assert any(p["name"] == "pytorchjob-port" for p in container["ports"])
