@@ -22,7 +22,7 @@ import torch
 
 from qtrain.checkpoint.layout import parse_num_layer_list
 from qtrain.checkpoint.megatron import save_megatron
-from qtrain.checkpoint.sources import config_dtype, open_source
+from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.writers import save_hf_dir, save_qtrain
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.models.hf import read_hf_config
@@ -90,7 +90,7 @@ def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source = open_source(args.load_model_type, args.load_dir, args.iteration, weights_only=not args.trust_pickle)
     if args.hf_cfg_dir:
-        _use_hf_cfg_dir(source, args.hf_cfg_dir)
+        source = _use_hf_cfg_dir(source, args.hf_cfg_dir)
     dtype = PARAMS_DTYPES[args.params_dtype] if args.params_dtype else (
         config_dtype(source.hf_config) or getattr(source, "dtype", None))
     iteration = source.iteration if isinstance(source.iteration, int) else 1
@@ -112,18 +112,25 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_hf_cfg_dir(source, hf_cfg_dir: str) -> None:
-    """Take config.json (checked against the weights' shape), generation config and tokenizer from an HF dir."""
+def _use_hf_cfg_dir(source: Source, hf_cfg_dir: str) -> Source:
+    """Take config.json (checked against the weights' shape), generation config and tokenizer from
+    an HF dir. A Megatron vocabulary padded beyond the HF one (Megatron-LM pads to a multiple of
+    128 x TP) is cut back to the HF size."""
     folder = Path(hf_cfg_dir)
     cfg = read_hf_config(folder)
     mine = source.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "tie_word_embeddings"):
-        if getattr(cfg, field) != getattr(mine, field):
-            raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {getattr(cfg, field)} there but "
-                              f"{getattr(mine, field)} in the checkpoint")
+        ours, theirs = getattr(mine, field), getattr(cfg, field)
+        if theirs != ours and not (field == "vocab_size" and theirs < ours):
+            raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} in the checkpoint")
+    if cfg.vocab_size < mine.vocab_size:
+        print(f"dropping {mine.vocab_size - cfg.vocab_size} padded vocabulary rows ({mine.vocab_size} -> "
+              f"{cfg.vocab_size}, as {folder / 'config.json'} says)")
+        source = TrimmedVocab(source, cfg.vocab_size)
     source.hf_config = json.loads((folder / "config.json").read_text())
     source.config = cfg
     source.gen_dir = folder
     if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         source.tokenizer_dir = folder
+    return source

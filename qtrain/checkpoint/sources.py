@@ -170,6 +170,27 @@ class MegatronSource:
         self._reader.close()
 
 
+class TrimmedVocab:
+    """A source whose embedding and LM head keep only the first `vocab_size` rows (drops padding)."""
+
+    def __init__(self, inner: Source, vocab_size: int):
+        self._inner, self._vocab = inner, vocab_size
+        self.config, self.hf_config = inner.config, inner.hf_config
+        self.iteration, self.tokenizer_dir = inner.iteration, inner.tokenizer_dir
+        self.dtype = getattr(inner, "dtype", None)
+
+    def names(self) -> list[str]:
+        return self._inner.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._inner.get(name)
+        # a copy, so that a writer that stores whole storages (torch.save) stores only the kept rows
+        return t[: self._vocab].clone() if name in ("model.embed_tokens.weight", "lm_head.weight") else t
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def open_source(kind: str, path: str | Path, iteration: int | None = None, weights_only: bool = True) -> Source:
     """A source for `--load-model-type` hf | qtrain | mg."""
     if not Path(path).exists():

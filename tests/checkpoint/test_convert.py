@@ -120,6 +120,29 @@ def test_hf_cfg_dir_for_foreign_megatron(hf_tied, tmp_path):
     assert (tmp_path / "b" / "tokenizer.json").is_file()
 
 
+def test_padded_megatron_vocab_is_cut_back_with_hf_cfg_dir(hf_untied, tmp_path):
+    """Megatron-LM pads the vocabulary (to a multiple of 128 x TP); --hf-cfg-dir restores the HF size."""
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_untied, "--save-dir", mg,
+        "--target-tensor-parallel-size", "2")
+    paths = [mg / "iter_0000001" / f"mp_rank_{r:02d}" / "model_optim_rng.pt" for r in range(2)]
+    objs = [torch.load(p, weights_only=False) for p in paths]
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):  # pad the full rows, re-split
+        full = torch.cat([o["model"][key] for o in objs])
+        full = torch.cat([full, torch.zeros(128, full.shape[1], dtype=full.dtype)])
+        for o, part in zip(objs, full.chunk(2)):
+            o["model"][key] = part.clone()
+    for o, p in zip(objs, paths):
+        del o["args"].qtrain_hf_config
+        o["args"].padded_vocab_size = 384
+        torch.save(o, p)
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "padded")
+    assert hf_tensors(tmp_path / "padded")["lm_head.weight"].shape[0] == 384
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "hf",
+        "--hf-cfg-dir", hf_untied)
+    assert_byte_identical(hf_tensors(hf_untied), hf_tensors(tmp_path / "hf"))
+
+
 # ----------------------------------------------------------------------------- errors
 
 def _err(capsys, *argv) -> str:
