@@ -42,6 +42,11 @@ from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, write_tracker
 from qtrain.errors import CheckpointError
 from qtrain.io_utils import write_json_atomic
 
+# Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not
+# by each rank's param-group lists: pipeline stages hold different parameters, and this is what
+# lets a checkpoint written under one layout load under another.
+_SD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
 CONFIG_FILE = "config.json"
 ARGS_FILE = "qtrain_args.json"
 
@@ -153,7 +158,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
             shutil.rmtree(tmp)  # leftovers of a save that was killed
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=_SD_OPTIONS)
     state = {"model": model_sd, "train_state": pickle.dumps(train_state),
              "rng": {f"rank_{_rank()}": pickle.dumps(rng_state())}}
     if optimizer is not None:
@@ -236,7 +241,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     if with_optim and not any(k.startswith("optim.") for k in keys):
         raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
     # Only ask for the optimizer's state dict when restoring it: asking initialises its state.
-    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
+    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [], options=_SD_OPTIONS)
     state: dict[str, Any] = {"model": model_sd}
     if with_optim:
         state["optim"] = optim_sd
@@ -252,7 +257,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         raise CheckpointError(f"--load {folder}: cannot restore ({type(e).__name__}: {e}); the checkpoint's "
                               f"model config is {folder / CONFIG_FILE}: does it match the model flags?") from e
     set_state_dict(model, optimizer if with_optim else [], model_state_dict=state["model"],
-                   optim_state_dict=state["optim"] if with_optim else {})
+                   optim_state_dict=state["optim"] if with_optim else {}, options=_SD_OPTIONS)
     if with_rng:
         set_rng_state(pickle.loads(state["rng"][f"rank_{_rank()}"]))
     if finetune:

@@ -3,13 +3,30 @@
 SDPA picks the fastest backend available (flash / cuDNN / memory-efficient on GPU, math on CPU).
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+# Attention implementations installed by qtrain.parallel (context parallel), innermost last.
+_OVERRIDES: list = []
+
+
+@contextlib.contextmanager
+def override_attention(fn):
+    """Route `attention()` through fn(q, k, v, mask) inside the block (used by context parallel)."""
+    _OVERRIDES.append(fn)
+    try:
+        yield
+    finally:
+        _OVERRIDES.remove(fn)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, Hq, S, D]; k, v: [B, Hkv, S, D]. `mask`: optional bool [B, 1, S, S], True = may attend
     (used for packed samples; it must already be causal). Returns [B, Hq, S, D]."""
+    if _OVERRIDES:
+        return _OVERRIDES[-1](q, k, v, mask)
     if mask is None:
         # SDPA reads the shared K/V heads itself (no repeated copy), with every backend that
         # supports it; transformers takes the same path, so the two agree to the last bit.

@@ -112,6 +112,7 @@ def validate_layout(cfg: Any, world_size: int, model_cfg: Optional[Any] = None,
                 f"--sequence-parallel: the per-rank sequence {seq_length // dims.cp} is not divisible by "
                 f"--tensor-model-parallel-size {dims.tp}; change --seq-length")
     _validate_recompute(p)
+    _validate_microbatches(cfg, dims)
     if model_cfg is not None:
         _validate_model(p, dims, model_cfg)
     return dims
@@ -136,6 +137,24 @@ def _validate_model(p: Any, dims: ParallelDims, m: Any) -> None:
         if p.recompute_num_layers > most:
             raise ConfigError(f"--recompute-num-layers {p.recompute_num_layers} exceeds the {most} layers of a "
                               f"pipeline stage (--recompute-method block)")
+
+
+def _validate_microbatches(cfg: Any, dims: ParallelDims) -> None:
+    """The pipeline schedules need at least PP micro-batches per step (interleaved: a multiple of PP)."""
+    t = getattr(cfg, "training", None)
+    if dims.pp == 1 or t is None:
+        return
+    gbs = t.global_batch_size or t.micro_batch_size * dims.dp
+    n = gbs // (t.micro_batch_size * dims.dp)
+    if n < dims.pp:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {dims.pp} needs at least {dims.pp} micro-batches per step, got {n} "
+            f"(--global-batch-size {gbs} / (--micro-batch-size {t.micro_batch_size} x data-parallel {dims.dp})); "
+            f"raise --global-batch-size to {t.micro_batch_size * dims.dp * dims.pp} or more")
+    if parallel_args(cfg).num_layers_per_virtual_pipeline_stage is not None and n % dims.pp:
+        raise ConfigError(
+            f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs micro-batches per step "
+            f"({n}) to be a multiple of --pipeline-model-parallel-size {dims.pp}; change --global-batch-size")
 
 
 def _validate_recompute(p: Any) -> None:

@@ -25,8 +25,6 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.tensor.parallel import loss_parallel
 
-from qtrain.errors import ConfigError
-
 
 def split_into_chunks(model: nn.Module, stages: list[list[list[int]]], pp_rank: int) -> list[nn.Module]:
     """This rank's stage chunks of a (meta) Qwen3ForCausalLM: copies holding only their layers."""
@@ -34,15 +32,14 @@ def split_into_chunks(model: nn.Module, stages: list[list[list[int]]], pp_rank: 
     last_rank = len(stages) - 1
     chunks = []
     for v, layer_ids in enumerate(stages[pp_rank]):
-        chunk = copy.deepcopy(model)
-        keep = set(layer_ids)
+        first, last = pp_rank == 0 and v == 0, pp_rank == last_rank and v == num_chunks - 1
+        # Copy only what the chunk keeps (the model may already hold real weights).
+        dropped = [m for i, m in enumerate(model.model.layers) if i not in set(layer_ids)]
+        dropped += [] if first else [model.model.embed_tokens]
+        dropped += [] if last else [model.model.norm, model.lm_head]
+        chunk = copy.deepcopy(model, memo={id(m): None for m in dropped})
         chunk.model.layers = nn.ModuleDict(
-            {str(i): layer for i, layer in enumerate(chunk.model.layers) if i in keep})
-        if not (pp_rank == 0 and v == 0):
-            chunk.model.embed_tokens = None
-        if not (pp_rank == last_rank and v == num_chunks - 1):
-            chunk.model.norm = None
-            chunk.lm_head = None
+            {str(i): layer for i, layer in enumerate(chunk.model.layers) if layer is not None})
         chunks.append(chunk)
     return chunks
 
@@ -71,13 +68,6 @@ class Pipeline:
                  tied_group: Optional[dist.ProcessGroup]) -> None:
         pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
         num_chunks = len(stages[0])
-        if num_microbatches < pp:
-            raise ConfigError(
-                f"pipeline parallel {pp} needs at least {pp} micro-batches per step, got {num_microbatches}; "
-                f"raise --global-batch-size to >= micro-batch-size x data-parallel size x {pp}")
-        if num_chunks > 1 and num_microbatches % pp:
-            raise ConfigError(f"interleaved pipeline: micro-batches per step ({num_microbatches}) must be a "
-                              f"multiple of --pipeline-model-parallel-size {pp}; change --global-batch-size")
         self.chunks = chunks
         self.stages = [PipelineStage(c, v * pp + pp_rank, pp * num_chunks, device, group=pp_group)
                        for v, c in enumerate(chunks)]

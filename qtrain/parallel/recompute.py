@@ -35,9 +35,9 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # noqa: ARG001 (sign
 
 def _wrap(layer: nn.Module, selective: bool) -> nn.Module:
     if selective:
-        return checkpoint_wrapper(layer, use_reentrant=False,
+        return checkpoint_wrapper(layer,
                                   context_fn=partial(create_selective_checkpoint_contexts, _policy))
-    return checkpoint_wrapper(layer, use_reentrant=False)
+    return checkpoint_wrapper(layer)  # non-reentrant checkpoint by default
 
 
 def layers_to_recompute(num_layers: int, granularity: str | None, method: str | None,

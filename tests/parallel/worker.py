@@ -2,9 +2,10 @@
 one process). Runs each layout of the spec in turn on a tiny Qwen3 (float32, CPU, gloo) and
 writes the loss and gradient norm of every iteration to spec["out"] as JSON.
 
-The loop is the training loop's arithmetic in miniature: a global batch of gbs samples per step,
-split over data-parallel ranks and micro-batches, AdamW, global-norm clipping, DCP checkpoints
-through qtrain.checkpoint.dcp. The data of step i depends only on i, so every layout sees the same
+Each step goes through the training loop's own pieces (train.step forward/backward or the
+pipeline schedule, train.loop.clip_gradients, train.optim's AdamW, checkpoint.dcp save/load);
+only data and initial weights are made here: a global batch of GBS samples per step, split over
+data-parallel ranks and micro-batches. The data of step i depends only on i, so every layout sees the same
 samples and the same losses up to float rounding.
 """
 
@@ -23,9 +24,10 @@ from qtrain.checkpoint.dcp import load_checkpoint, save_checkpoint
 from qtrain.config import PretrainConfig
 from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import build_model, materialize
-from qtrain.ops.cross_entropy import cross_entropy
-from qtrain.parallel import build_mesh, loss_scope, parallel_state, parallelize, prepare_batch
-from qtrain.parallel.grads import clip_grad_norm_
+from qtrain.parallel import build_mesh, parallel_state, parallelize
+from qtrain.train.loop import clip_gradients
+from qtrain.train.optim import build_optimizer
+from qtrain.train.step import forward_backward, pipeline_forward_backward, uses_pipeline
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0,
@@ -61,35 +63,28 @@ def make_model(run: dict, world: int, cfg: Qwen3Config):
     return model, mesh["dp"].get_local_rank(), mesh["dp"].size()
 
 
-def train_step(model, optimizer, step: int, vocab: int, dp_rank: int, dp: int) -> float:
+def train_step(model, optimizer, step: int, vocab: int, dp_rank: int, dp: int) -> tuple[float, float]:
+    """One optimizer step through the training loop's own step functions."""
     inputs, labels = global_batch(step, vocab)
     per_rank = GBS // dp
-    inputs, labels = inputs[dp_rank * per_rank:(dp_rank + 1) * per_rank], labels[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    n = per_rank // MBS
+    micro = [{"input_ids": inputs[rows][m * MBS:(m + 1) * MBS], "labels": labels[rows][m * MBS:(m + 1) * MBS]}
+             for m in range(n)]
     state = parallel_state(model)
-    optimizer.zero_grad()
-    if state is not None and state.pipeline is not None:
-        loss = state.pipeline.train_step(inputs, labels)
+    cpu = torch.device("cpu")
+    if uses_pipeline(model):
+        loss = pipeline_forward_backward(model, micro, cpu)
     else:
-        n = per_rank // MBS
-        losses = []
-        for m in range(n):
-            batch = prepare_batch(model, {"input_ids": inputs[m * MBS:(m + 1) * MBS],
-                                          "labels": labels[m * MBS:(m + 1) * MBS]})
-            logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-            with loss_scope(model):
-                mb_loss = cross_entropy(logits, batch["labels"])
-                if hasattr(mb_loss, "full_tensor"):
-                    mb_loss = mb_loss.full_tensor()
-                (mb_loss / n).backward()
-            losses.append(mb_loss.detach())
-        loss = torch.stack(losses).mean()
-    norm = clip_grad_norm_(model, 1.0)
+        loss = sum(forward_backward(model, b, n, cpu, bf16=False, sharded=state is not None) for b in micro) / n
+    norm = clip_gradients(model, [p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if state is not None:  # mean over the ranks that saw different tokens
         group = state.mesh["dp_cp"].get_group()
         dist.all_reduce(loss, group=group)
         loss = loss / dist.get_world_size(group)
-    return float(loss), norm
+    return float(loss), float(norm)
 
 
 def main(spec_path: str) -> int:
@@ -103,7 +98,7 @@ def main(spec_path: str) -> int:
     for run in spec["runs"]:
         t0 = time.time()
         model, dp_rank, dp = make_model(run, world, cfg)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, foreach=False)
+        optimizer = build_optimizer(model, LR, 0.01, (0.9, 0.95), 1e-8)
         start = 0
         if run.get("load"):
             start = load_checkpoint(run["load"], model, optimizer, load_rng=False).iteration
