@@ -196,7 +196,7 @@ qtrain_pretrain() {
 }
 
 # qtrain_sft full|lora [extra qtrain sft args]: DATA_PATH is the --output-prefix of
-# data_convert_qwen3_instruction.sh.
+# data_convert_qwen3_instruction.sh (the chat template was applied there).
 qtrain_sft() {
   local kind=$1; shift
   local lora=()
@@ -210,7 +210,7 @@ qtrain_sft() {
   esac
   _require MODEL_SIZE DATA_PATH CKPT_SAVE_DIR
   _model_args; _load_args; _train_args
-  _torchrun sft "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOAD_ARGS[@]}" --prompt-type qwen3 "${lora[@]}" "$@"
+  _torchrun sft "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOAD_ARGS[@]}" "${lora[@]}" "$@"
 }
 
 # qtrain_convert FROM TO [extra qtrain convert args]: FROM/TO are hf, mg (Megatron / MindSpeed-LLM)
@@ -263,7 +263,7 @@ qtrain_evaluate() {
   local what=()
   _qwen3_defaults none
   _require CKPT_LOAD_DIR
-  [ -n "${EVAL_DATA_PATH:-}" ] && what+=(--task-data-path "$EVAL_DATA_PATH" --task "${TASK:-mmlu}")
+  [ -n "${EVAL_DATA_PATH:-}" ] && what+=(--data-dir "$EVAL_DATA_PATH" --task "${TASK:-mmlu}")
   [ -n "${DATA_PATH:-}" ] && what+=(--data-path "$DATA_PATH" --seq-length "$SEQ_LENGTH")
   [ ${#what[@]} -gt 0 ] || _die "set EVAL_DATA_PATH (MMLU/CEval CSV dir) or DATA_PATH (perplexity)"
   [ -n "${TOKENIZER_PATH:-}" ] && what+=(--tokenizer-name-or-path "$TOKENIZER_PATH")

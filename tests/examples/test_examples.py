@@ -350,9 +350,18 @@ def test_generate_answers_a_prompt(hf_tiny, work):
 
 def test_evaluate_measures_perplexity_of_the_trained_checkpoint(pretrained, hf_tiny, pretrain_data, work):
     needs("qtrain.infer.evaluate")
-    out = ok(run("evaluate_qwen3.sh", CKPT_LOAD_DIR=pretrained, TOKENIZER_PATH=hf_tiny, DATA_PATH=pretrain_data,
+    out = ok(run("evaluate_qwen3.sh", "--max-sequences", "8", CKPT_LOAD_DIR=pretrained, TOKENIZER_PATH=hf_tiny, DATA_PATH=pretrain_data,
                  LOG_DIR=work / "logs"))
     assert re.search(r"perplexity", out, re.I), out[-3000:]
+
+
+def test_evaluate_scores_an_mmlu_format_directory(hf_tiny, work):
+    needs("qtrain.infer.evaluate")
+    mmlu = work / "mmlu"
+    mmlu.mkdir(exist_ok=True)
+    (mmlu / "arithmetic_test.csv").write_text("What is 2 + 2?,3,4,5,6,B\nWhat is 3 x 3?,6,8,9,12,C\n")
+    out = ok(run("evaluate_qwen3.sh", CKPT_LOAD_DIR=hf_tiny, EVAL_DATA_PATH=mmlu, TASK="mmlu", LOG_DIR=work / "logs"))
+    assert "arithmetic" in out, out[-3000:]
 
 
 # ---------------------------------------------------------------- several nodes
