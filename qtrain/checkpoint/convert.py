@@ -32,7 +32,7 @@ PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain convert", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="qtrain convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-model-type", required=True, choices=FORMATS, help="format of --load-dir")
     p.add_argument("--save-model-type", required=True, choices=FORMATS, help="format to write to --save-dir")

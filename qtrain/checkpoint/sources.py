@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -134,7 +135,9 @@ class QtrainSource:
     def get(self, name: str) -> torch.Tensor:
         meta = self._meta[name]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
+        with warnings.catch_warnings():  # single-process load is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
         return tensor
 
     def close(self) -> None:

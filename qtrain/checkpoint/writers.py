@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,10 @@ def save_qtrain(source: Source, save_dir: str | Path, iteration: int, dtype: tor
                                   f"{shapes[name]}")
         return tensor.to(torch.float32)
 
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1),
-             planner=_StreamingPlanner(fetch), no_dist=True)
+    with warnings.catch_warnings():  # single-process save is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1),
+                 planner=_StreamingPlanner(fetch), no_dist=True)
     if source.tokenizer_dir is not None:  # so that a later export to HF is complete
         copy_tokenizer(source.tokenizer_dir, tmp)
     write_json_atomic(tmp / "config.json", hf_config_for(source, dtype))

@@ -260,3 +260,46 @@ def test_qtrain_load_of_megatron_dir_gives_hf_loss(tmp_path):
         loss = model(ids, labels=labels)
         ref = transformers.Qwen3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(ids, labels=ids).loss
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_checkpoint_to_hf_and_mg(tmp_path):
+    """A checkpoint written by the training loop (model + AdamW state + train state) exports its
+    model exactly; the optimizer state is left behind."""
+    from qtrain.checkpoint.dcp import save_checkpoint
+    from qtrain.models.config import Qwen3Config
+    from qtrain.models.qwen3 import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = Qwen3ForCausalLM(cfg)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 8))
+    model(ids, labels=ids).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "save", 7, model, opt, {"iteration": 7}, cfg.to_hf_dict(), {"lr": 1e-3})
+    run("--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", tmp_path / "save",
+        "--save-dir", tmp_path / "hf", "--params-dtype", "fp32")
+    want = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once in HF
+    assert_byte_identical(want, hf_tensors(tmp_path / "hf"))
+    run("--load-model-type", "qtrain", "--save-model-type", "mg", "--load-dir", tmp_path / "save",
+        "--save-dir", tmp_path / "mg", "--target-tensor-parallel-size", "2", "--params-dtype", "fp32")
+    assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").read_text() == "7"
+    _, sd = load_megatron_state_dict(tmp_path / "mg")
+    assert_byte_identical(want, sd)
+
+
+def test_exported_qtrain_checkpoint_loads_in_training(hf_tied, tmp_path):
+    """HF -> qtrain export, then the training loop's loader (weights only) gets exactly the HF weights."""
+    from qtrain.checkpoint.dcp import load_checkpoint
+    from qtrain.models.hf import read_hf_config
+    from qtrain.models.qwen3 import Qwen3ForCausalLM
+
+    run("--load-model-type", "hf", "--save-model-type", "qtrain", "--load-dir", hf_tied, "--save-dir", tmp_path / "q")
+    model = Qwen3ForCausalLM(read_hf_config(hf_tied))
+    loaded = load_checkpoint(tmp_path / "q", model, None, finetune=True)
+    assert loaded.kind == "qtrain"
+    for name, t in hf_tensors(hf_tied).items():
+        assert torch.equal(model.state_dict()[name], t.float()), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
