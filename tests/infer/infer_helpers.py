@@ -35,3 +35,15 @@ def hf_pair(cfg: Qwen3Config, seed: int = 0):
     ours = Qwen3ForCausalLM(cfg).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
+
+
+def save_tiny_hf(path, vocab: int = 211, tokenizer_dir=None, seed: int = 0):
+    """A tiny qtrain model with spread weights written as an HF dir; returns the model."""
+    from qtrain.models.hf import save_hf
+
+    cfg = tiny_config(vocab=vocab, hidden_size=32, intermediate_size=64, head_dim=8, num_hidden_layers=1,
+                      eos_token_id=151645 if vocab > 151645 else None)
+    model = Qwen3ForCausalLM(cfg).eval()
+    spread_weights(model, seed)
+    save_hf(model, path, tokenizer_dir=tokenizer_dir)
+    return model

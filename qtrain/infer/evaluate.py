@@ -1,0 +1,137 @@
+"""`qtrain evaluate`: perplexity on a .bin/.idx dataset or a text file, and multiple-choice accuracy
+on MMLU / C-Eval CSV directories; prints a table and writes the results as JSON.
+
+    qtrain evaluate --load CKPT --data-path data/wiki_text_document --seq-length 2048
+    qtrain evaluate --load CKPT --text-file notes.txt
+    qtrain evaluate --load CKPT --task mmlu --data-dir mmlu/data --shots 5 --output-json mmlu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from qtrain.errors import ConfigError, DataError
+from qtrain.io_utils import write_json_atomic
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qtrain evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="HF model dir, qtrain save dir (or iter_XXXXXXX) or Megatron dir")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the tracker's)")
+    p.add_argument("--lora-load", default=None, help="PEFT LoRA adapter dir to merge into the weights")
+    p.add_argument("--tokenizer-name-or-path", default=None,
+                   help="HF tokenizer dir (default: the one saved with --load, else the bundled Qwen3 tokenizer)")
+    p.add_argument("--task", choices=["ppl", "mmlu", "ceval"], default=None,
+                   help="ppl (with --data-path or --text-file) or multiple choice (with --data-dir); "
+                        "default: from the inputs given")
+    p.add_argument("--data-path", default=None, help="perplexity: prefix of a .bin/.idx dataset")
+    p.add_argument("--text-file", default=None, help="perplexity: a UTF-8 text file, tokenized whole")
+    p.add_argument("--seq-length", type=int, default=2048, help="perplexity: tokens predicted per window")
+    p.add_argument("--max-sequences", type=int, default=None, help="perplexity: stop after this many sequences")
+    p.add_argument("--data-dir", default=None, help="multiple choice: directory of <subject>_{dev,test,val}.csv")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="multiple choice: files scored")
+    p.add_argument("--subjects", default=None, help="multiple choice: comma-separated subjects (default: all)")
+    p.add_argument("--shots", type=int, default=0, help="multiple choice: solved dev examples in the prompt")
+    p.add_argument("--mc-score", choices=["letter", "text"], default="letter",
+                   help="multiple choice: log-likelihood of the answer letter or of the choice text")
+    p.add_argument("--max-length", type=int, default=4096, help="multiple choice: longest prompt (drops shots)")
+    p.add_argument("--batch-size", type=int, default=8, help="perplexity windows per forward")
+    p.add_argument("--output-json", default=None, help="write the results here")
+    p.add_argument("--device", default="auto", help="cpu, cuda, npu or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights dtype (auto: bfloat16 on an accelerator, float32 on CPU)")
+    return p
+
+
+def _task(args) -> str:
+    if args.task:
+        return args.task
+    if args.data_dir:
+        return "mmlu"
+    if args.data_path or args.text_file:
+        return "ppl"
+    raise ConfigError("give --data-path or --text-file (perplexity) or --data-dir (multiple choice)")
+
+
+def run_ppl(args, model, tokenizer_loader, device) -> dict:
+    from qtrain.infer.perplexity import perplexity
+
+    if args.seq_length <= 0:
+        raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
+    if bool(args.data_path) == bool(args.text_file):
+        raise ConfigError("perplexity needs exactly one of --data-path PREFIX or --text-file FILE")
+    if args.data_path:
+        from qtrain.data.indexed import IndexedDataset
+
+        ds = IndexedDataset(args.data_path)
+        n = len(ds) if args.max_sequences is None else min(len(ds), args.max_sequences)
+        sequences = (ds[i] for i in range(n))
+        source = args.data_path
+    else:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise DataError(f"--text-file {path}: no such file")
+        sequences = [tokenizer_loader()(path.read_text(encoding="utf-8")).input_ids]
+        source = str(path)
+    res = perplexity(model, sequences, args.seq_length, args.batch_size, device)
+    if res.tokens == 0:
+        raise DataError(f"{source}: no sequence has two or more tokens; nothing to score")
+    print(f"{'source':<40} {'sequences':>10} {'tokens':>12} {'mean NLL':>10} {'perplexity':>12}")
+    print(f"{source[-40:]:<40} {res.sequences:>10} {res.tokens:>12} {res.mean_nll:>10.4f} {res.perplexity:>12.4f}")
+    return {"task": "ppl", "source": source, "seq_length": args.seq_length, "sequences": res.sequences,
+            "tokens": res.tokens, "nll_sum": res.nll_sum, "mean_nll": res.mean_nll, "perplexity": res.perplexity}
+
+
+def run_multiple_choice(args, model, tokenizer, device) -> dict:
+    from qtrain.infer.multiple_choice import evaluate_subject, load_subjects
+
+    if not args.data_dir:
+        raise ConfigError(f"--task {args.task} needs --data-dir (a directory of <subject>_dev/_{args.split}.csv)")
+    if args.shots < 0:
+        raise ConfigError(f"--shots must be >= 0, got {args.shots}")
+    subjects = load_subjects(args.data_dir, args.split, args.subjects.split(",") if args.subjects else None)
+    results = [evaluate_subject(model, tokenizer, s, args.shots, args.mc_score, args.max_length, device)
+               for s in subjects]
+    correct, total = sum(r.correct for r in results), sum(r.total for r in results)
+    width = max(12, *(len(r.name) for r in results))
+    print(f"{'subject':<{width}} {'correct':>8} {'total':>6} {'accuracy':>9}")
+    for r in results:
+        print(f"{r.name:<{width}} {r.correct:>8} {r.total:>6} {r.accuracy:>9.4f}")
+    overall = correct / total if total else 0.0
+    print(f"{'overall':<{width}} {correct:>8} {total:>6} {overall:>9.4f}")
+    if total == 0:
+        print(f"(no answers in the *_{args.split}.csv files: accuracy cannot be computed; C-Eval test answers "
+              "are hidden, use --split val)")
+    return {"task": args.task, "data_dir": str(args.data_dir), "split": args.split, "shots": args.shots,
+            "score": args.mc_score, "correct": correct, "total": total, "accuracy": overall,
+            "subjects": {r.name: {"correct": r.correct, "total": r.total, "accuracy": r.accuracy,
+                                  "predictions": r.predictions} for r in results}}
+
+
+def main(argv: list[str]) -> int:
+    from qtrain import device as qdevice
+    from qtrain.data.tokenizer import find_qwen3_tokenizer, load_hf_tokenizer
+    from qtrain.infer.loading import load_model_for_inference
+
+    args = build_parser().parse_args(argv)
+    task = _task(args)
+    args.task = task
+    dev = torch.device(qdevice.device_type() if args.device == "auto" else args.device)
+    dtype = (torch.float32 if dev.type == "cpu" else torch.bfloat16) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok_dir = load_model_for_inference(args.load, dtype, dev, args.iteration, args.lora_load)
+
+    def tokenizer():
+        return load_hf_tokenizer(args.tokenizer_name_or_path or tok_dir or find_qwen3_tokenizer())
+
+    if task == "ppl":
+        result = run_ppl(args, model, tokenizer, dev)
+    else:
+        result = run_multiple_choice(args, model, tokenizer(), dev)
+    result["model"] = str(args.load)
+    if args.output_json:
+        write_json_atomic(args.output_json, result)
+    return 0
