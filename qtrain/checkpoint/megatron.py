@@ -128,25 +128,24 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
     """
     check_tp(cfg, tp)
     stages = split_layers(cfg.num_hidden_layers, pp, num_layer_list, vpp_layers)
-    first = get_tensor(hf_param_names(cfg)[0])
-    out_dtype = dtype or first.dtype
-    del first
-    args = megatron_args(cfg, tp=tp, pp=pp, num_layer_list=num_layer_list, vpp_layers=vpp_layers,
-                         dtype=out_dtype, iteration=iteration, hf_config=hf_config)
+    out_dtype = dtype
     root = Path(save_dir) / iteration_dir_name(iteration)
     written = []
     for p, chunks in enumerate(stages):
         for t in range(tp):
-            obj: dict[str, Any] = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+            obj: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
             for v, layers in enumerate(chunks):
                 specs = chunk_specs(cfg, layers, pre_process=p == 0 and v == 0,
                                     post_process=p == pp - 1 and v == len(chunks) - 1, pp_size=pp)
                 state = {}
                 for spec in specs:
-                    tensors = [get_tensor(n).to(out_dtype) for n in spec.hf_names]
-                    state[spec.mg_name] = shard(spec, tensors, cfg, tp, t)
+                    tensors = [get_tensor(n) for n in spec.hf_names]
+                    out_dtype = out_dtype or tensors[0].dtype  # default: the source's own dtype
+                    state[spec.mg_name] = shard(spec, [x.to(out_dtype) for x in tensors], cfg, tp, t)
                     del tensors
                 obj["model" if len(chunks) == 1 else f"model{v}"] = state
+            obj = {"args": megatron_args(cfg, tp=tp, pp=pp, num_layer_list=num_layer_list, vpp_layers=vpp_layers,
+                                         dtype=out_dtype, iteration=iteration, hf_config=hf_config), **obj}
             path = root / rank_dir_name(t, p, pp) / MODEL_FILE
             _atomic_torch_save(obj, path)
             del obj, state
@@ -157,10 +156,21 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
     return written
 
 
+def _safe_globals() -> list[Any]:
+    """Non-tensor types a training run's rank file holds: `args`, and numpy's RNG state in `rng_state`."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+
+
 def _torch_load(path: Path, weights_only: bool) -> dict[str, Any]:
     """Load a rank file memory-mapped (tensors are read when touched)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_safe_globals()):
             try:
                 return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
             except RuntimeError as e:  # files in the pre-zipfile format cannot be memory-mapped

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ckpt_helpers import hf_tensors, make_hf
@@ -135,6 +136,11 @@ def test_reader_refuses_non_qwen3_args_and_untrusted_pickle(tmp_path):
     with pytest.raises(ConfigError, match="not a dense Qwen3 checkpoint: normalization='LayerNorm'"):
         MegatronReader(mg)
     obj["args"].normalization = "RMSNorm"
+    # what a training run adds (numpy RNG state, scheduler) still loads without trusting pickle
+    obj["rng_state"] = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
+    obj["opt_param_scheduler"] = {"max_lr": 3e-4, "num_steps": 100}
+    torch.save(obj, path)
+    assert MegatronReader(mg).config.num_hidden_layers == 4
     obj["args"].odd = contextlib.nullcontext  # a global outside the weights-only allowlist
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match="--trust-pickle"):
