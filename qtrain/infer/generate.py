@@ -88,8 +88,8 @@ def generate(model: Qwen3ForCausalLM, input_ids: torch.Tensor, max_new_tokens: i
 class TextStream:
     """Prints the text of one sequence as its tokens arrive (whole characters only)."""
 
-    def __init__(self, tokenizer, out: TextIO = sys.stdout, skip_ids: Iterable[int] = ()):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out: TextIO | None = None, skip_ids: Iterable[int] = ()):
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
         self.skip = set(skip_ids)
         self.ids: list[int] = []
         self.printed = 0
@@ -101,9 +101,16 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
         # A multi-byte character split over tokens decodes to U+FFFD until its last byte arrives.
         if not text.endswith("\ufffd") or bool(finished[0]):
-            self.out.write(text[self.printed:])
-            self.out.flush()
-            self.printed = len(text)
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def flush(self) -> None:
+        """Print what is held back (generation may end inside a multi-byte character)."""
+        self._write(self.tokenizer.decode(self.ids, skip_special_tokens=False))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -253,7 +260,9 @@ def _batch_mode(sess: Session, prompts: list) -> None:
                        for p in chunk]
             if len(chunk) == 1 and out_file is None:  # one prompt: stream it
                 print(f">>> {chunk[0]}")
-                sess.run(encoded, TextStream(sess.tokenizer, skip_ids=sess.eos))
+                stream = TextStream(sess.tokenizer, skip_ids=sess.eos)
+                sess.run(encoded, stream)
+                stream.flush()
                 print()
                 continue
             for prompt, reply in zip(chunk, sess.run(encoded)):
@@ -266,7 +275,8 @@ def _batch_mode(sess: Session, prompts: list) -> None:
             out_file.close()
 
 
-def _chat(sess: Session, stdin: TextIO = sys.stdin) -> None:
+def _chat(sess: Session, stdin: TextIO | None = None) -> None:
+    stdin = stdin if stdin is not None else sys.stdin
     a = sess.args
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     print("qtrain chat: type a message; /reset clears the history, /exit quits.", flush=True)
@@ -285,7 +295,9 @@ def _chat(sess: Session, stdin: TextIO = sys.stdin) -> None:
         history.append({"role": "user", "content": text})
         ids = format_prompt(sess.tokenizer, history, True, None, a.enable_thinking)
         print("assistant> ", end="", flush=True)
-        reply = sess.run([ids], TextStream(sess.tokenizer, skip_ids=sess.eos))[0]
+        stream = TextStream(sess.tokenizer, skip_ids=sess.eos)
+        reply = sess.run([ids], stream)[0]
+        stream.flush()
         print(flush=True)
         history.append({"role": "assistant", "content": sess.decode(reply)})
 
