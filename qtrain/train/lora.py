@@ -241,6 +241,31 @@ def merge_lora(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path) -> 
     return fold_adapters(state_dict, pairs, cfg.scaling, f"--lora-load {adapter_dir}")
 
 
+class LoRAMergedSource:
+    """A checkpoint source (qtrain.checkpoint.sources: names/get/close, config, ...) whose `get`
+    returns weights with a PEFT adapter merged, one tensor at a time (for streaming converters)."""
+
+    def __init__(self, source, adapter_dir: str | Path):
+        self._source = source
+        self._cfg, self._pairs = load_adapter(adapter_dir)
+        self._where = f"--lora-load {adapter_dir}"
+        names = set(source.names())
+        missing = [m for m in self._pairs if f"{m}.weight" not in names]
+        if missing:
+            raise CheckpointError(f"{self._where}: adapter targets {missing[0]}, which the base checkpoint "
+                                  "does not have (adapter made for another model?)")
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self._source.get(name)
+        module = name.removesuffix(".weight")
+        if module in self._pairs:
+            tensor = fold_adapters({name: tensor}, {module: self._pairs[module]}, self._cfg.scaling, self._where)[name]
+        return tensor
+
+    def __getattr__(self, attr: str):  # config, hf_config, iteration, tokenizer_dir, names, close, ...
+        return getattr(self._source, attr)
+
+
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """A LoRA-injected model's full state dict (with `.lora_A.weight` / `.lora_B.weight` keys) ->
     plain HF-named weights with the adapters merged."""

@@ -139,3 +139,24 @@ def test_adapter_for_another_model_is_rejected(tmp_path):
         merge_lora(other, tmp_path / "a")
     with pytest.raises(Exception, match="adapter_config.json"):
         merge_lora(other, tmp_path)
+
+
+def test_merged_source_streams_merged_tensors(tmp_path):
+    from qtrain.checkpoint.sources import HFSource
+    from qtrain.models.hf import save_hf
+    from qtrain.train.lora import LoRAMergedSource
+
+    _, ours = _models()
+    save_hf(ours, tmp_path / "base")
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    lcfg = LoRAConfig(r=2, alpha=4, target_modules=["o_proj", "down_proj"])
+    inject_lora(ours, lcfg)
+    _randomise_adapters(ours)
+    save_adapter(ours, lcfg, tmp_path / "a")
+    src = LoRAMergedSource(HFSource(tmp_path / "base"), tmp_path / "a")
+    want = merge_lora(base, tmp_path / "a")
+    assert src.config.num_hidden_layers == 2
+    for name in src.names():
+        assert torch.equal(src.get(name), want[name]), name
+    assert not torch.equal(src.get("model.layers.0.self_attn.o_proj.weight"),
+                           base["model.layers.0.self_attn.o_proj.weight"])
