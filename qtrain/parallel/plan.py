@@ -1,0 +1,269 @@
+"""`qtrain plan`: per-device memory of a model under a layout, whether it fits, and layouts that do.
+
+The estimate follows what qtrain actually keeps (notation: P parameters held by the device's
+pipeline stage, TP-sharded matrices divided by TP; F = FSDP ways = dp_shard x CP, or CP alone
+without --use-distributed-optimizer; b = 2 with --bf16 else 4; per token of a micro-batch):
+
+  weights      4 P / F          fp32 master weights (FSDP shards them)
+  grads        4 P / F          fp32 gradients (reduced in fp32)
+  optimizer    8 P / F          AdamW exp_avg + exp_avg_sq in fp32
+  transient    b x (the root unit + 2 decoder layers) gathered by FSDP (current and prefetched),
+               plus the unsharded LM-head gradient; one process without FSDP: autocast's bf16
+               copies of every weight
+  activations  tokens x (sum over the stage's layers of A) x micro-batches in flight
+  loss         tokens x V/TP x (4 saved log-softmax + 4 its gradient + b logits [+ b their gradient])
+
+Per decoder layer and token, with H hidden, Q = heads x head_dim, K = kv heads x head_dim, n / m
+query / kv heads, I = FFN size; everything after "|" is divided by TP (the norm terms too under
+--sequence-parallel):
+
+  no recompute   2(4H + bH + 4) [two RMSNorms: fp32 input, normed output, 1/rms]  +  2bH [inputs
+                 of the q/k/v and gate/up matmuls, all-gathered under SP]
+                 | 4Q + bQ + 4K + bK + 4(n + m) [q/k norms] + 2bQ + 2bK + 4n [SDPA q, k, v, output,
+                 log-sum-exp; the output is also o_proj's input] + 4bI [SwiGLU: gate, up, silu(gate),
+                 down_proj's input]
+  selective      bH [layer input]  +  2bH [o_proj, down_proj outputs]
+                 | bQ + 2bK [q/k/v projections] + bQ + 4n [SDPA output, log-sum-exp] + 2bI [gate, up]
+  full           bH [layer input only]; the layer being recomputed adds one "no recompute" layer
+
+Context parallel divides the tokens by CP but each rank keeps the gathered full-length K/V
+(repeated to the query heads for GQA): 2bK becomes 2bQ x CP. 1F1B keeps min(micro-batches, PP)
+micro-batches in flight on the first stage; the interleaved schedule (v chunks) multiplies that
+by 1 + (PP-1)/(PP v), as Megatron's estimate does.
+
+These formulas count the tensors autograd saves for qtrain's layer (no dropout, flash or
+efficient SDPA, whose output is laid out [B, S, heads, D] so o_proj reads it without a copy). tests/parallel/test_plan.py checks them against the bytes saved by the
+tiny model on CPU; the GPU peak of Qwen3-1.7B is in benchmarks/results when it was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from qtrain.errors import ConfigError, QtrainError
+from qtrain.parallel.mesh import ParallelDims, parallel_args, stage_layers, validate_layout
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device on the busiest pipeline stage, by component."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    transient: float
+    activations: float
+    loss: float
+    dims: ParallelDims = field(default_factory=ParallelDims)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.transient + self.activations + self.loss
+
+    def gib(self) -> dict[str, float]:
+        names = ("weights", "grads", "optimizer", "transient", "activations", "loss")
+        return {**{n: getattr(self, n) / GIB for n in names}, "total": self.total / GIB}
+
+    def items(self):
+        """(component, GiB) pairs, so the estimate prints like a dict (train.plan's dry run)."""
+        return self.gib().items()
+
+    def fits(self, device_memory_gb: float, reserve: float = 0.05) -> bool:
+        """True when the total leaves `reserve` of the device free (allocator slack, CUDA context)."""
+        return self.total <= device_memory_gb * GIB * (1 - reserve)
+
+
+def layer_params(m, tp: int) -> tuple[float, float]:
+    """(TP-sharded, replicated) parameter counts of one decoder layer on one TP rank."""
+    h, q, k, i = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim, \
+        m.intermediate_size
+    sharded = h * q * 2 + h * k * 2 + 3 * h * i
+    if m.attention_bias:
+        sharded += q + 2 * k
+    return sharded / tp, 2 * h + 2 * m.head_dim
+
+
+def layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, cp: int = 1,
+                           mode: Optional[str] = None) -> float:
+    """Bytes one decoder layer saves for the backward, per local token (formulas in the module doc).
+    mode: None (no recompute), "selective" or "full"."""
+    b, h = bytes_per_el, m.hidden_size
+    n, kv_heads = m.num_attention_heads, m.num_key_value_heads
+    q, k, i = n * m.head_dim, kv_heads * m.head_dim, m.intermediate_size
+    seq_div = tp if sp else 1
+    kv_sdpa = 2 * b * (q if n != kv_heads else k) * cp if cp > 1 else 2 * b * k
+    if mode == "full":
+        return b * h / seq_div
+    if mode == "selective":
+        return b * h / seq_div + 2 * b * h + (b * q + 2 * b * k + b * q + 4 * n + 2 * b * i) / tp
+    return (2 * (4 * h + b * h + 4) / seq_div + 2 * b * h
+            + (4 * q + b * q + 4 * k + b * k + 4 * (n + kv_heads) + 2 * b * q + kv_sdpa + 4 * n + 4 * b * i) / tp)
+
+
+def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: Optional[int] = None,
+                    seq_length: Optional[int] = None, bf16: Optional[bool] = None,
+                    num_microbatches: Optional[int] = None) -> MemoryEstimate:
+    """Per-device memory of `model_cfg` trained under the layout of `cfg` (a PretrainConfig, or
+    ParallelArgs with the keyword arguments) on `world_size` devices. Raises ConfigError for an
+    invalid layout. The busiest pipeline stage is reported."""
+    t = getattr(cfg, "training", None)
+    mbs = micro_batch_size or (t.micro_batch_size if t else 1)
+    seq = seq_length or (cfg.data.seq_length if hasattr(cfg, "data") else None)
+    if seq is None:
+        raise ConfigError("estimate_memory needs seq_length (--seq-length)")
+    bf16 = bool(t.bf16 if bf16 is None and t else bf16)
+    p = parallel_args(cfg)
+    dims = validate_layout(cfg, world_size, model_cfg, seq)
+    if num_microbatches is None:
+        gbs = (t.global_batch_size if t else None) or mbs * dims.dp
+        num_microbatches = max(1, gbs // (mbs * dims.dp))
+    b = 2 if bf16 else 4
+    m, tp = model_cfg, dims.tp
+    stages = stage_layers(p, m.num_hidden_layers)
+    fsdp_ways = dims.dp_shard * dims.cp
+    sharded_fsdp = world_size > 1
+    tokens = mbs * seq // dims.cp
+    lay_sharded, lay_repl = layer_params(m, tp)
+    embed = m.vocab_size * m.hidden_size / tp
+    best: Optional[MemoryEstimate] = None
+    for rank, chunks in enumerate(stages):
+        first, last = rank == 0, rank == len(stages) - 1
+        n_layers = sum(len(c) for c in chunks)
+        root = (embed if first else 0) + ((m.hidden_size + (0 if m.tie_word_embeddings and first else embed))
+                                          if last else 0)
+        params = n_layers * (lay_sharded + lay_repl) + root
+        if sharded_fsdp:
+            transient = b * (root + 2 * (lay_sharded + lay_repl)) + (b * embed if last else 0)
+        else:
+            transient = (b * params if bf16 else 0) + b * embed
+        acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches) * tokens
+        if last:
+            acts += tokens * (2 * (4 * m.hidden_size + b * m.hidden_size) / (tp if p.sequence_parallel else 1)
+                              + b * m.hidden_size)
+        loss = tokens * m.vocab_size / tp * (8 + b + (b if b != 4 else 0)) if last else 0.0
+        est = MemoryEstimate(4 * params / fsdp_ways, 4 * params / fsdp_ways, 8 * params / fsdp_ways,
+                             transient, acts, loss, dims)
+        if best is None or est.total > best.total:
+            best = est
+    assert best is not None
+    return best
+
+
+def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: int, b: int,
+                       num_microbatches: int) -> float:
+    """Activation bytes per local token held by pipeline stage `rank` at its peak."""
+    from qtrain.parallel.recompute import layers_to_recompute
+
+    kw = dict(tp=dims.tp, sp=p.sequence_parallel, cp=dims.cp)
+    full = layer_activation_bytes(m, b, **kw)
+    total = 0.0
+    for chunk in chunks:
+        recomputed = set(layers_to_recompute(len(chunk), p.recompute_granularity, p.recompute_method,
+                                             p.recompute_num_layers))
+        mode = p.recompute_granularity
+        total += sum(layer_activation_bytes(m, b, mode=mode, **kw) if j in recomputed else full
+                     for j in range(len(chunk)))
+    in_flight = 1
+    if dims.pp > 1:
+        in_flight = min(num_microbatches, dims.pp - rank)
+        if len(chunks) > 1:
+            in_flight *= 1 + (dims.pp - 1) / (dims.pp * len(chunks))
+    recompute_peak = full if p.recompute_granularity else 0.0  # the layer being recomputed
+    return total * in_flight + recompute_peak
+
+
+def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float) -> list[tuple[dict, MemoryEstimate]]:
+    """Layouts of `devices` devices (TP, PP, CP powers of two, FSDP on or off, recompute none /
+    selective / full) that fit, fewest model-parallel ways and least recompute first."""
+    import copy
+
+    out = []
+    pw = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= devices]
+    for tp in pw:
+        for pp in pw:
+            for cp in pw:
+                if devices % (tp * pp * cp):
+                    continue
+                for fsdp in (True, False):
+                    for rec in (None, "selective", "full"):
+                        c = copy.deepcopy(cfg)
+                        q = c.parallel
+                        q.tensor_model_parallel_size, q.pipeline_model_parallel_size = tp, pp
+                        q.context_parallel_size, q.use_distributed_optimizer = cp, fsdp
+                        q.sequence_parallel = tp > 1
+                        q.num_layers_per_virtual_pipeline_stage, q.num_layer_list = None, None
+                        q.recompute_granularity = rec
+                        q.recompute_method, q.recompute_num_layers = ("uniform", 1) if rec == "full" else (None, None)
+                        if pp > 1 and (c.training.global_batch_size or 0) < c.training.micro_batch_size * pp * (
+                                devices // (tp * pp * cp)):
+                            c.training.global_batch_size = c.training.micro_batch_size * pp * (devices // (tp * pp * cp))
+                        try:
+                            est = estimate_memory(model_cfg, c, devices)
+                        except ConfigError:
+                            continue
+                        if est.fits(device_memory_gb):
+                            layout = {"tp": tp, "pp": pp, "cp": cp, "dp": devices // (tp * pp * cp),
+                                      "distributed_optimizer": fsdp, "sequence_parallel": tp > 1,
+                                      "recompute": rec or "none"}
+                            out.append((layout, est))
+    cost = {"none": 0, "selective": 1, "full": 2}
+    out.sort(key=lambda le: (le[0]["tp"] * le[0]["pp"] * le[0]["cp"], cost[le[0]["recompute"]],
+                             not le[0]["distributed_optimizer"], le[1].total))
+    return out
+
+
+def format_estimate(est: MemoryEstimate, device_memory_gb: Optional[float]) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in est.gib().items())
+    line = f"memory per device (GiB, busiest stage): {parts}"
+    if device_memory_gb is not None:
+        verdict = "fits" if est.fits(device_memory_gb) else "does NOT fit"
+        line += f"\n{verdict} in {device_memory_gb:g} GB per device (5% kept free)"
+    return line
+
+
+def main(argv: list[str]) -> int:
+    """qtrain plan [pretrain flags] --world-size N [--device-memory-gb G] [--suggest N]."""
+    from qtrain.config import parse_args, resolve_model_config
+
+    own = argparse.ArgumentParser(prog="qtrain plan", add_help=False)
+    own.add_argument("--world-size", type=int, default=None, help="devices of the layout (default TP x PP x CP)")
+    own.add_argument("--device-memory-gb", type=float, default=None, help="memory of one device, GB")
+    own.add_argument("--suggest", type=int, default=None, help="list layouts of this many devices that fit")
+    own.add_argument("-h", "--help", action="store_true")
+    ns, rest = own.parse_known_args(argv)
+    if ns.help:
+        print("usage: qtrain plan [any `qtrain pretrain` model/parallel/batch flags] [--world-size N] "
+              "[--device-memory-gb G] [--suggest N]\n\nEstimates per-device memory (weights, grads, optimizer, "
+              "activations by recompute setting) and whether it fits; --suggest lists layouts that fit.")
+        return 0
+    try:
+        cfg = parse_args(rest)
+        model_cfg = resolve_model_config(cfg)
+        p = cfg.parallel
+        if ns.suggest is not None:
+            if ns.device_memory_gb is None:
+                raise ConfigError("--suggest needs --device-memory-gb")
+            found = suggest_layouts(model_cfg, cfg, ns.suggest, ns.device_memory_gb)
+            print(f"layouts of {ns.suggest} devices with {ns.device_memory_gb:g} GB that fit "
+                  f"(seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
+                  f"{'bf16' if cfg.training.bf16 else 'fp32'}):")
+            for layout, est in found[:20]:
+                print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB")
+            if not found:
+                print("  none: raise the device count or memory, or shorten --seq-length")
+            return 0 if found else 1
+        world = ns.world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
+            p.context_parallel_size
+        est = estimate_memory(model_cfg, cfg, world)
+        print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
+              f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
+              f"recompute {p.recompute_granularity or 'none'}")
+        print(format_estimate(est, ns.device_memory_gb))
+        return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1
+    except QtrainError as e:
+        print(f"qtrain plan: error: {e}")
+        return 2

@@ -1,0 +1,134 @@
+"""qtrain plan: the activation formulas against the bytes a real layer keeps, the estimate's
+arithmetic, layout suggestions and the CLI."""
+
+import gc
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qtrain.config import PretrainConfig
+from qtrain.models.config import Qwen3Config
+from qtrain.models.presets import get_preset
+from qtrain.models.qwen3 import build_model
+from qtrain.ops.rope import rope_cos_sin
+from qtrain.parallel.plan import GIB, estimate_memory, layer_activation_bytes, main, suggest_layouts
+from qtrain.parallel.recompute import apply_recompute
+
+CFG = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+
+
+class _Storages(TorchDispatchMode):
+    """Weak references to the storage of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                self.refs.append((StorageWeakRef(s), s.data_ptr(), s.nbytes()))
+        return out
+
+
+def saved_bytes_per_token(granularity, method=None, n=None, batch=2, seq=64) -> float:
+    """Bytes a decoder layer keeps alive between its forward and backward (its input included):
+    storages made during the forward that are still alive after it, less the output."""
+    model = build_model(CFG, "cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    apply_recompute(model, granularity, method, n)
+    layer = model.model.layers[0]
+    x = torch.randn(batch, seq, CFG.hidden_size, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(seq).expand(batch, -1), CFG.head_dim, CFG.rope_theta, x.dtype)
+    existing = {t.untyped_storage().data_ptr() for t in [x, cos, sin, *model.parameters()]}
+    mode = _Storages()
+    with mode:
+        y = layer(x, cos, sin)
+    gc.collect()
+    existing.add(y.untyped_storage().data_ptr())
+    alive = {ptr: nbytes for ref, ptr, nbytes in mode.refs if not ref.expired() and ptr not in existing}
+    y.sum().backward()  # the kept tensors do serve a backward
+    return (sum(alive.values()) + x.numel() * 4) / (batch * seq)
+
+
+@pytest.mark.parametrize("granularity, formula_mode", [(None, None), ("selective", "selective")])
+def test_activation_formula_matches_the_bytes_a_layer_keeps(granularity, formula_mode):
+    measured = saved_bytes_per_token(granularity)
+    formula = layer_activation_bytes(CFG, 4, mode=formula_mode)
+    assert measured == pytest.approx(formula, rel=0.01), (measured, formula)
+
+
+def test_recompute_keeps_less():
+    none, selective, full = (saved_bytes_per_token(None), saved_bytes_per_token("selective"),
+                             saved_bytes_per_token("full", "uniform", 1))
+    assert full == pytest.approx(layer_activation_bytes(CFG, 4, mode="full"), rel=0.01)
+    assert full < selective < none
+
+
+def plan_cfg(seq=4096, mbs=1, gbs=None, bf16=True, **parallel) -> PretrainConfig:
+    c = PretrainConfig()
+    c.data.seq_length, c.training.micro_batch_size, c.training.global_batch_size = seq, mbs, gbs
+    c.training.bf16 = bf16
+    for k, v in parallel.items():
+        setattr(c.parallel, k, v)
+    return c
+
+
+def test_states_are_16_bytes_per_parameter_sharded_by_fsdp():
+    m = get_preset("1.7B")
+    n = m.num_params
+    one = estimate_memory(m, plan_cfg(), 1)
+    fsdp8 = estimate_memory(m, plan_cfg(use_distributed_optimizer=True), 8)
+    states = one.weights + one.grads + one.optimizer
+    assert states == pytest.approx(16 * n, rel=1e-6)
+    assert fsdp8.weights + fsdp8.grads + fsdp8.optimizer == pytest.approx(states / 8, rel=1e-6)
+    assert fsdp8.activations == pytest.approx(one.activations)
+
+
+def test_parallelism_and_recompute_reduce_the_estimate():
+    m = get_preset("8B")
+    base = estimate_memory(m, plan_cfg(), 1)
+    tp = estimate_memory(m, plan_cfg(tensor_model_parallel_size=2), 2)
+    sp = estimate_memory(m, plan_cfg(tensor_model_parallel_size=2, sequence_parallel=True), 2)
+    full = estimate_memory(m, plan_cfg(recompute_granularity="full", recompute_method="uniform",
+                                       recompute_num_layers=1), 1)
+    block = estimate_memory(m, plan_cfg(recompute_granularity="full", recompute_method="block",
+                                        recompute_num_layers=18), 1)
+    assert sp.activations < tp.activations < base.activations
+    assert full.activations < block.activations < base.activations
+    assert tp.weights == pytest.approx(base.weights / 2, rel=0.01)
+
+
+def test_pipeline_first_stage_holds_pp_microbatches():
+    m = get_preset("8B")
+    pp2 = estimate_memory(m, plan_cfg(gbs=8, pipeline_model_parallel_size=2), 2)
+    one = estimate_memory(m, plan_cfg(), 1)
+    # stage 0: half the layers, two micro-batches in flight
+    assert pp2.activations == pytest.approx(one.activations, rel=0.01)
+
+
+def test_fits_and_suggest():
+    m = get_preset("32B")
+    assert not estimate_memory(m, plan_cfg(), 1).fits(80)
+    layouts = suggest_layouts(m, plan_cfg(gbs=64), 16, 64)
+    assert layouts and all(est.fits(64) for _, est in layouts)
+    assert all(layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"] == 16 for layout, _ in layouts)
+
+
+def test_cli(capsys):
+    argv = ["--model-preset", "1.7B", "--seq-length", "4096", "--micro-batch-size", "1", "--bf16"]
+    assert main(argv + ["--device-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 80 GB" in out and "activations" in out
+    assert main(argv + ["--device-memory-gb", "8"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(argv + ["--tensor-model-parallel-size", "3"]) == 2
+    assert "--num-attention-heads" in capsys.readouterr().out
+    assert main(["--model-preset", "8B", "--seq-length", "4096", "--global-batch-size", "16", "--bf16",
+                 "--suggest", "8", "--device-memory-gb", "80"]) == 0
+    assert "tp=" in capsys.readouterr().out
