@@ -1,0 +1,63 @@
+"""Two "nodes" on loopback: two torchrun invocations (--nnodes 2 --node-rank 0/1, static
+rendezvous at 127.0.0.1) run the real `qtrain pretrain`, train with FSDP data parallel across the
+nodes and save; the losses match a one-process run of the same command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO, free_port, worker_env
+
+
+def tiny_dataset(prefix: Path) -> str:
+    from qtrain.data.indexed import IndexedDatasetBuilder
+
+    rng = np.random.RandomState(0)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", np.uint16)
+    for _ in range(60):
+        builder.add_item(rng.randint(0, 250, size=rng.randint(20, 80)).astype(np.uint16))
+        builder.end_document()
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def pretrain_args(data: str, save: Path) -> list[str]:
+    return ["pretrain", "--model-preset", "tiny", "--padded-vocab-size", "256", "--num-layers", "2",
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+            "--lr", "3e-3", "--data-path", data, "--split", "100,0,0", "--eval-iters", "0",
+            "--log-interval", "1", "--save", str(save), "--save-interval", "4"]
+
+
+def losses(save: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.timeout(600)
+def test_two_node_loopback_trains_and_saves(tmp_path):
+    data = tiny_dataset(tmp_path / "tiny_text_document")
+    single = subprocess.run([sys.executable, "-m", "qtrain", *pretrain_args(data, tmp_path / "one")],
+                            cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "qtrain", *pretrain_args(data, tmp_path / "two"), "--use-distributed-optimizer"],
+        cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [node.communicate(timeout=400) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-3000:]
+    assert "DP 2" in outs[0][0]
+    saved = tmp_path / "two"
+    assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (saved / "iter_0000004" / ".metadata").is_file()
+    one, two = losses(tmp_path / "one"), losses(saved)
+    assert sorted(two) == [1, 2, 3, 4]
+    for it in two:
+        assert two[it] == pytest.approx(one[it], rel=1e-5)
