@@ -301,12 +301,14 @@ def run_correctness(c: dict) -> dict:
         del plain
 
     paths = {"reference": ("reference", False), "fused": ("auto", c["compile"])}
-    curves, logits, ops = {}, {}, {}
+    curves, logits, ops, missing = {}, {}, {}, {}
     for name, (spec, compile_layers) in paths.items():
         with using(spec):
             torch.manual_seed(0)
             model = _build_qtrain(model_cfg, c, device, compile_layers)
-            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+            # strict=False: the tied LM head appears under two names; what did not load is reported.
+            loaded = set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+            missing[name] = list(loaded.missing_keys)
             ops[name] = backend(device.type, compiled=compile_layers)
             # Logits with grad enabled, so the compiled layers are the training graphs (no recompile
             # for no_grad); a zero backward completes FSDP's step and leaves no gradient behind.
@@ -343,7 +345,7 @@ def run_correctness(c: dict) -> dict:
                                     for k, v in err.items()},
                 argmax_agreement=round(float((logits["fused"].argmax(-1) == logits["reference"].argmax(-1))
                                              .float().mean()), 4),
-                logits_ok=logits_ok, ops=ops, device=str(device))
+                logits_ok=logits_ok, ops=ops, missing_keys=missing, device=str(device))
 
 
 def worker(config_json: str) -> int:
