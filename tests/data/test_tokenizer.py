@@ -32,6 +32,18 @@ def _assert_same(tok, texts):
 def test_fast_path_is_on_for_qwen3(tok):
     assert tok.is_fast and tok.fast_reason is None
     assert tok.vocab_size == 151669 and tok.eod == 151645 and tok.pad_id == 151643
+    # read without transformers, they are what AutoTokenizer says (what Megatron uses)
+    assert (tok.vocab_size, tok.eod, tok.pad_id) == (len(tok.hf), tok.hf.eos_token_id, tok.hf.pad_token_id)
+
+
+def test_backend_spec_is_the_tokenizer_json(tok, tokenizer_dir):
+    """The runtime oracle (`tokenizers`) reads the same file, shape and ids as transformers."""
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    live = tk.backend_spec(tok.backend)
+    assert live["pre_tokenizer"] == spec["pre_tokenizer"] and live["normalizer"] == spec["normalizer"]
+    assert [t["content"] for t in live["added_tokens"]] == [t["content"] for t in spec["added_tokens"]]
+    assert tk._fast_path_blockers(live) == tk._fast_path_blockers(spec)
+    assert tok.backend.encode(tk._PROBE).ids == tok.hf(tk._PROBE).input_ids
 
 
 SPECIAL_CASES = [
@@ -123,7 +135,7 @@ def test_self_check_failure_falls_back_to_hf(tok, monkeypatch):
         def encode(self, text):
             return [0]
 
-    monkeypatch.setattr(tk.FastBPE, "from_tokenizer_json", classmethod(lambda cls, p: (Wrong(), None)))
+    monkeypatch.setattr(tk.FastBPE, "from_spec", classmethod(lambda cls, spec, vocab: (Wrong(), None)))
     fast, reason = tok._build_fast()
     assert fast is None and reason.startswith("self-check failed: fast ids differ from HF at token 0")
 
