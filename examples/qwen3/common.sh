@@ -235,8 +235,11 @@ qtrain_preprocess() {
   case $kind in
     pretrain) handler=(--handler-name GeneralPretrainHandler --json-keys ${JSON_KEYS:-text} --append-eod) ;;
     instruction)
-      handler=(--handler-name "${HANDLER_NAME:-AlpacaStyleInstructionHandler}" --prompt-type qwen3)
-      [ "${PACK:-0}" = 1 ] && handler+=(--pack --seq-length "$SEQ_LENGTH") ;;
+      # Samples longer than the training SEQ_LENGTH are dropped here (and counted), not cut.
+      handler=(--handler-name "${HANDLER_NAME:-AlpacaStyleInstructionHandler}" --prompt-type qwen3
+               --seq-length "$SEQ_LENGTH")
+      [ "${PACK:-0}" = 1 ] && handler+=(--pack)
+      [ "${ENABLE_THINKING:-0}" = 1 ] && handler+=(--enable-thinking) ;;
     *) _die "qtrain_preprocess takes pretrain or instruction, not '$kind'" ;;
   esac
   [ "${QTRAIN_PRINT_ONLY:-0}" = 1 ] || mkdir -p "$(dirname "$OUTPUT_PREFIX")"

@@ -4,6 +4,7 @@
 #   INPUT=/data/alpaca/train-00000-of-00001.parquet TOKENIZER_PATH=/model/Qwen3-1.7B \
 #   OUTPUT_PREFIX=/data/dataset/alpaca bash examples/qwen3/data_convert_qwen3_instruction.sh
 # then train with DATA_PATH=/data/dataset/alpaca. HANDLER_NAME=SharegptStyleInstructionHandler for
-# ShareGPT files; PACK=1 packs samples into SEQ_LENGTH-token rows.
+# ShareGPT files; SEQ_LENGTH (default 4096) must be the training one: longer samples are dropped;
+# PACK=1 packs samples into SEQ_LENGTH-token rows; ENABLE_THINKING=1 trains on the think block.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 qtrain_preprocess instruction "$@"
