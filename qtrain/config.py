@@ -86,6 +86,7 @@ class TrainingArgs:
     eval_interval: int = opt(1000, "run validation every this many iterations")
     eval_iters: int = opt(100, "validation micro-batches per evaluation (0 disables)")
     exit_interval: Optional[int] = opt(None, "save (with --save) and exit after an iteration divisible by this")
+    exit_duration_in_mins: Optional[float] = opt(None, "save (with --save) and exit once training has run this long")
     device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
     dry_run: bool = opt(False, "print the plan (model size, layout, batch math, memory) and exit")
 

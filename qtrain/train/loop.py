@@ -42,7 +42,8 @@ class TrainResult:
     start_iteration: int = 0
     losses: dict[int, float] = field(default_factory=dict)
     valid: dict[int, float] = field(default_factory=dict)
-    stopped_by_signal: bool = False
+    stopped_by_signal: bool = False  # SIGTERM
+    stopped_early: bool = False  # --exit-interval / --exit-duration-in-mins
     saved: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -258,11 +259,16 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
                 break
             if t.exit_interval and iteration % t.exit_interval == 0 and iteration < t.train_iters:
                 say(f"--exit-interval {t.exit_interval}: stopping after iteration {iteration}")
-                result.stopped_by_signal = True
+                result.stopped_early = True
+                break
+            if t.exit_duration_in_mins and iteration < t.train_iters and \
+                    _any_rank_true(time.time() - t_start > 60 * t.exit_duration_in_mins, rt.device):
+                say(f"--exit-duration-in-mins {t.exit_duration_in_mins}: stopping after iteration {iteration}")
+                result.stopped_early = True
                 break
 
         check_finite()
-        if (not result.stopped_by_signal and valid_ds is not None and t.eval_iters > 0 and not pipelined
+        if (not (result.stopped_by_signal or result.stopped_early) and valid_ds is not None and t.eval_iters > 0 and not pipelined
                 and iteration % t.eval_interval != 0):
             result.valid[iteration] = _evaluate(model, valid_ds, t.train_iters // t.eval_interval, cfg, batch, rt,
                                                 sharded, dp_rank, say, writer, iteration, hooks.forward_loss)
@@ -292,6 +298,11 @@ def clip_gradients(model: torch.nn.Module, params: list, max_norm: float) -> tor
 
         return torch.tensor(clip_grad_norm_(model, max_norm), dtype=torch.float32, device=params[0].device)
     return _full(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+
+
+def _any_rank_true(flag: bool, device: torch.device) -> bool:
+    """One rank's clock can run past a limit a step before another's: agree on it."""
+    return bool(_all_max(torch.tensor(int(flag), device=device)).item())
 
 
 def _all_max(t: torch.Tensor) -> torch.Tensor:
