@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from qtrain.checkpoint import safe_pickle
 from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_name, resolve_iteration,
                                       split_layers, write_tracker)
 from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
@@ -33,6 +34,7 @@ from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
 
 CHECKPOINT_VERSION = 3.0
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
@@ -65,18 +67,27 @@ def megatron_args(cfg: Qwen3Config, *, tp: int, pp: int, num_layer_list: list[in
     )
 
 
-def config_from_args(args: argparse.Namespace, source: str) -> tuple[Qwen3Config, dict[str, Any] | None]:
-    """A Qwen3Config from a checkpoint's `args`; refuses args that describe a different architecture."""
+def _arg(args: argparse.Namespace, *names: str) -> Any:
+    """The first of `names` that args sets (Megatron-LM and MindSpeed-LLM spell some fields differently)."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            return getattr(args, name)
+    return None
+
+
+def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tuple[int, ...]],
+                     tp: int) -> tuple[Qwen3Config, dict[str, Any] | None]:
+    """A Qwen3Config from a checkpoint's `args` and the shapes of its first stage's tensors.
+
+    qtrain stores the HF config in args. Otherwise the shape comes from Megatron-LM's names
+    (ffn_hidden_size, num_query_groups, padded_vocab_size) or the ones MindSpeed-LLM's converter
+    writes (intermediate_size, num_key_value_heads, vocab_size); query groups, MLP width and
+    vocabulary are read off the tensors themselves, which cannot be stale. Args describing another
+    architecture are refused.
+    """
     hf_config = getattr(args, "qtrain_hf_config", None)
     if isinstance(hf_config, dict):
         return Qwen3Config.from_hf_dict(hf_config, source=source), hf_config
-
-    def need(name: str) -> Any:
-        value = getattr(args, name, None)
-        if value is None:
-            raise CheckpointError(f"{source}: checkpoint args lack {name!r}; cannot tell the model's shape")
-        return value
-
     mismatches = []
     if getattr(args, "normalization", "LayerNorm") != "RMSNorm":
         mismatches.append(f"normalization={getattr(args, 'normalization', None)!r} (Qwen3 uses RMSNorm)")
@@ -92,18 +103,31 @@ def config_from_args(args: argparse.Namespace, source: str) -> tuple[Qwen3Config
         mismatches.append(f"position_embedding_type={args.position_embedding_type!r} (Qwen3 uses rope)")
     if mismatches:
         raise ConfigError(f"{source}: not a dense Qwen3 checkpoint: " + "; ".join(mismatches))
-    heads = need("num_attention_heads")
-    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else heads
+    for key in ("embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_qkv.weight",
+                "decoder.layers.0.mlp.linear_fc1.weight"):
+        if key not in shapes:
+            raise CheckpointError(f"{source}: no {key!r} in the first pipeline stage; not a GPT model checkpoint")
+    vocab, hidden = shapes["embedding.word_embeddings.weight"]
+    heads = _arg(args, "num_attention_heads")
+    layers = _arg(args, "num_layers")
+    if heads is None or layers is None:
+        raise CheckpointError(f"{source}: checkpoint args lack num_attention_heads / num_layers")
+    head_dim = _arg(args, "kv_channels") or hidden // heads
+    qkv_rows = shapes["decoder.layers.0.self_attention.linear_qkv.weight"][0] * tp
+    groups, rest = divmod(qkv_rows // head_dim - heads, 2)
+    if rest or groups < 1 or qkv_rows % head_dim:
+        raise CheckpointError(f"{source}: linear_qkv has {qkv_rows} rows, which does not fit {heads} heads "
+                              f"of size {head_dim} (kv_channels) with whole query groups")
+    untie = _arg(args, "untie_embeddings_and_output_weights")
     cfg = Qwen3Config(
-        vocab_size=need("padded_vocab_size"), hidden_size=need("hidden_size"),
-        intermediate_size=need("ffn_hidden_size"), num_hidden_layers=need("num_layers"),
-        num_attention_heads=heads, num_key_value_heads=groups or heads,
-        head_dim=getattr(args, "kv_channels", None) or need("hidden_size") // heads,
-        max_position_embeddings=need("max_position_embeddings"),
-        rope_theta=float(getattr(args, "rotary_base", 10000)),
-        rms_norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
-        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
-        initializer_range=float(getattr(args, "init_method_std", 0.02)),
+        vocab_size=vocab * tp, hidden_size=hidden,
+        intermediate_size=shapes["decoder.layers.0.mlp.linear_fc1.weight"][0] * tp // 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim,
+        max_position_embeddings=_arg(args, "max_position_embeddings", "seq_length") or 40960,
+        rope_theta=float(_arg(args, "rotary_base") or 10000),
+        rms_norm_eps=float(_arg(args, "norm_epsilon", "layernorm_epsilon") or 1e-5),
+        tie_word_embeddings=(not untie) if untie is not None else bool(_arg(args, "tie_word_embeddings")),
+        initializer_range=float(_arg(args, "init_method_std") or 0.02),
     )
     return cfg, None
 
@@ -156,31 +180,24 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
     return written
 
 
-def _safe_globals() -> list[Any]:
-    """Non-tensor types a training run's rank file holds: `args`, and numpy's RNG state in `rng_state`."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
-
-
 def _torch_load(path: Path, weights_only: bool) -> dict[str, Any]:
-    """Load a rank file memory-mapped (tensors are read when touched)."""
+    """Load a rank file memory-mapped (tensors are read when touched).
+
+    `weights_only` uses qtrain's restricted unpickler (tensors, args, RNG state; see safe_pickle.py);
+    False unpickles in full, for files one trusts that hold other objects.
+    """
+    kwargs: dict[str, Any] = {"pickle_module": safe_pickle} if weights_only else {}
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            try:
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-            except RuntimeError as e:  # files in the pre-zipfile format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=weights_only)
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False, **kwargs)
+        except RuntimeError as e:  # files in the pre-zipfile format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False, **kwargs)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refusing to unpickle a non-tensor object ({str(e).splitlines()[0]}). If you trust "
-            f"this file, convert with --trust-pickle to load it in full") from None
+            f"{path}: refusing to unpickle it ({e}). If you trust this file, convert with --trust-pickle "
+            f"to load it in full") from None
 
 
 class MegatronReader:
@@ -205,8 +222,10 @@ class MegatronReader:
             if value:  # these reorder or skip layers in ways the files alone do not reveal
                 raise CheckpointError(f"{self._path(0, 0)}: saved with {flag}={value!r}, which qtrain "
                                       f"cannot map back to layer order; re-save without it in MindSpeed-LLM")
-        self.config, self.hf_config = config_from_args(self.args, str(self._path(0, 0)))
-        self.dtype = getattr(self.args, "params_dtype", None)
+        shapes = {k: tuple(t.shape) for k, t in self._chunks(head, self._path(0, 0))[0].items()}
+        self.config, self.hf_config = config_from_args(self.args, str(self._path(0, 0)), shapes, self.tp)
+        dtype = _arg(self.args, "params_dtype", "torch_dtype")  # MindSpeed-LLM keeps HF's "bfloat16" string
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype in _DTYPE_NAMES else dtype
         self._owner: dict[str, tuple[int, str, ParamSpec]] = {}
         self._build_index(head)
         self._stage: tuple[int, list[list[dict[str, torch.Tensor]]]] | None = None

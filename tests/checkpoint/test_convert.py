@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -118,6 +119,41 @@ def test_hf_cfg_dir_for_foreign_megatron(hf_tied, tmp_path):
         "--hf-cfg-dir", hf_tied)
     assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads((hf_tied / "config.json").read_text())
     assert (tmp_path / "b" / "tokenizer.json").is_file()
+
+
+def mindspeed_args(tp: int, pp: int) -> argparse.Namespace:
+    """`args` as MindSpeed-LLM's convert_ckpt_v2.py writes them for qwen3 (model_cfg.json's base +
+    qwen3 entries, the HF config values under its names, the converter's own attributes)."""
+    return argparse.Namespace(
+        seq_length=4096, global_batch_size=64, add_position_embedding=True, use_rotary_position_embeddings=True,
+        add_bias_linear=False, gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True,
+        tokenizer_type="Llama2Tokenizer", group_query_attention=False, qkv_type="unpack", fc_type="gate_up_down",
+        qk_layernorm=True, max_position_embeddings=128, hidden_size=64, num_attention_heads=4, num_layers=4,
+        num_key_value_heads=2, vocab_size=256, intermediate_size=96, norm_epsilon=1e-6, tie_word_embeddings=False,
+        torch_dtype="bfloat16", rotary_base=10000.0, kv_channels=32, untie_embeddings_and_output_weights=True,
+        model_type_hf="qwen3", load_model_type="hf", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=1, moe_grouped_gemm=False, moe_tp_extend_ep=False, mla_mm_split=False,
+        mtp_num_layers=0, first_k_dense_replace=4, expert_tensor_parallel_size=1, transformer_impl="local")
+
+
+def test_reads_mindspeed_converted_checkpoint(hf_untied, tmp_path):
+    """A checkpoint whose args are MindSpeed-LLM's (group_query_attention False with
+    num_key_value_heads set, intermediate_size, vocab_size) converts back exactly."""
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_untied, "--save-dir", mg,
+        "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+    for path in (mg / "iter_0000001").glob("*/model_optim_rng.pt"):
+        obj = torch.load(path, weights_only=False)
+        obj["args"] = mindspeed_args(2, 2)
+        torch.save(obj, path, pickle_protocol=4)
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "hf")
+    assert_byte_identical(hf_tensors(hf_untied), hf_tensors(tmp_path / "hf"))
+    got = json.loads((tmp_path / "hf" / "config.json").read_text())
+    want = json.loads((hf_untied / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings"):
+        assert got[key] == want[key], key
+    assert got["rope_theta"] == 10000.0 and got["model_type"] == "qwen3"
 
 
 def test_padded_megatron_vocab_is_cut_back_with_hf_cfg_dir(hf_untied, tmp_path):

@@ -253,3 +253,19 @@ def test_megatron_core_logits_match_transformers(mcore, tmp_path, tied):
     qkv = state["decoder.layers.0.self_attention.linear_qkv.weight"]
     state["decoder.layers.0.self_attention.linear_qkv.weight"] = qkv.view(2, 4, 32, -1).flip(1).reshape(qkv.shape)
     assert not torch.allclose(mcore_logits(cfg, state, ids, tied), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_reader_loads_args_holding_megatron_objects_inertly(tmp_path):
+    """Megatron-LM puts enums in `args`; they load as inert placeholders (no megatron import needed)."""
+    enums = pytest.importorskip("megatron.core.enums")
+    src = make_hf(tmp_path / "hf", tied=True, dtype=torch.float32)
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", mg)
+    path = mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    obj = torch.load(path, weights_only=False)
+    obj["args"].model_type = enums.ModelType.encoder_or_decoder
+    torch.save(obj, path, pickle_protocol=4)
+    reader = MegatronReader(mg)
+    assert type(reader.args.model_type).__name__ == "ModelType"
+    assert not isinstance(reader.args.model_type, enums.ModelType)
+    assert torch.equal(reader.get("model.norm.weight"), hf_tensors(src)["model.norm.weight"])
