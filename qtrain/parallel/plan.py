@@ -11,7 +11,9 @@ without --use-distributed-optimizer; b = 2 with --bf16 else 4; per token of a mi
                plus the unsharded LM-head gradient; one process without FSDP: autocast's bf16
                copies of every weight
   activations  tokens x (sum over the stage's layers of A) x micro-batches in flight
-  loss         tokens x V/TP x (4 saved log-softmax + 4 its gradient + b logits [+ b their gradient])
+  loss         logits path (train.step): tokens x V/TP x (4 saved log-softmax + 4 its gradient
+               + b logits [+ b their gradient]); fused chunked loss (`fused_loss=True`, the model's
+               `labels=` path): 4 V H / TP fp32 head gradient + 4 tokens H + 8 x 1024 x V / TP chunk
 
 Per decoder layer and token, with H hidden, Q = heads x head_dim, K = kv heads x head_dim, n / m
 query / kv heads, I = FFN size; everything after "|" is divided by TP (the norm terms too under
@@ -106,10 +108,12 @@ def layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, 
 
 def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: Optional[int] = None,
                     seq_length: Optional[int] = None, bf16: Optional[bool] = None,
-                    num_microbatches: Optional[int] = None) -> MemoryEstimate:
+                    num_microbatches: Optional[int] = None, fused_loss: bool = False,
+                    fsdp: Optional[bool] = None) -> MemoryEstimate:
     """Per-device memory of `model_cfg` trained under the layout of `cfg` (a PretrainConfig, or
     ParallelArgs with the keyword arguments) on `world_size` devices. Raises ConfigError for an
-    invalid layout. The busiest pipeline stage is reported."""
+    invalid layout. The busiest pipeline stage is reported. fsdp: whether FSDP2 wraps the model
+    (default: when world_size > 1, as the loop does; the benchmarks use a one-rank FSDP mesh)."""
     t = getattr(cfg, "training", None)
     mbs = micro_batch_size or (t.micro_batch_size if t else 1)
     seq = seq_length or (cfg.data.seq_length if hasattr(cfg, "data") else None)
@@ -125,7 +129,7 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
     m, tp = model_cfg, dims.tp
     stages = stage_layers(p, m.num_hidden_layers)
     fsdp_ways = dims.dp_shard * dims.cp
-    sharded_fsdp = world_size > 1
+    sharded_fsdp = world_size > 1 if fsdp is None else fsdp
     tokens = mbs * seq // dims.cp
     lay_sharded, lay_repl = layer_params(m, tp)
     embed = m.vocab_size * m.hidden_size / tp
@@ -144,7 +148,12 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         if last:
             acts += tokens * (2 * (4 * m.hidden_size + b * m.hidden_size) / (tp if p.sequence_parallel else 1)
                               + b * m.hidden_size)
-        loss = tokens * m.vocab_size / tp * (8 + b + (b if b != 4 else 0)) if last else 0.0
+        if not last:
+            loss = 0.0
+        elif fused_loss:
+            loss = 4 * embed + 4 * tokens * m.hidden_size + 8 * min(tokens, 1024) * m.vocab_size / tp
+        else:
+            loss = tokens * m.vocab_size / tp * (8 + b + (b if b != 4 else 0))
         est = MemoryEstimate(4 * params / fsdp_ways, 4 * params / fsdp_ways, 8 * params / fsdp_ways,
                              transient, acts, loss, dims)
         if best is None or est.total > best.total:
