@@ -49,7 +49,9 @@ def megatron_args(cfg: Qwen3Config, *, tp: int, pp: int, num_layer_list: list[in
         num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim,
         vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=1,
         max_position_embeddings=cfg.max_position_embeddings,
-        position_embedding_type="rope", add_position_embedding=False, use_rotary_position_embeddings=True,
+        # add_position_embedding: Megatron's default, which MindSpeed-LLM's Qwen3 scripts keep; it is checked
+        # against the running job's value on load, and unused with rope.
+        position_embedding_type="rope", add_position_embedding=True, use_rotary_position_embeddings=True,
         rotary_percent=1.0, rotary_interleaved=False, rotary_base=int(cfg.rope_theta),
         normalization="RMSNorm", norm_epsilon=cfg.rms_norm_eps, apply_layernorm_1p=False, qk_layernorm=True,
         swiglu=True, add_bias_linear=False, add_qkv_bias=False,
