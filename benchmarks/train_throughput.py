@@ -71,12 +71,12 @@ def gpu_plan() -> list[dict]:
         _qtrain("qtrain 1.7B mbs8", mbs=8),
         _anchor("hf_liger", 8),
         _anchor("hf_fp32master", 1),
-        _qtrain("qtrain 1.7B mbs1", mbs=1),
-        _qtrain("qtrain 1.7B mbs2", mbs=2),
+        _qtrain("qtrain 1.7B mbs1", mbs=1),  # also the memory comparison at MBS 1
         dict(kind="correctness", name="correctness 0.6B", model="0.6B", seq=2048, mbs=2, iters=50, lr=3e-4,
-             warmup_iters=10, compile=True, timeout=180),
+             warmup_iters=10, compile=True, ops="auto", timeout=180),
         _qtrain("qtrain 1.7B s32768 recompute", seq=32768, recompute="full", warmup=2, steps=5, timeout=180),
         _anchor("hf_liger_ckpt", 1, seq=32768, warmup=2, steps=5, timeout=150),
+        _qtrain("qtrain 1.7B mbs2", mbs=2),
         _qtrain("qtrain 0.6B best", model="0.6B", mbs="best"),
         _qtrain("qtrain 4B best", model="4B", mbs="best", timeout=180),
         _qtrain("qtrain 1.7B best eager", mbs="best", compile=False),  # does compile win?
@@ -539,25 +539,40 @@ def orchestrate(args: argparse.Namespace) -> int:
                 command=" ".join([Path(sys.executable).name] + sys.argv), commit=_git_commit(),
                 budget_s=args.budget_s, used_s=0.0)
     rows: list[dict] = []
+    degrade: dict = {}  # settings that failed in this call, applied to every later qtrain row
     with open(out / "log.txt", "w") as log:
         for c in plan:
             left = args.budget_s - (time.time() - t_start)
             if c.get("mbs") == "best":
                 c["mbs"] = _fitting_mbs(c["model"], c["seq"], _best_mbs(rows, c["seq"]) or 1, c.get("recompute"))
+            if c["kind"] in ("qtrain", "correctness"):
+                c.update({k: v for k, v in degrade.items() if k in c})
             if left < 30:
                 rows.append(_row(c, dict(status="skipped", error="time budget spent")))
                 continue
             print(f"[{time.time() - t_start:6.0f} s] {c['name']} ...", flush=True)
+            remaining = lambda: args.budget_s - (time.time() - t_start)  # noqa: E731
             r = _run_one(c, min(c["timeout"], left), log)
-            while r["status"] == "OOM" and c["kind"] in ("qtrain", "anchor") and c["mbs"] > 1 \
-                    and args.budget_s - (time.time() - t_start) > 60:
+            while r["status"] == "OOM" and c["kind"] in ("qtrain", "anchor") and c["mbs"] > 1 and remaining() > 60:
                 rows.append(_row(c, r))  # the OOM stays in the table: it is a memory result
                 c = dict(c, mbs=c["mbs"] // 2, name=f"{c['name']} -> mbs{c['mbs'] // 2}")
-                r = _run_one(c, min(c["timeout"], args.budget_s - (time.time() - t_start)), log)
+                r = _run_one(c, min(c["timeout"], remaining()), log)
+            # A broken fast path must not leave the table without qtrain figures: retry without
+            # compile, then with the reference ops, and keep that for the rest of the call.
+            for fallback in ({"compile": False}, {"ops": "reference"}):
+                if r["status"] not in ("error", "timeout") or c["kind"] != "qtrain" or remaining() < 60:
+                    break
+                if all(c.get(k) == v for k, v in fallback.items()):
+                    continue
+                rows.append(_row(c, r))
+                degrade.update(fallback)
+                c = dict(c, **fallback, name=f"{c['name']} ({', '.join(f'{k}={v}' for k, v in fallback.items())})")
+                r = _run_one(c, min(c["timeout"], remaining()), log)
             rows.append(_row(c, r))
             print(f"          {r['status']}: {r.get('tokens_per_s', r.get('max_abs_loss_diff', r.get('error', '')))}",
                   flush=True)
             meta["used_s"] = time.time() - t_start
+            meta["degraded"] = degrade
             _write_atomic(out / "results.json", json.dumps(dict(meta=meta, rows=rows), indent=1))
     meta["used_s"] = time.time() - t_start
     report = render(rows, meta)

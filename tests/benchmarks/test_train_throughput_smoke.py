@@ -43,3 +43,38 @@ def test_worker_reports_failures_as_rows():
                           timeout=120, cwd=ROOT)
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert proc.returncode == 0 and result["status"] == "error" and "no-such-model" in result["error"]
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oom_halves_mbs_and_broken_compile_falls_back(tmp_path, monkeypatch):
+    """The orchestrator's recovery, with stand-in runs: an OOM is kept and retried at half the MBS;
+    a failing compiled run is retried eager, and later rows stay eager; 'best' picks the fastest."""
+    tt = _load_script()
+    plan = [tt._qtrain("q mbs4", model="smoke", mbs=4), tt._qtrain("q mbs1", model="smoke", mbs=1),
+            tt._qtrain("q best", model="smoke", mbs="best")]
+    monkeypatch.setattr(tt, "smoke_plan", lambda tokens: [dict(c) for c in plan])
+    seen = []
+
+    def fake_run(c, timeout, log):
+        seen.append((c["name"], c["mbs"], c["compile"]))
+        if c["mbs"] == 4:
+            return dict(status="OOM", error="CUDA out of memory")
+        if c["compile"]:
+            return dict(status="error", error="InductorError")
+        return dict(status="ok", tokens_per_s=100 * c["mbs"], step_s=1.0)
+
+    monkeypatch.setattr(tt, "_run_one", fake_run)
+    assert tt.main(["run", "--smoke", "--out", str(tmp_path)]) == 0
+    assert seen == [("q mbs4", 4, True), ("q mbs4 -> mbs2", 2, True), ("q mbs4 -> mbs2 (compile=False)", 2, False),
+                    ("q mbs1", 1, False), ("q best", 2, False)]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["OOM", "error", "ok", "ok", "ok"]
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["degraded"] == {"compile": False}
