@@ -20,6 +20,7 @@ import argparse
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,16 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
     return cfg, None
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Replace `final` (an iteration folder) by the completely written `tmp`."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, save_dir: str | Path, *,
@@ -150,12 +156,15 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
 
     `get_tensor(hf_name)` returns a full HF tensor; it is called again for every TP rank, so only
     one rank's shard is ever held. `dtype` casts every tensor (default: keep each tensor's dtype).
-    The tracker file is written last.
+    Files go to `iter_XXXXXXX.tmp/`, which replaces `iter_XXXXXXX/` (and any stale rank folders
+    in it) once complete; the tracker file is written last.
     """
     check_tp(cfg, tp)
     stages = split_layers(cfg.num_hidden_layers, pp, num_layer_list, vpp_layers)
     out_dtype = dtype
-    root = Path(save_dir) / iteration_dir_name(iteration)
+    final = Path(save_dir) / iteration_dir_name(iteration)
+    root = final.with_name(final.name + ".tmp")
+    shutil.rmtree(root, ignore_errors=True)  # leftovers of a conversion that was killed
     written = []
     for p, chunks in enumerate(stages):
         for t in range(tp):
@@ -173,11 +182,13 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
             obj = {"args": megatron_args(cfg, tp=tp, pp=pp, num_layer_list=num_layer_list, vpp_layers=vpp_layers,
                                          dtype=out_dtype, iteration=iteration, hf_config=hf_config), **obj}
             path = root / rank_dir_name(t, p, pp) / MODEL_FILE
-            _atomic_torch_save(obj, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(obj, path)
             del obj, state
-            written.append(path)
+            written.append(final / path.relative_to(root))
             if log:
-                log(f"wrote {path}")
+                log(f"wrote {written[-1]}")
+    _swap_into_place(root, final)
     write_tracker(save_dir, iteration)
     return written
 
