@@ -10,6 +10,8 @@ Megatron-LM and MindSpeed-LLM write
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from qtrain.errors import CheckpointError, ConfigError
@@ -48,6 +50,19 @@ def read_tracker(ckpt_dir: str | Path) -> int | str:
 def write_tracker(ckpt_dir: str | Path, iteration: int | str) -> None:
     """Write the tracker file (last, so a half-written checkpoint is never picked up)."""
     write_text_atomic(Path(ckpt_dir) / TRACKER, str(iteration))
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Replace the iteration folder `final` by the completely written `tmp`; `final` is never
+    absent for longer than between two renames."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def resolve_iteration(ckpt_dir: str | Path, iteration: int | None) -> int | str:

@@ -29,7 +29,7 @@ import torch
 
 from qtrain.checkpoint import safe_pickle
 from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_name, resolve_iteration,
-                                      split_layers, write_tracker)
+                                      split_layers, swap_into_place, write_tracker)
 from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
@@ -135,18 +135,6 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
     return cfg, None
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Replace `final` (an iteration folder) by the completely written `tmp`."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, save_dir: str | Path, *,
                   tp: int = 1, pp: int = 1, num_layer_list: list[int] | None = None,
                   vpp_layers: int | None = None, dtype: torch.dtype | None = None, iteration: int = 1,
@@ -188,7 +176,7 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
             written.append(final / path.relative_to(root))
             if log:
                 log(f"wrote {written[-1]}")
-    _swap_into_place(root, final)
+    swap_into_place(root, final)
     write_tracker(save_dir, iteration)
     return written
 

@@ -5,7 +5,6 @@ Megatron output lives in megatron.py (`save_megatron`); these are the other two 
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItem
 
-from qtrain.checkpoint.layout import iteration_dir_name, write_tracker
+from qtrain.checkpoint.layout import iteration_dir_name, swap_into_place, write_tracker
 from qtrain.checkpoint.sources import Source
 from qtrain.errors import CheckpointError
 from qtrain.io_utils import write_json_atomic
@@ -105,9 +104,7 @@ def save_qtrain(source: Source, save_dir: str | Path, iteration: int, dtype: tor
     if source.tokenizer_dir is not None:  # so that a later export to HF is complete
         copy_tokenizer(source.tokenizer_dir, tmp)
     write_json_atomic(tmp / "config.json", hf_config_for(source, dtype))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_into_place(tmp, final)
     write_tracker(save_dir, iteration)
     return final
 
