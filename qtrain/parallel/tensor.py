@@ -4,7 +4,7 @@ Megatron's layout: q/k/v and gate/up projections split by output (column paralle
 input (row parallel), so each rank owns whole heads and one all-reduce (or, with
 --sequence-parallel, one reduce-scatter + all-gather pair) per block suffices. The embedding and
 LM head are split by vocabulary; logits stay vocab-sharded and the loss runs under
-`loss_parallel()` (see `loss_context`), so the full [tokens, vocab] logits never exist on one rank.
+`loss_parallel()` (qtrain.parallel.loss_scope), so the full [tokens, vocab] logits never exist on one rank.
 
 q_norm / k_norm act on each head's vector with one weight shared by all heads. A rank sees only
 its heads, so their weight gradient is a partial sum: they are marked as sharded along the head
@@ -13,17 +13,13 @@ dim (SequenceParallel(sequence_dim=2)) so DTensor sums that gradient over TP ran
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
-    loss_parallel,
     parallelize_module,
 )
 
@@ -81,10 +77,3 @@ def _retie(model: nn.Module) -> None:
             and model.model.embed_tokens is not None):
         model.lm_head.weight = model.model.embed_tokens.weight
 
-
-def loss_context(logits: torch.Tensor):
-    """`loss_parallel()` when the logits are vocab-sharded DTensors, else a no-op. The loss and its
-    backward must both run inside it."""
-    if isinstance(logits, DTensor) and any(isinstance(p, Shard) for p in logits.placements):
-        return loss_parallel()
-    return contextlib.nullcontext()

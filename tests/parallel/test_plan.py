@@ -13,7 +13,7 @@ from qtrain.models.config import Qwen3Config
 from qtrain.models.presets import get_preset
 from qtrain.models.qwen3 import build_model
 from qtrain.ops.rope import rope_cos_sin
-from qtrain.parallel.plan import GIB, estimate_memory, layer_activation_bytes, main, suggest_layouts
+from qtrain.parallel.plan import estimate_memory, layer_activation_bytes, main, suggest_layouts
 from qtrain.parallel.recompute import apply_recompute
 
 CFG = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
