@@ -393,6 +393,8 @@ def decode_chunk(chunk: Chunk) -> Iterator[tuple[int, Any]]:
         for k, raw in enumerate(chunk.items):
             if raw.isspace() or not raw:
                 continue
+            if k == 0 and chunk.start == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark opening the file
             try:
                 obj = loads(_utf8(raw.rstrip(b"\r\n")))
             except RecordError as exc:

@@ -95,6 +95,12 @@ def test_jsonl_bad_records_name_line_and_reason(tmp_path):
         list(iter_records(str(p)))
 
 
+def test_bom_and_crlf_jsonl(tmp_path):
+    p = tmp_path / "win.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert [r for _, r in iter_records(str(p))] == [{"text": "a"}, {"text": "b"}]
+
+
 def test_latin1_txt_is_an_error_naming_the_file(tmp_path):
     p = tmp_path / "bbc.txt"
     p.write_bytes("Caf\u00e9 society".encode("latin-1"))
