@@ -249,6 +249,8 @@ class Tokenizer:
         self.fast_reason: str | None = "disabled by the caller"
         if fast:
             self._fast, self.fast_reason = self._build_fast()
+        if self._fast is None:
+            self.hf  # encode() will need it: load it now, before worker processes are forked
 
     def _load_backend(self) -> Any:
         tj = self.path / "tokenizer.json"
