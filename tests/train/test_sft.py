@@ -245,3 +245,37 @@ def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path):
         assert torch.allclose(t.float(), merged[name].float(), atol=1e-6), name
         changed += not torch.equal(t, base.state_dict()[name])
     assert changed == 2 * 5  # q, k, v, gate, up of both layers
+
+
+def test_lora_sft_on_two_data_parallel_ranks_equals_one_rank(tmp_path):
+    """FSDP over 2 gloo ranks trains the same adapters as one process (same global batch)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from qtrain.models.hf import save_hf
+
+    save_hf(_model(2), tmp_path / "base")
+    data = write_instruction_data(tmp_path / "alpaca", _samples(8, seed=6), pack=True)
+    lora = ["--load", str(tmp_path / "base"), "--finetune", "--lora-r", "4", "--lora-alpha", "8"]
+
+    def args(save):
+        a = _sft_args(data, save, 4, lora)
+        a[a.index("--micro-batch-size") + 1] = "1"
+        return a
+
+    one = run_sft(args(tmp_path / "one"), log=lambda *a: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QTRAIN_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--standalone", "-m", "qtrain", "sft", *args(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DP 2" in proc.stdout
+    a = load_file(str(tmp_path / "one" / "iter_0000004" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "iter_0000004" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and len(a) == 2 * 2 * 7
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert max(one.losses.values()) > 0
