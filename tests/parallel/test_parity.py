@@ -24,6 +24,12 @@ WORLD2 = {
     "tp2_recompute_selective": {"tensor_model_parallel_size": 2, "recompute_granularity": "selective"},
 }
 
+# Beyond the acceptance list: the combinations big recipes use (TP+SP inside pipeline stages, CP with TP).
+WORLD4_EXTRA = {
+    "pp2_tp2_sp": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "sequence_parallel": True},
+    "cp2_tp2": {"tensor_model_parallel_size": 2, "context_parallel_size": 2},
+}
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
@@ -36,13 +42,14 @@ def results(tmp_path_factory):
         {"name": "pp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
          "save": ckpt, "save_at": 5},
         {"name": "resume_dp4", "parallel": {"use_distributed_optimizer": True}, "load": ckpt},
+        *({"name": n, "parallel": p} for n, p in WORLD4_EXTRA.items()),
     ])
     out |= run_worker(tmp, "resume1", 1, [{"name": "resume_single", "load": ckpt}])
     return out
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", [*WORLD2, "dp2_tp2", "pp2_tp2"])
+@pytest.mark.parametrize("layout", [*WORLD2, "dp2_tp2", "pp2_tp2", *WORLD4_EXTRA])
 def test_layout_matches_single_process(results, layout):
     ref, got = results["single"], results[layout]
     assert len(got["losses"]) == 10
