@@ -30,6 +30,7 @@ OPS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
 IMPLS = ("reference", "liger", "npu")
 _NATIVE = {"cuda": "liger", "npu": "npu"}  # the fused library of each device type
 _ELEMENTWISE = ("rms_norm", "rope", "swiglu")  # what inductor fuses as well as a library kernel
+_SUPPORTED = {"liger": OPS, "npu": _ELEMENTWISE}  # torch_npu has no fused linear cross-entropy
 
 log = logging.getLogger("qtrain.ops")
 
@@ -74,8 +75,8 @@ def resolve(device_type: str, requested: dict[str, str], available: dict[str, bo
     for op in OPS:
         want = requested.get(op)
         if want is None:
-            table[op] = native if native and available.get(native) else "reference"
-        elif want != native:
+            table[op] = native if native and available.get(native) and op in _SUPPORTED[native] else "reference"
+        elif want != native or op not in _SUPPORTED[want]:
             table[op] = "reference"  # "reference", or another device type's library
         elif not available.get(want):
             raise ValueError(f"{ENV} asks for {want} for {op} on {device_type}, but it is not importable here "

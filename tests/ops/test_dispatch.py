@@ -37,7 +37,7 @@ def test_parse_spec():
 def test_resolve_per_device():
     have = {"liger": True, "npu": True}
     assert dispatch.resolve("cuda", {}, have) == ALL_LIGER
-    assert dispatch.resolve("npu", {}, have) == dict.fromkeys(dispatch.OPS, "npu")
+    assert dispatch.resolve("npu", {}, have) == {**dict.fromkeys(dispatch.OPS, "npu"), "linear_cross_entropy": "reference"}
     assert dispatch.resolve("cpu", {}, have) == ALL_REF  # the CPU never leaves the reference
     assert dispatch.resolve("cpu", dispatch.parse_spec("liger"), have) == ALL_REF
     assert dispatch.resolve("cuda", dispatch.parse_spec("reference"), have) == ALL_REF
@@ -150,3 +150,36 @@ def test_compiled_code_keeps_elementwise_ops_on_the_reference(monkeypatch):
     assert calls == [] and torch.allclose(out, rms_norm_reference(x, w, 1e-6))
     rms_norm(x, w, 1e-6)
     assert calls == ["rms_norm"]
+
+
+def test_npu_paths_route_to_torch_npu(monkeypatch):
+    """Stand-ins with torch_npu's signatures: npu_rms_norm(x, w, epsilon) -> (y, rstd),
+    npu_rotary_mul(x, cos[B,1,S,D], sin), npu_swiglu(cat(gate, up), dim) = silu(first half) * second."""
+    calls: list = []
+
+    def rms(x, w, epsilon):
+        calls.append("rms_norm")
+        return rms_norm_reference(x, w, epsilon), None
+
+    def rot(x, c, s):
+        calls.append("rope")
+        assert c.dim() == 4 and c.shape[1] == 1
+        return x * c + torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1) * s
+
+    def glu(x, dim):
+        calls.append("swiglu")
+        a, b = x.chunk(2, dim=dim)
+        return torch.nn.functional.silu(a) * b
+
+    monkeypatch.setattr(dispatch, "_NPU", types.SimpleNamespace(npu_rms_norm=rms, npu_rotary_mul=rot, npu_swiglu=glu))
+    assert dispatch.resolve("npu", {}, {"npu": True}) == {**dict.fromkeys(dispatch.OPS, "npu"),
+                                                          "linear_cross_entropy": "reference"}
+    monkeypatch.setitem(dispatch._TABLE, "cpu", dispatch.resolve("npu", {}, {"npu": True}))
+    x, w = torch.randn(2, 3, 8), torch.randn(8)
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    assert torch.allclose(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    got_q, got_k = apply_rope_qk(q, k, cos, sin)
+    assert torch.allclose(got_q, apply_rope_reference(q, cos, sin)) and torch.allclose(got_k, apply_rope_reference(k, cos, sin))
+    assert torch.allclose(swiglu(x, x * 2), swiglu_reference(x, x * 2))
+    assert calls == ["rms_norm", "rope", "rope", "swiglu"]
