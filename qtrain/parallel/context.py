@@ -5,8 +5,8 @@ r and 2*CP-1-r, so under the causal mask every rank has the same amount of atten
 RoPE uses the tokens' global positions (the batch gets `position_ids`), and attention of the
 local queries against the gathered keys/values uses a mask built from the same positions.
 
-K/V are gathered with an autograd-aware all-gather whose backward sums the key/value gradients
-of all ranks and keeps the local slice; attention itself is torch's SDPA, so its backward is
+K/V are gathered with an autograd-aware all-gather whose backward reduce-scatters the key/value
+gradients; attention itself is torch's SDPA, so its backward is
 SDPA's. This runs on any torch.distributed backend (gloo on CPU, NCCL, HCCL). Its memory is
 one full-sequence K/V per layer (Llama 3's all-gather CP) rather than a ring's two chunks.
 
@@ -48,20 +48,22 @@ def shard_batch(batch: dict[str, torch.Tensor], cp_group) -> dict[str, torch.Ten
 
 
 class _GatherSeq(torch.autograd.Function):
-    """all_gather of [B, H, S_local, D] into [cp, B, H, S_local, D]; backward: sum, keep own slice."""
+    """all_gather of [B, H, S_local, D] into [cp, B, H, S_local, D]; backward: reduce-scatter (each
+    rank gets the sum over ranks of the gradient of its own slice)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.stack(parts)
+        cp = dist.get_world_size(group)
+        out = x.new_empty((cp * x.shape[0], *x.shape[1:]))  # ranks concatenated along dim 0
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out.view(cp, *x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        mine = grad.new_empty(grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, grad.contiguous().flatten(0, 1), group=ctx.group)
+        return mine, None
 
 
 def _gather_global_order(x: torch.Tensor, group) -> torch.Tensor:
