@@ -10,7 +10,7 @@ QTRAIN_OPS selects explicitly:
                    inside torch.compile'd code the element-wise ops (rms_norm, rope, swiglu) take the
                    reference, which inductor fuses with its neighbours (an opaque kernel would stop that)
   reference        the PyTorch reference everywhere (torch.compile fuses it when compile is on)
-  liger | npu      that library for every op on its device (an error if it is missing there)
+  liger | npu      that library for every op it has, on its device (an error if it is missing there)
   op=impl,...      per op, e.g. "rope=reference,swiglu=reference"; unnamed ops stay on auto
 """
 
