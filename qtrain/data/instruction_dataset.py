@@ -38,6 +38,18 @@ def dataset_prefixes(prefix: str) -> dict[str, str]:
     return {key: f"{prefix}_packed_{key}_document" for key in KEYS}
 
 
+def checked_prefixes(prefix: str) -> dict[str, str]:
+    """`dataset_prefixes`, after checking that the six files exist."""
+    prefixes = dataset_prefixes(prefix)
+    for p in prefixes.values():
+        if not Path(p + ".idx").is_file() or not Path(p + ".bin").is_file():
+            raise DataError(
+                f"--data-path {prefix}: {p}.bin/.idx not found; make instruction data with `qtrain preprocess "
+                "--handler-name AlpacaStyleInstructionHandler` (or SharegptStyleInstructionHandler) and pass "
+                "its --output-prefix")
+    return prefixes
+
+
 def make_sft_item(tokens: np.ndarray, labels: np.ndarray, segments: np.ndarray, seq_length: int, pad_id: int,
                   packed: bool) -> dict[str, torch.Tensor]:
     """One training item (see the module docstring) from a stored document's three arrays;
@@ -71,12 +83,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __init__(self, prefix: str, seq_length: int, pad_id: int, num_samples: int | None = None,
                  doc_range: tuple[int, int] | None = None, seed: int = 1234, shuffle: bool = True):
-        prefixes = dataset_prefixes(prefix)
-        for key, p in prefixes.items():
-            if not Path(p + ".idx").is_file() or not Path(p + ".bin").is_file():
-                raise DataError(
-                    f"--data-path {prefix}: {p}.bin/.idx not found; make instruction data with `qtrain preprocess "
-                    "--handler-name AlpacaStyleInstructionHandler` (or Sharegpt...) and pass its --output-prefix")
+        prefixes = checked_prefixes(prefix)
         self.ds = {k: IndexedDataset(p) for k, p in prefixes.items()}
         lengths = {k: d.sequence_lengths for k, d in self.ds.items()}
         if not (np.array_equal(lengths["input_ids"], lengths["labels"])
@@ -121,7 +128,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 def build_instruction_datasets(prefix: str, split: str, sizes: list[int], seq_length: int, pad_id: int,
                                seed: int, shuffle: bool = True) -> list[InstructionDataset | None]:
     """Train / valid / test datasets over the --split ranges of the documents (None for an empty split)."""
-    total = len(IndexedDataset(dataset_prefixes(prefix)["input_ids"]))
+    total = len(IndexedDataset(checked_prefixes(prefix)["input_ids"]))
     out: list[InstructionDataset | None] = []
     for i, (bounds, size) in enumerate(zip(split_ranges(split, total), sizes)):
         if bounds is None or bounds[1] <= bounds[0]:

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         from qtrain.config import build_parser
 
         print(build_parser("qtrain sft").format_help())
-        print(sft_parser().format_help().split("\n", 2)[2])
+        text = sft_parser().format_help()
+        print(text[text.index("\nsft:") + 1:])
         return 0
     try:
         run_sft(argv)
