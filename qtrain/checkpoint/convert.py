@@ -23,7 +23,7 @@ import torch
 from qtrain.checkpoint.layout import parse_num_layer_list
 from qtrain.checkpoint.megatron import save_megatron
 from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
-from qtrain.checkpoint.writers import save_hf_dir, save_qtrain
+from qtrain.checkpoint.writers import save_hf_dir
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.models.hf import read_hf_config
 
@@ -104,6 +104,8 @@ def _convert(args: argparse.Namespace) -> int:
         elif args.save_model_type == "hf":
             save_hf_dir(source, args.save_dir, dtype, generation_config_dir=getattr(source, "gen_dir", None))
         else:
+            from qtrain.checkpoint.dcp_export import save_qtrain  # imports DCP, seconds of start-up
+
             save_qtrain(source, args.save_dir, iteration, dtype)
     finally:
         source.close()

@@ -227,7 +227,7 @@ class MegatronReader:
         self.config, self.hf_config = config_from_args(self.args, str(self._path(0, 0)), shapes, self.tp)
         dtype = _arg(self.args, "params_dtype", "torch_dtype")  # MindSpeed-LLM keeps HF's "bfloat16" string
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype in _DTYPE_NAMES else dtype
-        self._owner: dict[str, tuple[int, str, ParamSpec]] = {}
+        self._owner: dict[str, tuple[int, int, ParamSpec]] = {}  # HF name -> (stage, chunk, spec)
         self._build_index(head)
         self._stage: tuple[int, list[list[dict[str, torch.Tensor]]]] | None = None
         self._pending: dict[str, torch.Tensor] = {}

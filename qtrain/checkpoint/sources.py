@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from qtrain.checkpoint.layout import iteration_dir_name, resolve_iteration
 from qtrain.checkpoint.megatron import MegatronReader
@@ -124,6 +123,9 @@ class QtrainSource:
         self.hf_config = json.loads(config_file.read_text())
         self.config = Qwen3Config.from_hf_dict(self.hf_config, source=str(config_file))
         self.tokenizer_dir = _has_tokenizer(self.folder)
+        import torch.distributed.checkpoint as dcp  # only here: importing DCP costs seconds
+
+        self._dcp = dcp
         self._reader = dcp.FileSystemReader(str(self.folder))
         meta = self._reader.read_metadata().state_dict_metadata
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
@@ -137,7 +139,7 @@ class QtrainSource:
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         with warnings.catch_warnings():  # single-process load is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
+            self._dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
         return tensor
 
     def close(self) -> None:
