@@ -1,6 +1,7 @@
 """Two "nodes" on loopback: two torchrun invocations (--nnodes 2 --node-rank 0/1, static
-rendezvous at 127.0.0.1) run the real `qtrain pretrain`, train with FSDP data parallel across the
-nodes and save; the losses match a one-process run of the same command."""
+rendezvous at 127.0.0.1) run the real `qtrain pretrain` with a pipeline stage on each node,
+train and save; the losses match a one-process run of the same command, and one process
+resumes the two-node checkpoint exactly where the one-process run goes on."""
 
 import json
 import subprocess
@@ -25,35 +26,42 @@ def tiny_dataset(prefix: Path) -> str:
     return str(prefix)
 
 
-def pretrain_args(data: str, save: Path) -> list[str]:
+def pretrain_args(data: str, save: Path, iters: int) -> list[str]:
     return ["pretrain", "--model-preset", "tiny", "--padded-vocab-size", "256", "--num-layers", "2",
-            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
-            "--lr", "3e-3", "--data-path", data, "--split", "100,0,0", "--eval-iters", "0",
-            "--log-interval", "1", "--save", str(save), "--save-interval", "4"]
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--lr", "3e-3", "--lr-decay-style", "constant", "--data-path", data, "--split", "100,0,0",
+            "--eval-iters", "0", "--log-interval", "1", "--save", str(save), "--save-interval", "4"]
+
+
+def run_single(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "qtrain", *args], cwd=REPO, env=worker_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def loss_rows(save: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
 
 
 def losses(save: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in rows if "loss" in r}
+    return dict(loss_rows(save))
 
 
 @pytest.mark.timeout(600)
 def test_two_node_loopback_trains_and_saves(tmp_path):
     data = tiny_dataset(tmp_path / "tiny_text_document")
-    single = subprocess.run([sys.executable, "-m", "qtrain", *pretrain_args(data, tmp_path / "one")],
-                            cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    run_single(pretrain_args(data, tmp_path / "one", 6))
 
     port = free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "qtrain", *pretrain_args(data, tmp_path / "two"), "--use-distributed-optimizer"],
+         "-m", "qtrain", *pretrain_args(data, tmp_path / "two", 4), "--pipeline-model-parallel-size", "2"],
         cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = [node.communicate(timeout=400) for node in nodes]
     for node, (out, err) in zip(nodes, outs):
         assert node.returncode == 0, err[-3000:]
-    assert "DP 2" in outs[0][0]
     saved = tmp_path / "two"
     assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert (saved / "iter_0000004" / ".metadata").is_file()
@@ -61,3 +69,10 @@ def test_two_node_loopback_trains_and_saves(tmp_path):
     assert sorted(two) == [1, 2, 3, 4]
     for it in two:
         assert two[it] == pytest.approx(one[it], rel=1e-5)
+
+    # the two-node pipeline checkpoint goes on in one process like the uninterrupted run
+    run_single(pretrain_args(data, saved, 6) + ["--load", str(saved)])
+    assert [it for it, _ in loss_rows(saved)] == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted
+    resumed = losses(saved)
+    for it in (5, 6):
+        assert resumed[it] == pytest.approx(one[it], rel=1e-5)
