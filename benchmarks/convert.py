@@ -104,6 +104,7 @@ def main() -> None:
     size = write_random_hf(args.work / "hf")
     rows = []
     for label, conv in RUNS:
+        os.sync()  # start each run without the previous run's writes still being flushed
         load = os.getloadavg()[0]  # the machine is shared: a busy one stretches wall time, not CPU time
         wall, cpu, rss, line = timed_convert(conv, args.work)
         rows.append((label, wall, cpu, rss, load))
@@ -116,7 +117,7 @@ def main() -> None:
         f"torch {torch.__version__}. Script: benchmarks/convert.py.", "",
         f"Source: random bf16 weights, Qwen3-1.7B shape (28 layers, hidden 2048, vocab 151936, tied), "
         f"2 safetensors shards, {size / 1e9:.2f} GB of weights on disk. Each conversion runs in a fresh "
-        f"process under `/usr/bin/time -v` (page cache warm: the source was just written).", "",
+        f"process under `/usr/bin/time -v`, after an `os.sync()` (page cache warm: the source was just written).", "",
         "| conversion | wall s | CPU s (user+sys) | load avg at start | peak RSS GiB | peak RSS / model on disk |",
         "|---|---:|---:|---:|---:|---:|",
     ]
