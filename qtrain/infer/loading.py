@@ -8,6 +8,7 @@ An optional PEFT LoRA adapter is merged into the weights.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -49,4 +50,16 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
         from qtrain.train.lora import apply_adapter
 
         apply_adapter(model, lora_dir)
-    return model.eval(), source.tokenizer_dir
+    return model.eval(), source.tokenizer_dir or _training_tokenizer(source)
+
+
+def _training_tokenizer(source) -> Path | None:
+    """The --tokenizer-name-or-path a qtrain checkpoint was trained with (from its qtrain_args.json)."""
+    args_file = Path(getattr(source, "folder", "")) / "qtrain_args.json"
+    if not args_file.is_file():
+        return None
+    try:
+        path = json.loads(args_file.read_text()).get("data", {}).get("tokenizer_name_or_path")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return Path(path) if path and Path(path).is_dir() else None

@@ -279,3 +279,40 @@ def test_lora_sft_on_two_data_parallel_ranks_equals_one_rank(tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert max(one.losses.values()) > 0
+
+
+def test_reads_the_real_alpaca_handler_output(tmp_path, tokenizer_dir):
+    """Through `qtrain preprocess` with the Qwen3 tokenizer: the trained targets of each sample are
+    exactly its reply and the turn end, and packing keeps every sample's inputs and targets."""
+    from transformers import AutoTokenizer
+
+    from qtrain.data.preprocess import main as preprocess
+
+    records = [{"instruction": "Name a primary color.", "input": "", "output": "Red."},
+               {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5."},
+               {"instruction": "Translate to French.", "input": "cat", "output": "chat"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    items = {}
+    for pack in (False, True):
+        prefix = tmp_path / ("packed" if pack else "plain")
+        assert preprocess(["--input", str(tmp_path / "a.jsonl"), "--handler-name", "AlpacaStyleInstructionHandler",
+                           "--tokenizer-name-or-path", str(tokenizer_dir), "--seq-length", "128",
+                           "--output-prefix", str(prefix), "--workers", "1"] + (["--pack"] if pack else [])) == 0
+        ds = InstructionDataset(str(prefix), 128, 0, shuffle=False)
+        assert ds.packed == pack
+        samples = set()
+        for i in range(len(ds)):
+            item = ds[i]
+            pos = item["position_ids"].tolist() + [0]
+            starts = [j for j in range(128) if pos[j] == 0] + [128]
+            for a, b in zip(starts[:-1], starts[1:]):
+                trained = item["labels"][a:b] != -100
+                if trained.any():  # the sample ends with the target of its last trained position
+                    end = a + int(trained.nonzero().max()) + 2
+                    samples.add((tuple(item["input_ids"][a:end].tolist()),
+                                 tuple(item["labels"][a:b][trained].tolist())))
+        items[pack] = samples
+    assert items[False] == items[True] and len(items[False]) == 3
+    replies = sorted(tok.decode(list(t)) for _, t in items[False])
+    assert replies == sorted(f"{r['output']}<|im_end|>\n" for r in records)
