@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, free_port, worker_env
+from parallel_helpers import REPO, free_port, worker_env
 
 
 def tiny_dataset(prefix: Path) -> str:

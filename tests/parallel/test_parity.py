@@ -5,7 +5,7 @@ under one process. The gradient norm, far more sensitive to a wrong gradient tha
 
 import pytest
 
-from helpers import max_rel_diff, run_worker
+from parallel_helpers import max_rel_diff, run_worker
 
 LOSS_RTOL = 1e-5
 NORM_RTOL = 1e-4

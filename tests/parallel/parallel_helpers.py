@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-WORKER = Path(__file__).with_name("worker.py")
+WORKER = Path(__file__).with_name("parallel_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 

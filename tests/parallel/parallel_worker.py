@@ -1,4 +1,4 @@
-"""Training worker for the parallel tests: `torchrun ... worker.py SPEC.json` (or plain python for
+"""Training worker for the parallel tests: `torchrun ... parallel_worker.py SPEC.json` (or plain python for
 one process). Runs each layout of the spec in turn on a tiny Qwen3 (float32, CPU, gloo) and
 writes the loss and gradient norm of every iteration to spec["out"] as JSON.
 
