@@ -6,12 +6,13 @@ RoPE uses the tokens' global positions (the batch gets `position_ids`), and atte
 local queries against the gathered keys/values uses a mask built from the same positions.
 
 K/V are gathered with an autograd-aware all-gather whose backward reduce-scatters the key/value
-gradients; attention itself is torch's SDPA, so its backward is
-SDPA's. This runs on any torch.distributed backend (gloo on CPU, NCCL, HCCL). Its memory is
-one full-sequence K/V per layer (Llama 3's all-gather CP) rather than a ring's two chunks.
+gradients; attention itself is torch's SDPA, so its backward is SDPA's. This runs on any
+torch.distributed backend (gloo on CPU, NCCL, HCCL). Its memory is one full-sequence K/V per
+layer (Llama 3's all-gather CP) rather than a ring's two chunks.
 
-torch's own `context_parallel` (experimental) dispatches only the flash / efficient / cuDNN SDPA
-kernels of CUDA, which is why qtrain carries this portable path.
+torch's own `context_parallel` (experimental) does not run on CPU (torch 2.13: "Operator
+aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy
+registered"), which is why qtrain carries this portable path.
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ class ContextParallelAttention:
 def apply_context_parallel(model: nn.Module, cp_group) -> None:
     """Route every attention module's attention through ContextParallelAttention while it runs
     (hooks, so recomputation in the backward takes the same path)."""
+    from qtrain.models.qwen3 import Qwen3Attention
+
     fn = ContextParallelAttention(cp_group)
     for module in model.modules():
-        if type(module).__name__ == "Qwen3Attention":
+        if isinstance(module, Qwen3Attention):
             state: dict = {}
 
             def enter(mod, args, state=state):  # noqa: ARG001
