@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers per virtual pipeline stage (interleaved schedule) for mg output")
     p.add_argument("--iteration", type=int, default=None,
                    help="iteration to read from a qtrain/mg checkpoint (default: the tracker's)")
+    p.add_argument("--lora-load", default=None,
+                   help="PEFT LoRA adapter dir (qtrain sft --lora-r, or peft) to merge into the weights")
     p.add_argument("--model-type-hf", default="qwen3", help="HF model family; only qwen3 is supported")
     p.add_argument("--params-dtype", choices=sorted(PARAMS_DTYPES), default=None,
                    help="dtype of hf/mg output (default: the dtype the source's config or args declare)")
@@ -91,6 +93,10 @@ def _convert(args: argparse.Namespace) -> int:
     source = open_source(args.load_model_type, args.load_dir, args.iteration, weights_only=not args.trust_pickle)
     if args.hf_cfg_dir:
         source = _use_hf_cfg_dir(source, args.hf_cfg_dir)
+    if args.lora_load:
+        from qtrain.train.lora import LoRAMergedSource
+
+        source = LoRAMergedSource(source, args.lora_load)
     dtype = PARAMS_DTYPES[args.params_dtype] if args.params_dtype else (
         config_dtype(source.hf_config) or getattr(source, "dtype", None))
     iteration = source.iteration if isinstance(source.iteration, int) else 1

@@ -160,3 +160,23 @@ def test_merged_source_streams_merged_tensors(tmp_path):
         assert torch.equal(src.get(name), want[name]), name
     assert not torch.equal(src.get("model.layers.0.self_attn.o_proj.weight"),
                            base["model.layers.0.self_attn.o_proj.weight"])
+
+
+def test_convert_lora_load_exports_the_merged_model(tmp_path):
+    from qtrain.checkpoint.convert import main as convert
+    from qtrain.models.hf import iter_safetensors, save_hf
+
+    _, ours = _models(tied=False)
+    save_hf(ours, tmp_path / "base")
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    lcfg = LoRAConfig(r=2, alpha=4, target_modules=["linear_qkv", "linear_fc2"])
+    inject_lora(ours, lcfg)
+    _randomise_adapters(ours)
+    save_adapter(ours, lcfg, tmp_path / "a")
+    assert convert(["--load-model-type", "hf", "--save-model-type", "hf", "--load-dir", str(tmp_path / "base"),
+                    "--save-dir", str(tmp_path / "out"), "--lora-load", str(tmp_path / "a")]) == 0
+    got = dict(iter_safetensors(tmp_path / "out"))
+    want = merge_lora(base, tmp_path / "a")
+    assert set(got) == set(want)
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
