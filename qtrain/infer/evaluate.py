@@ -9,7 +9,6 @@ on MMLU / C-Eval CSV directories; prints a table and writes the results as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
