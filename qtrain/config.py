@@ -438,14 +438,15 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
         except (KeyError, ValueError) as e:
             raise ConfigError(f"--model-preset {m.model_preset!r}: {e}") from e
         vocab_given = True
-    elif cfg.checkpoint.load and os.path.isfile(os.path.join(cfg.checkpoint.load, "config.json")) \
-            and not is_qtrain_checkpoint_root(cfg.checkpoint.load):
-        base = Qwen3Config.from_json(os.path.join(cfg.checkpoint.load, "config.json"))
-        vocab_given = True
-    elif cfg.checkpoint.load and is_qtrain_checkpoint_root(cfg.checkpoint.load):
-        from qtrain.checkpoint.dcp import read_checkpoint_model_config
+    elif cfg.checkpoint.load and _load_kind(cfg.checkpoint.load) in ("hf", "qtrain"):
+        # An HF dir or a qtrain checkpoint carries its config.json; a Megatron dir is described
+        # by the shape flags (as in MindSpeed-LLM scripts) and checked against its tensors at load.
+        if _load_kind(cfg.checkpoint.load) == "hf":
+            base = Qwen3Config.from_json(os.path.join(cfg.checkpoint.load, "config.json"))
+        else:
+            from qtrain.checkpoint.dcp import read_checkpoint_model_config
 
-        base = read_checkpoint_model_config(cfg.checkpoint.load)
+            base = read_checkpoint_model_config(cfg.checkpoint.load)
         vocab_given = True
     else:
         base = Qwen3Config()
@@ -477,11 +478,15 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
     return Qwen3Config.from_hf_dict(d)
 
 
-def is_qtrain_checkpoint_root(path: str) -> bool:
-    """A qtrain save dir: has latest_checkpointed_iteration.txt or iter_XXXXXXX/ sub-dirs with .metadata."""
-    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
-        return True
-    return os.path.isfile(os.path.join(path, ".metadata"))
+def _load_kind(path: str) -> Optional[str]:
+    """'hf', 'qtrain', 'megatron' or None (nothing loadable there: --load == --save on a first run)."""
+    from qtrain.checkpoint.dcp import detect_kind
+    from qtrain.errors import CheckpointError
+
+    try:
+        return detect_kind(path)
+    except CheckpointError:
+        return None  # pretrain reports an unreadable --load before training
 
 
 def dump_flags_markdown() -> str:

@@ -237,6 +237,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         keys = set(reader.read_metadata().state_dict_metadata)
     except Exception as e:  # a truncated or foreign .metadata
         raise CheckpointError(f"--load {folder}: unreadable DCP metadata ({e})") from e
+    if "train_state" not in keys:
+        finetune = True  # weights only (e.g. written by `qtrain convert`): start at iteration 0
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not any(k.startswith("optim.") for k in keys):
         raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")

@@ -182,7 +182,7 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     gnorm_last = torch.zeros((), dtype=torch.float32, device=rt.device)
     iters_since_log, t_log = 0, time.time()
     qdevice.reset_peak_memory(rt.device)
-    say(f"training {model_cfg.num_hidden_layers}-layer Qwen3 ({M.num_params(model_cfg):,} params) on "
+    say(f"training {model_cfg.num_hidden_layers}-layer Qwen3 ({model_cfg.num_params:,} params) on "
         f"{rt.world_size} x {rt.device.type}: GBS {batch.global_batch_size} = MBS {batch.micro_batch_size} x "
         f"DP {batch.data_parallel_size} x {batch.num_microbatches} micro-batches, from iteration {iteration}")
 

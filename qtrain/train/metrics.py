@@ -13,22 +13,10 @@ import os
 from typing import Any, Optional
 
 
-def num_params(cfg) -> int:
-    """Parameters of a Qwen3 model from its config (tied embedding counted once)."""
-    h, q, kv, L = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_hidden_layers
-    attn = h * cfg.num_attention_heads * q * 2 + h * kv * q * 2 + 2 * q  # q,o + k,v + q/k norms
-    if getattr(cfg, "attention_bias", False):
-        attn += cfg.num_attention_heads * q + 2 * kv * q
-    mlp = 3 * h * cfg.intermediate_size
-    layer = attn + mlp + 2 * h
-    embed = cfg.vocab_size * h
-    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    return embed + L * layer + h + head
-
-
 def flops_per_token(cfg, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward), anchors.md convention."""
-    return 6.0 * num_params(cfg) + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
+    """Training FLOPs per token (forward + backward), anchors.md convention; `cfg.num_params`
+    counts the tied embedding once."""
+    return 6.0 * cfg.num_params + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
 
 
 def device_peak_flops(device) -> Optional[float]:

@@ -1,11 +1,12 @@
-"""Batch arithmetic, pre-start checks and the `--dry-run` plan (model size, layout, memory)."""
+"""Batch arithmetic, pre-start checks and the `--dry-run` plan (model size, layout, batch math,
+memory from qtrain.parallel.plan.estimate_memory)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from qtrain.errors import ConfigError
-from qtrain.train.metrics import flops_per_token, num_params
+from qtrain.train.metrics import flops_per_token
 
 
 @dataclass
@@ -48,35 +49,13 @@ def check_model_fits(cfg, model_cfg) -> None:
             f"{model_cfg.max_position_embeddings}; lower --seq-length or raise --max-position-embeddings")
 
 
-def estimate_memory_gib(model_cfg, batch: BatchPlan, shard_ways: int, bf16: bool) -> dict[str, float]:
-    """Rough per-device memory: fp32 params, grads and two Adam moments sharded `shard_ways`, the
-    gathered bf16 weights of one layer, activations without recomputation (flash attention), logits.
-
-    qtrain.parallel.plan.estimate_memory, when present, replaces this with a layout-aware estimate.
-    """
-    gib = 1024 ** 3
-    n = num_params(model_cfg)
-    states = 16 * n / shard_ways
-    s, b, h, L, v = batch.seq_length, batch.micro_batch_size, model_cfg.hidden_size, model_cfg.num_hidden_layers, \
-        model_cfg.vocab_size
-    act_bytes = 2 if bf16 else 4
-    activations = s * b * h * 17 * act_bytes * L  # ~34 bytes/elem in bf16 per layer (Megatron's estimate)
-    logits = s * b * v * (act_bytes + 4 + 4)  # logits, fp32 copy for the loss, its gradient
-    out = {"params+grads+adam": states / gib, "activations": activations / gib, "logits": logits / gib}
-    out["total"] = sum(out.values())
-    return out
-
-
 def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
     """The text `--dry-run` prints."""
     p = cfg.parallel
-    n = num_params(model_cfg)
-    try:
-        from qtrain.parallel.plan import estimate_memory  # type: ignore[attr-defined]
-    except ImportError:
-        estimate_memory = None
-    mem = estimate_memory(model_cfg, cfg, world_size) if estimate_memory else \
-        estimate_memory_gib(model_cfg, batch, batch.data_parallel_size, cfg.training.bf16)
+    n = model_cfg.num_params
+    from qtrain.parallel.plan import estimate_memory
+
+    mem = estimate_memory(model_cfg, cfg, world_size)
     iters = cfg.training.train_iters or 0
     lines = [
         "qtrain pretrain plan (dry run: nothing is trained)",

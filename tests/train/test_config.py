@@ -104,3 +104,11 @@ def test_help_and_flag_table_cover_every_option(capsys):
     table = dump_flags_markdown()
     for flag in ("--micro-batch-size", "--use-flash-attn", "--spec", "--recompute-granularity", "--save-hf"):
         assert flag in out and f"`{flag}`" in table
+
+
+def test_flops_per_token_matches_the_anchor_convention():
+    from qtrain.models.presets import get_preset
+    from qtrain.train.metrics import flops_per_token
+
+    # anchors.md: Qwen3-1.7B at T=4096 is 13.14 GFLOP/token (6N + 12 L H Q T, tied embedding once)
+    assert round(flops_per_token(get_preset("1.7B"), 4096) / 1e9, 2) == 13.14

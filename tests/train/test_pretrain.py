@@ -102,28 +102,48 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_data, tmp_path):
     assert read_metrics(tmp_path)[-1]["iteration"] == it
 
 
-def test_load_from_hf_dir_starts_with_the_hf_models_loss(tiny_data, tmp_path):
+def _first_batch_loss(model, tiny_data) -> float:
+    """Mean loss of the first global batch (samples 0-3 as two micro-batches of 2)."""
     from qtrain.data.blended import build_gpt_datasets
     from qtrain.data.gpt_dataset import GPTDatasetConfig
-    from qtrain.models.hf import load_hf, save_hf
-    from qtrain.models.qwen3 import build_model, materialize
     from qtrain.ops.cross_entropy import cross_entropy
 
-    cfg = parse_args(tiny_args(tiny_data))
-    from qtrain.config import resolve_model_config
-
-    model_cfg = resolve_model_config(cfg)
-    save_hf(materialize(build_model(model_cfg, "meta"), "cpu", seed=77), tmp_path / "hf")
-    hf_model = load_hf(tmp_path / "hf")
-    train_ds = build_gpt_datasets([tiny_data], [8, 8, 0], GPTDatasetConfig(seq_length=32, seed=1234,
-                                                                         split="90,10,0"))[0]
+    ds = build_gpt_datasets([tiny_data], [12, 8, 0], GPTDatasetConfig(seq_length=32, seed=1234, split="90,10,0"))[0]
     with torch.no_grad():
-        expected = sum(cross_entropy(hf_model(torch.stack([train_ds[i]["input_ids"] for i in idx])),
-                                     torch.stack([train_ds[i]["labels"] for i in idx]))
-                       for idx in ([0, 1], [2, 3])) / 2
+        return float(sum(cross_entropy(model(torch.stack([ds[i]["input_ids"] for i in idx])),
+                                       torch.stack([ds[i]["labels"] for i in idx]))
+                         for idx in ([0, 1], [2, 3])) / 2)
+
+
+def _random_tiny_model(seed=77):
+    from qtrain.config import resolve_model_config
+    from qtrain.models.qwen3 import build_model, materialize
+
+    return materialize(build_model(resolve_model_config(parse_args(tiny_args("x"))), "meta"), "cpu", seed=seed)
+
+
+def test_load_from_hf_dir_starts_with_the_hf_models_loss(tiny_data, tmp_path):
+    from qtrain.models.hf import load_hf, save_hf
+
+    save_hf(_random_tiny_model(), tmp_path / "hf")
+    expected = _first_batch_loss(load_hf(tmp_path / "hf"), tiny_data)
+    # no shape flags: the HF config.json gives the model
     argv = tiny_args(tiny_data, model_preset=None, padded_vocab_size=None, num_layers=None, load=tmp_path / "hf",
                      train_iters=3, save=tmp_path / "out", save_hf=tmp_path / "hf_out")
     result = pretrain(parse_args(argv), log=QUIET)
-    assert result.losses[1] == pytest.approx(float(expected), rel=1e-6)
+    assert result.losses[1] == pytest.approx(expected, rel=1e-6)
     assert (tmp_path / "hf_out" / "config.json").is_file()
-    assert load_hf(tmp_path / "hf_out").config.num_hidden_layers == model_cfg.num_hidden_layers
+    assert load_hf(tmp_path / "hf_out").config.num_hidden_layers == 2
+
+
+def test_load_from_megatron_dir_starts_with_its_loss(tiny_data, tmp_path):
+    from qtrain.checkpoint.megatron import save_megatron
+
+    model = _random_tiny_model(seed=5)
+    sd = model.state_dict()
+    save_megatron(lambda name: sd[name], model.config, tmp_path / "mg", tp=1, pp=1)
+    expected = _first_batch_loss(model, tiny_data)
+    result = pretrain(parse_args(tiny_args(tiny_data, load=tmp_path / "mg", train_iters=3, no_load_optim=True,
+                                           no_load_rng=True)), log=QUIET)
+    assert result.start_iteration == 0
+    assert result.losses[1] == pytest.approx(expected, rel=1e-6)

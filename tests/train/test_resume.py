@@ -27,7 +27,9 @@ def _checkpoint_at(src, dst, iteration: int) -> None:
 
 
 def test_exact_resume_single_process(tiny_data, tmp_path):
-    straight = pretrain(parse_args(tiny_args(tiny_data, save=tmp_path / "a", save_interval=3)), log=QUIET)
+    straight = pretrain(parse_args(tiny_args(tiny_data, save=tmp_path / "a", save_interval=3,
+                                             tensorboard_dir=tmp_path / "tb")), log=QUIET)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
     assert [os.path.basename(p) for p in straight.saved] == ["iter_0000003", "iter_0000006"]
     _checkpoint_at(tmp_path / "a", tmp_path / "b", 3)
     resumed = pretrain(parse_args(tiny_args(tiny_data, save=tmp_path / "b", load=tmp_path / "b")), log=QUIET)
