@@ -151,29 +151,49 @@ def test_many_chunks_stay_in_order_with_workers(tmp_path, tok, capsys, monkeypat
     assert "empty documents (kept, zero length): 60" in err
 
 
-def test_multiple_json_keys_and_uint16_for_small_vocab(tmp_path, capsys):
-    """Two keys -> two datasets; a vocabulary below 65,500 -> uint16 tokens, as Megatron chooses."""
+@pytest.fixture(scope="module")
+def small_tokenizer_dir(tmp_path_factory):
+    """A 400-token byte-level BPE (trained here): vocabularies below 65,500 are written as uint16."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+    folder = tmp_path_factory.mktemp("small_tok")
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<eos>"])
     tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
-    tk.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                                "eos_token": "<eos>"}))
-    small = load_tokenizer(tmp_path)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "<eos>"}))
+    return folder
+
+
+def test_multiple_json_keys_and_uint16_for_small_vocab(tmp_path, capsys, small_tokenizer_dir):
+    """Two keys -> two datasets; a small vocabulary -> uint16 tokens, as Megatron chooses."""
+    small = load_tokenizer(small_tokenizer_dir)
     assert not small.is_fast and "not Split" in small.fast_reason  # HF path for this shape
     _write_jsonl(tmp_path / "x.jsonl", [{"title": "the fox", "body": "a lazy dog"}, {"title": "", "body": "over"}])
     rc, err = _run(["--input", tmp_path / "x.jsonl", "--output-prefix", tmp_path / "o", "--json-keys", "title", "body",
-                    "--tokenizer-name-or-path", tmp_path, "--append-eod", "--workers", "0"], capsys)
+                    "--tokenizer-name-or-path", small_tokenizer_dir, "--append-eod", "--workers", "0"], capsys)
     assert rc == 0, err
     title, body = IndexedDataset(str(tmp_path / "o_title_document")), IndexedDataset(str(tmp_path / "o_body_document"))
     assert title.dtype == body.dtype == np.uint16
     assert title[0].tolist() == small.hf("the fox").input_ids + [small.eod] and len(title) == 1
     assert body[1].tolist() == small.hf("over").input_ids + [small.eod]
     assert title.document_indices.tolist() == [0, 1, 1] and body.document_indices.tolist() == [0, 1, 2]
+
+
+@pytest.mark.megatron
+def test_uint16_output_is_byte_identical_to_megatron(tmp_path, capsys, small_tokenizer_dir):
+    pytest.importorskip("megatron.core")
+    small = load_tokenizer(small_tokenizer_dir)
+    docs = ["the quick brown fox", "", "jumps over\n\nthe lazy dog <eos> again", "dog " * 50]
+    _write_jsonl(tmp_path / "x.jsonl", [{"text": t} for t in docs])
+    rc, err = _run(["--input", tmp_path / "x.jsonl", "--output-prefix", tmp_path / "o", "--append-eod",
+                    "--tokenizer-name-or-path", small_tokenizer_dir, "--workers", "0"], capsys)
+    assert rc == 0, err
+    _megatron_reference(small, docs, str(tmp_path / "ref"))
+    _same_files(str(tmp_path / "o_text_document"), str(tmp_path / "ref"))
 
 
 def test_txt_line_mode_directory_and_glob(tmp_path, tok, capsys):
