@@ -11,6 +11,10 @@ samples (`--pack`); an item is
     attention_mask [1, S, S] bool (packed datasets only): causal *and* within one sample, so
                        packed samples never see each other; each padding token sees itself only
 
+With `global_batch_size` set (for `--calculate-per-token-loss`), items also carry
+    batch_tokens  []   the number of trained labels in the item's whole global batch (samples
+                       [k * GBS, (k + 1) * GBS), the ones the data-parallel sampler hands out for step k)
+
 Unpacked samples need no mask: their padding is at the end, where causal attention already
 keeps it out of every real token's view. Sample order: the split's documents, reshuffled every
 epoch from `seed` (numpy RandomState, as Megatron's indices), repeated to `num_samples`.
@@ -50,6 +54,14 @@ def checked_prefixes(prefix: str) -> dict[str, str]:
     return prefixes
 
 
+def trained_positions(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Bool [n]: position i predicts a trained label (the next token is labelled, same sample)."""
+    seg = np.asarray(segments)
+    out = np.zeros(len(seg), dtype=bool)
+    out[:-1] = (np.asarray(labels)[1:] != IGNORE_INDEX) & (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
+    return out
+
+
 def make_sft_item(tokens: np.ndarray, labels: np.ndarray, segments: np.ndarray, seq_length: int, pad_id: int,
                   packed: bool) -> dict[str, torch.Tensor]:
     """One training item (see the module docstring) from a stored document's three arrays;
@@ -61,8 +73,7 @@ def make_sft_item(tokens: np.ndarray, labels: np.ndarray, segments: np.ndarray, 
     ids[:n], lab[:n], seg[:n] = tokens, labels, segments
     # Next-token labels, kept only where the next token belongs to the same (real) sample.
     shifted = np.full(seq_length, IGNORE_INDEX, dtype=np.int64)
-    same = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
-    shifted[:-1] = np.where(same, lab[1:], IGNORE_INDEX)
+    shifted[:-1] = np.where(trained_positions(lab, seg)[:-1], lab[1:], IGNORE_INDEX)
     # Positions restart wherever the segment id changes.
     starts = np.concatenate([[True], seg[1:] != seg[:-1]])
     run_start = np.maximum.accumulate(np.where(starts, np.arange(seq_length), 0))
@@ -82,7 +93,8 @@ class InstructionDataset(torch.utils.data.Dataset):
     """`num_samples` items over the documents [begin, end) of an instruction data prefix."""
 
     def __init__(self, prefix: str, seq_length: int, pad_id: int, num_samples: int | None = None,
-                 doc_range: tuple[int, int] | None = None, seed: int = 1234, shuffle: bool = True):
+                 doc_range: tuple[int, int] | None = None, seed: int = 1234, shuffle: bool = True,
+                 global_batch_size: int | None = None):
         prefixes = checked_prefixes(prefix)
         self.ds = {k: IndexedDataset(p) for k, p in prefixes.items()}
         lengths = {k: d.sequence_lengths for k, d in self.ds.items()}
@@ -104,6 +116,8 @@ class InstructionDataset(torch.utils.data.Dataset):
         first_mask = self.ds["attention_mask"][int(self.docs[0])]
         self.packed = bool(np.any(first_mask != 1))  # packs carry 1..k and padding 0; unpacked is all 1
         self._orders: dict[int, np.ndarray] = {}
+        self.global_batch_size = global_batch_size
+        self._batch_tokens: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.num_samples
@@ -121,12 +135,25 @@ class InstructionDataset(torch.utils.data.Dataset):
         if not 0 <= idx < self.num_samples:
             raise IndexError(idx)
         doc = self.document(idx)
-        return make_sft_item(self.ds["input_ids"][doc], self.ds["labels"][doc],
+        item = make_sft_item(self.ds["input_ids"][doc], self.ds["labels"][doc],
                              self.ds["attention_mask"][doc], self.seq_length, self.pad_id, self.packed)
+        if self.global_batch_size:
+            item["batch_tokens"] = torch.tensor(self.batch_tokens(idx // self.global_batch_size))
+        return item
+
+    def batch_tokens(self, step: int) -> int:
+        """Trained labels in global batch `step` (cached; reads only labels and masks)."""
+        if step not in self._batch_tokens:
+            first = step * self.global_batch_size
+            docs = [self.document(i) for i in range(first, min(first + self.global_batch_size, self.num_samples))]
+            self._batch_tokens[step] = sum(
+                int(trained_positions(self.ds["labels"][d], self.ds["attention_mask"][d]).sum()) for d in docs)
+        return self._batch_tokens[step]
 
 
 def build_instruction_datasets(prefix: str, split: str, sizes: list[int], seq_length: int, pad_id: int,
-                               seed: int, shuffle: bool = True) -> list[InstructionDataset | None]:
+                               seed: int, shuffle: bool = True,
+                               global_batch_size: int | None = None) -> list[InstructionDataset | None]:
     """Train / valid / test datasets over the --split ranges of the documents (None for an empty split)."""
     total = len(IndexedDataset(checked_prefixes(prefix)["input_ids"]))
     out: list[InstructionDataset | None] = []
@@ -134,5 +161,6 @@ def build_instruction_datasets(prefix: str, split: str, sizes: list[int], seq_le
         if bounds is None or bounds[1] <= bounds[0]:
             out.append(None)
         else:
-            out.append(InstructionDataset(prefix, seq_length, pad_id, size, bounds, seed + i, shuffle))
+            gbs = global_batch_size if i == 0 else None  # only training steps need the batch count
+            out.append(InstructionDataset(prefix, seq_length, pad_id, size, bounds, seed + i, shuffle, gbs))
     return out

@@ -10,7 +10,9 @@ MindSpeed-LLM SFT flags below. What changes is plugged into the loop through `Lo
   the mean over micro-batches and data-parallel ranks. This is MindSpeed-LLM's SFT loss (its
   `loss_func`: sum(loss * mask) / mask.sum() per micro-batch, averaged by Megatron across
   micro-batches and DP without --calculate-per-token-loss). A micro-batch without response
-  tokens contributes 0 instead of NaN;
+  tokens contributes 0 instead of NaN. `--calculate-per-token-loss` (Megatron's flag) instead
+  divides by the response tokens of the whole global batch (every rank, every micro-batch), so
+  every response token weighs the same;
 - LoRA (`--lora-r`): adapters injected before sharding, base frozen; starting weights (HF,
   Megatron, or a qtrain checkpoint with --finetune) are loaded into the base first. Each saved
   checkpoint also holds `adapter/` (PEFT format); `--save-hf` exports the merged model.
@@ -19,6 +21,7 @@ MindSpeed-LLM SFT flags below. What changes is plugged into the loop through `Lo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +44,9 @@ def sft_parser() -> argparse.ArgumentParser:
                                                                  "gate_proj", "up_proj", "down_proj"],
                    help="HF (q_proj ...) or Megatron (linear_qkv linear_proj linear_fc1 linear_fc2) names")
     g.add_argument("--no-shuffle", action="store_true", help="read samples in dataset order every epoch")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="average the loss over the response tokens of the global batch (default: per micro-batch, "
+                        "then over micro-batches and ranks, as MindSpeed-LLM)")
     # MindSpeed-LLM SFT script flags that describe what qtrain sft always does.
     for flag in ("--is-instruction-dataset", "--reset-position-ids", "--reset-attention-mask", "--neat-pack",
                  "--variable-seq-lengths", "--no-pad-to-seq-lengths"):
@@ -88,6 +94,21 @@ def sft_forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return loss.detach()
 
 
+def per_token_forward_backward(data_parallel_size: int):
+    """forward_backward for --calculate-per-token-loss: each micro-batch adds sum / N to the gradient,
+    N = response tokens of the global batch (`batch_tokens` of the items), times the data-parallel
+    size that FSDP's gradient averaging divides by. The value returned averages, like the loop's
+    other losses, to the global batch's mean token loss."""
+    def forward_backward(model, batch, num_microbatches, device, bf16, sharded):
+        total, _ = sft_loss_sum(model, batch, device, bf16, sharded)
+        n = batch["batch_tokens"][0].to(device).clamp(min=1)
+        loss = total * (data_parallel_size * num_microbatches) / n
+        (loss / num_microbatches).backward()
+        return loss.detach()
+
+    return forward_backward
+
+
 @torch.no_grad()
 def sft_forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool,
                      sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +127,16 @@ def build_hooks(cfg, sft: argparse.Namespace):
     if len(paths) != 1:
         raise ConfigError(f"--data-path: qtrain sft takes one instruction data prefix, got {paths}")
 
+    par = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = max(1, world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                          * par.context_parallel_size))
+    gbs = cfg.training.global_batch_size or cfg.training.micro_batch_size * dp
+
     def build_datasets(cfg, sizes):
         train, valid, _ = build_instruction_datasets(paths[0], cfg.data.split, sizes, cfg.data.seq_length,
-                                                     pad_id=0, seed=cfg.training.seed, shuffle=not sft.no_shuffle)
-        par = cfg.parallel
+                                                     pad_id=0, seed=cfg.training.seed, shuffle=not sft.no_shuffle,
+                                                     global_batch_size=gbs if sft.calculate_per_token_loss else None)
         if train is not None and train.packed and (par.pipeline_model_parallel_size > 1
                                                    or par.context_parallel_size > 1):
             raise ConfigError(f"--data-path {paths[0]}: packed samples need the per-sample attention mask, which "
@@ -117,8 +144,11 @@ def build_hooks(cfg, sft: argparse.Namespace):
                               "--pack, or train with --pipeline-model-parallel-size 1 --context-parallel-size 1")
         return train, valid
 
-    hooks = LoopHooks(build_datasets=build_datasets, forward_backward=sft_forward_backward,
-                      forward_loss=sft_forward_loss)
+    if sft.calculate_per_token_loss and par.pipeline_model_parallel_size > 1:
+        raise ConfigError("--calculate-per-token-loss is not available with pipeline parallelism yet; "
+                          "drop it (per-micro-batch mean) or use --pipeline-model-parallel-size 1")
+    step = per_token_forward_backward(dp) if sft.calculate_per_token_loss else sft_forward_backward
+    hooks = LoopHooks(build_datasets=build_datasets, forward_backward=step, forward_loss=sft_forward_loss)
     if sft.lora_r is None:
         return hooks
 

@@ -190,6 +190,31 @@ def test_mean_over_response_tokens_of_the_micro_batch(tmp_path):
     assert torch.allclose(loss, ref, rtol=1e-5)
 
 
+def test_per_token_loss_averages_over_the_global_batch(tmp_path):
+    from qtrain.train.sft import per_token_forward_backward
+
+    samples = _samples(4, seed=9)
+    assert len({len(r) for _, r in samples}) > 1  # unequal token counts: the two averages differ
+    ds = InstructionDataset(write_instruction_data(tmp_path / "u", samples), SEQ, 0, shuffle=False,
+                            global_batch_size=4)
+    model = _model()
+    cpu = torch.device("cpu")
+
+    def grads(step, micro_batches):
+        model.zero_grad()
+        logged = sum(step(model, _batch(ds, idx), len(micro_batches), cpu, False, False)
+                     for idx in micro_batches) / len(micro_batches)
+        return logged, [p.grad.clone() for p in model.parameters()]
+
+    logged, per_token = grads(per_token_forward_backward(1), [[0, 1], [2, 3]])
+    whole_loss, whole = grads(sft_forward_backward, [[0, 1, 2, 3]])  # one micro-batch: the global token mean
+    assert torch.allclose(logged, whole_loss, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(per_token, whole))
+    _, per_micro = grads(sft_forward_backward, [[0, 1], [2, 3]])
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(per_micro, whole))
+    assert int(ds[3]["batch_tokens"]) == sum(len(r) for _, r in samples)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def _sft_args(data, save, iters, extra=()):
