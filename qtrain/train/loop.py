@@ -268,8 +268,8 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
                 break
 
         check_finite()
-        if (not (result.stopped_by_signal or result.stopped_early) and valid_ds is not None and t.eval_iters > 0 and not pipelined
-                and iteration % t.eval_interval != 0):
+        finished = not (result.stopped_by_signal or result.stopped_early)
+        if finished and valid_ds is not None and t.eval_iters > 0 and not pipelined and iteration % t.eval_interval:
             result.valid[iteration] = _evaluate(model, valid_ds, t.train_iters // t.eval_interval, cfg, batch, rt,
                                                 sharded, dp_rank, say, writer, iteration, hooks.forward_loss)
         if cfg.checkpoint.save and iteration > result.start_iteration and \

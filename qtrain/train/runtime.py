@@ -82,7 +82,8 @@ def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime) -> Parallel:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT-free termination; the loop checks it after each step."""
+    """Set by SIGTERM (a platform stopping the job); the loop checks it after each step,
+    saves and returns normally, so the process exits 0."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -92,7 +93,10 @@ class StopFlag:
         def handler(signum, frame):  # noqa: ARG001
             self.requested = True
 
-        self._previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. an embedding application): no handler
+            self._previous = None
         return self
 
     def uninstall(self) -> None:

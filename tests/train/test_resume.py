@@ -27,8 +27,10 @@ def _checkpoint_at(src, dst, iteration: int) -> None:
 
 
 def test_exact_resume_single_process(tiny_data, tmp_path):
-    straight = pretrain(parse_args(tiny_args(tiny_data, save=tmp_path / "a", save_interval=3,
+    # --load == --save with nothing saved yet starts from scratch, as Megatron does
+    straight = pretrain(parse_args(tiny_args(tiny_data, save=tmp_path / "a", load=tmp_path / "a", save_interval=3,
                                              tensorboard_dir=tmp_path / "tb")), log=QUIET)
+    assert straight.start_iteration == 0
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
     assert [os.path.basename(p) for p in straight.saved] == ["iter_0000003", "iter_0000006"]
     _checkpoint_at(tmp_path / "a", tmp_path / "b", 3)
