@@ -112,3 +112,21 @@ def test_flops_per_token_matches_the_anchor_convention():
 
     # anchors.md: Qwen3-1.7B at T=4096 is 13.14 GFLOP/token (6N + 12 L H Q T, tied embedding once)
     assert round(flops_per_token(get_preset("1.7B"), 4096) / 1e9, 2) == 13.14
+
+
+def test_megatron_shaped_log_line():
+    from qtrain.train.metrics import megatron_log_line
+
+    line = megatron_log_line({"iteration": 10, "consumed_samples": 320, "step_time_ms": 1234.56, "lr": 1.25e-6,
+                              "global_batch_size": 32, "loss": 10.5, "grad_norm": 1.2345,
+                              "tokens_per_s_per_device": 1000.0, "tflops_per_device": 13.14, "mfu": 0.0133,
+                              "mem_gib": 40.0}, 2000)
+    assert line.startswith(" iteration       10/    2000 | consumed samples:          320 | "
+                           "elapsed time per iteration (ms): 1234.6 | learning rate: 1.250000E-06 | "
+                           "global batch size:    32 | lm loss: 1.050000E+01 | grad norm: 1.234 |")
+    assert "MFU: 1.3%" in line and "mem (GiB): 40.00" in line
+
+
+def test_docs_flags_table_is_generated_from_the_dataclasses():
+    flags_md = Path(__file__).resolve().parents[2] / "docs" / "flags.md"
+    assert flags_md.read_text() == dump_flags_markdown(), "regenerate: python -m qtrain.config > docs/flags.md"
