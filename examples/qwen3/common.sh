@@ -112,7 +112,8 @@ _run_logged() {
     _show "$@"
   } >>"$LOG_FILE"
   echo "$(basename "$0"): log: $LOG_FILE"
-  exec {logfd}> >(tee -a "$LOG_FILE")
+  # tee ignores the stop signals (Slurm sends them to every process): it must outlive the run's last lines.
+  exec {logfd}> >(trap '' TERM INT; exec tee -a "$LOG_FILE")
   tee_pid=$!
   "$@" >&"$logfd" 2>&1 &
   pid=$!
