@@ -60,3 +60,9 @@ def test_exact_resume_two_ranks_gloo(tiny_data, tmp_path):
     straight, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert sorted(straight) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
     assert resumed == {k: straight[k] for k in (3, 4)}  # bit-identical
+    # the 2-rank (FSDP-sharded) checkpoint reshards onto one process: same samples, close losses
+    _checkpoint_at(tmp_path / "a", tmp_path / "c", 2)
+    one = pretrain(parse_args(tiny_args(tiny_data, save=tmp_path / "c", load=tmp_path / "c", **common)), log=QUIET)
+    assert one.start_iteration == 2 and one.consumed_samples == 16
+    assert one.losses == pytest.approx({k: straight[k] for k in (3, 4)}, rel=2e-2)
+
