@@ -109,6 +109,20 @@ def test_rewriting_a_megatron_dir_replaces_its_iteration(hf_tied, tmp_path):
     assert_byte_identical(hf_tensors(hf_tied), sd)
 
 
+def test_release_and_explicit_iterations(hf_tied, tmp_path):
+    """Megatron's "release" tracker and --iteration both pick the folder to read."""
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied, "--save-dir", mg)
+    (mg / "iter_0000001").rename(mg / "release")
+    (mg / "latest_checkpointed_iteration.txt").write_text("release")
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "a")
+    assert_byte_identical(hf_tensors(hf_tied), hf_tensors(tmp_path / "a"))
+    (mg / "release").rename(mg / "iter_0000005")
+    run("--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", mg, "--save-dir", tmp_path / "b",
+        "--iteration", "5")
+    assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text() == "5"
+
+
 def test_mindspeed_flags_accepted(hf_tied, tmp_path):
     run("--use-mcore-models", "--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
         "--load-dir", hf_tied, "--save-dir", tmp_path / "mg", "--model-type-hf", "qwen3",
