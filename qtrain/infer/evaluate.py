@@ -4,6 +4,8 @@ on MMLU / C-Eval CSV directories; prints a table and writes the results as JSON.
     qtrain evaluate --load CKPT --data-path data/wiki_text_document --seq-length 2048
     qtrain evaluate --load CKPT --text-file notes.txt
     qtrain evaluate --load CKPT --task mmlu --data-dir mmlu/data --shots 5 --output-json mmlu.json
+
+Given both a perplexity input and --data-dir, both run; the JSON then has one entry per task.
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _task(args) -> str:
-    if args.task:
-        return args.task
-    if args.data_dir:
-        return "mmlu"
-    if args.data_path or args.text_file:
-        return "ppl"
-    raise ConfigError("give --data-path or --text-file (perplexity) or --data-dir (multiple choice)")
+def _tasks(args) -> list[str]:
+    """Every evaluation whose input is given (--task ppl keeps perplexity only; mmlu/ceval name the
+    multiple-choice result)."""
+    ppl = bool(args.data_path or args.text_file)
+    mc = bool(args.data_dir) and args.task != "ppl"
+    if args.task == "ppl" and not ppl:
+        raise ConfigError("--task ppl needs --data-path PREFIX or --text-file FILE")
+    if args.task in ("mmlu", "ceval") and not args.data_dir:
+        raise ConfigError(f"--task {args.task} needs --data-dir (a directory of <subject>_dev/_{args.split}.csv)")
+    tasks = (["ppl"] if ppl else []) + ([args.task if args.task in ("mmlu", "ceval") else "mmlu"] if mc else [])
+    if not tasks:
+        raise ConfigError("give --data-path or --text-file (perplexity) or --data-dir (multiple choice)")
+    return tasks
 
 
 def run_ppl(args, model, tokenizer_loader, device) -> dict:
@@ -85,11 +92,9 @@ def run_ppl(args, model, tokenizer_loader, device) -> dict:
             "tokens": res.tokens, "nll_sum": res.nll_sum, "mean_nll": res.mean_nll, "perplexity": res.perplexity}
 
 
-def run_multiple_choice(args, model, tokenizer, device) -> dict:
+def run_multiple_choice(args, task, model, tokenizer, device) -> dict:
     from qtrain.infer.multiple_choice import evaluate_subject, load_subjects
 
-    if not args.data_dir:
-        raise ConfigError(f"--task {args.task} needs --data-dir (a directory of <subject>_dev/_{args.split}.csv)")
     if args.shots < 0:
         raise ConfigError(f"--shots must be >= 0, got {args.shots}")
     subjects = load_subjects(args.data_dir, args.split, args.subjects.split(",") if args.subjects else None)
@@ -105,7 +110,7 @@ def run_multiple_choice(args, model, tokenizer, device) -> dict:
     if total == 0:
         print(f"(no answers in the *_{args.split}.csv files: accuracy cannot be computed; C-Eval test answers "
               "are hidden, use --split val)")
-    return {"task": args.task, "data_dir": str(args.data_dir), "split": args.split, "shots": args.shots,
+    return {"task": task, "data_dir": str(args.data_dir), "split": args.split, "shots": args.shots,
             "score": args.mc_score, "correct": correct, "total": total, "accuracy": overall,
             "subjects": {r.name: {"correct": r.correct, "total": r.total, "accuracy": r.accuracy,
                                   "predictions": r.predictions} for r in results}}
@@ -117,8 +122,7 @@ def main(argv: list[str]) -> int:
     from qtrain.infer.loading import load_model_for_inference
 
     args = build_parser().parse_args(argv)
-    task = _task(args)
-    args.task = task
+    tasks = _tasks(args)
     dev = torch.device(qdevice.device_type() if args.device == "auto" else args.device)
     dtype = (torch.float32 if dev.type == "cpu" else torch.bfloat16) if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tok_dir = load_model_for_inference(args.load, dtype, dev, args.iteration, args.lora_load)
@@ -126,10 +130,14 @@ def main(argv: list[str]) -> int:
     def tokenizer():
         return load_hf_tokenizer(args.tokenizer_name_or_path or tok_dir or find_qwen3_tokenizer())
 
-    if task == "ppl":
-        result = run_ppl(args, model, tokenizer, dev)
-    else:
-        result = run_multiple_choice(args, model, tokenizer(), dev)
+    results = {}
+    for task in tasks:
+        if task == "ppl":
+            results[task] = run_ppl(args, model, tokenizer, dev)
+        else:
+            results[task] = run_multiple_choice(args, task, model, tokenizer(), dev)
+    # One evaluation: its fields at the top level; several: one entry per task.
+    result = next(iter(results.values())) if len(results) == 1 else dict(results)
     result["model"] = str(args.load)
     if args.output_json:
         write_json_atomic(args.output_json, result)

@@ -142,3 +142,20 @@ def test_ceval_layout_and_bad_rows(tmp_path):
     _write(tmp_path / "x_test.csv", [("q", "a", "b", "c", "d", "E")])
     with pytest.raises(Exception, match=r"x_test.csv:1: answer 'E'"):
         read_csv(tmp_path / "x_test.csv")
+
+
+def test_perplexity_and_multiple_choice_in_one_run(tmp_path, real_vocab):
+    model_dir, _, _ = real_vocab
+    b = IndexedDatasetBuilder(bin_path(str(tmp_path / "d")), dtype=np.int32)
+    b.add_item(np.arange(100, 120, dtype=np.int32))
+    b.end_document()
+    b.finalize(idx_path(str(tmp_path / "d")))
+    (tmp_path / "mc").mkdir()
+    _write(tmp_path / "mc" / "physics_test.csv", [(*QUESTIONS[0], "B")])
+    out = tmp_path / "both.json"
+    assert main(["--load", str(model_dir), "--data-path", str(tmp_path / "d"), "--data-dir", str(tmp_path / "mc"),
+                 "--task", "ceval", "--output-json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["ppl"]["tokens"] == 19 and got["ceval"]["total"] == 1
+    with pytest.raises(Exception, match="--task ppl needs"):
+        main(["--load", str(model_dir), "--task", "ppl", "--data-dir", str(tmp_path / "mc")])
