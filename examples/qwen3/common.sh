@@ -74,6 +74,7 @@ _ascend_env() {
   local f
   [ -n "${ASCEND_TOOLKIT_HOME:-}" ] && return 0
   for f in /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/nnal/atb/set_env.sh; do
+    # shellcheck source=/dev/null  # vendor script, present only on Ascend machines
     if [ -f "$f" ]; then set +eu; source "$f"; set -eu; fi
   done
 }
@@ -174,6 +175,7 @@ _load_args() {
 _train_args() {
   local data
   read -ra data <<<"$DATA_PATH"  # one prefix, or "weight prefix weight prefix ..." to blend
+  # shellcheck disable=SC2054  # "100,0,0" is one value
   TRAIN_ARGS=(
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
     --micro-batch-size "$MBS" --global-batch-size "$GBS"
@@ -200,13 +202,13 @@ qtrain_pretrain() {
 # data_convert_qwen3_instruction.sh (the chat template was applied there).
 qtrain_sft() {
   local kind=$1; shift
-  local lora=()
+  local lora=() targets
   _qwen3_defaults "$kind"
   case $kind in
     full) : "${LR:=1.25e-6}" "${MIN_LR:=1.25e-7}" ;;
     lora) : "${LR:=1.25e-5}" "${MIN_LR:=1.25e-7}"
-          lora=(--lora-r "${LORA_R:-16}" --lora-alpha "${LORA_ALPHA:-32}"
-                --lora-target-modules ${LORA_TARGET_MODULES:-q_proj k_proj v_proj o_proj gate_proj up_proj down_proj}) ;;
+          read -ra targets <<<"${LORA_TARGET_MODULES:-q_proj k_proj v_proj o_proj gate_proj up_proj down_proj}"
+          lora=(--lora-r "${LORA_R:-16}" --lora-alpha "${LORA_ALPHA:-32}" --lora-target-modules "${targets[@]}") ;;
     *) _die "qtrain_sft takes full or lora, not '$kind'" ;;
   esac
   _require MODEL_SIZE DATA_PATH CKPT_SAVE_DIR
@@ -230,11 +232,12 @@ qtrain_convert() {
 # glob of parquet/jsonl/json/csv/txt/arrow), OUTPUT_PREFIX, TOKENIZER_PATH, WORKERS.
 qtrain_preprocess() {
   local kind=$1; shift
-  local handler=()
+  local handler=() keys
   _qwen3_defaults none
   _require INPUT OUTPUT_PREFIX TOKENIZER_PATH
   case $kind in
-    pretrain) handler=(--handler-name GeneralPretrainHandler --json-keys ${JSON_KEYS:-text} --append-eod) ;;
+    pretrain) read -ra keys <<<"${JSON_KEYS:-text}"
+              handler=(--handler-name GeneralPretrainHandler --json-keys "${keys[@]}" --append-eod) ;;
     instruction)
       # Samples longer than the training SEQ_LENGTH are dropped here (and counted), not cut.
       handler=(--handler-name "${HANDLER_NAME:-AlpacaStyleInstructionHandler}" --prompt-type qwen3
