@@ -118,6 +118,9 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
 
     # ---- 1. plan: model shape, batch math, pre-start checks
     model_cfg, batch = prepare(cfg, rt.world_size)
+    if cfg.checkpoint.save_hf and cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.checkpoint.save:
+        raise ConfigError("--save-hf with pipeline parallelism needs --save: the export is converted from the "
+                          "final checkpoint (qtrain convert), as no rank holds every layer")
     load_kind = _check_load(cfg)
     if not cfg.data.data_path:
         raise ConfigError("--data-path is required: the prefix of a .bin/.idx dataset (from `qtrain preprocess`)")
@@ -276,7 +279,10 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
                 not (result.saved and result.saved[-1].endswith(f"iter_{iteration:07d}")):
             save(iteration)
         if cfg.checkpoint.save_hf and not result.stopped_by_signal:
-            (hooks.export_hf or _export_hf)(model, model_cfg, cfg, rt, sharded)
+            if pipelined:
+                _export_hf_from_checkpoint(cfg, iteration, rt)
+            else:
+                (hooks.export_hf or _export_hf)(model, model_cfg, cfg, rt, sharded)
             say(f"exported HF model to {cfg.checkpoint.save_hf}")
     finally:
         stop.uninstall()
@@ -355,6 +361,20 @@ def _evaluate(model, valid_ds, eval_index: int, cfg: PretrainConfig, batch: Batc
     say("-" * 100)
     writer.write({"iteration": iteration, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0))})
     return loss
+
+
+def _export_hf_from_checkpoint(cfg: PretrainConfig, iteration: int, rt: Runtime) -> None:
+    """Pipeline stages each hold some layers: rank 0 converts the final DCP checkpoint instead."""
+    if rt.is_main:
+        from qtrain.checkpoint.convert import main as convert
+
+        args = ["--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", str(cfg.checkpoint.save),
+                "--save-dir", str(cfg.checkpoint.save_hf), "--iteration", str(iteration)]
+        if convert(args):
+            raise QtrainError(f"--save-hf: converting {cfg.checkpoint.save} to HF failed; run "
+                              f"`qtrain convert {' '.join(args)}` to see why")
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _export_hf(model, model_cfg, cfg: PretrainConfig, rt: Runtime, sharded: bool) -> None:
