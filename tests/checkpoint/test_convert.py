@@ -138,9 +138,11 @@ def test_hf_cfg_dir_for_foreign_megatron(hf_tied, tmp_path):
     path = mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
     obj = torch.load(path, weights_only=False)
     del obj["args"].qtrain_hf_config  # as MindSpeed-LLM writes it
+    obj["args"].tokenizer_name_or_path = str(hf_tied)  # a training run records its tokenizer
     torch.save(obj, path)
     run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "a")
     assert_byte_identical(hf_tensors(hf_tied), hf_tensors(tmp_path / "a"))
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (hf_tied / "tokenizer.json").read_bytes()
     run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "b",
         "--hf-cfg-dir", hf_tied)
     assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads((hf_tied / "config.json").read_text())
