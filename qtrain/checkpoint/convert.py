@@ -73,9 +73,10 @@ def _validate(args: argparse.Namespace) -> None:
     if args.target_expert_parallel_size != 1:
         raise ConfigError("--target-expert-parallel-size: dense Qwen3 has no experts; leave it at 1")
     if args.save_model_type != "mg" and (args.target_tensor_parallel_size != 1 or
-                                         args.target_pipeline_parallel_size != 1 or args.num_layer_list):
-        raise ConfigError(f"--target-*-parallel-size / --num-layer-list apply to mg output only, "
-                          f"not --save-model-type {args.save_model_type}")
+                                         args.target_pipeline_parallel_size != 1 or args.num_layer_list or
+                                         args.num_layers_per_virtual_pipeline_stage):
+        raise ConfigError(f"--target-*-parallel-size / --num-layer-list / --num-layers-per-virtual-pipeline-stage "
+                          f"apply to mg output only, not --save-model-type {args.save_model_type}")
 
 
 def main(argv: list[str]) -> int:
