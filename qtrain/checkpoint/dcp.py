@@ -278,6 +278,11 @@ def _set_full_weights(model: torch.nn.Module, full_sd: dict[str, torch.Tensor], 
     if "lm_head.weight" in expected and "lm_head.weight" not in full_sd and "model.embed_tokens.weight" in full_sd:
         full_sd["lm_head.weight"] = full_sd["model.embed_tokens.weight"]  # tied: HF stores it once
     missing, unexpected = expected - set(full_sd), set(full_sd) - expected
+    state = getattr(model, "qtrain_parallel", None)
+    if state is not None and state.pipeline is not None:
+        # a pipeline stage holds only its layers: take those, the rest belong to other stages
+        full_sd = {k: v for k, v in full_sd.items() if k in expected}
+        unexpected = set()
     if missing or unexpected:
         raise CheckpointError(f"--load {source}: weights do not match the model (missing: "
                               f"{sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]}); "

@@ -2,7 +2,6 @@
 SIGTERM saves, starting from an HF dir gives the HF model's loss."""
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
