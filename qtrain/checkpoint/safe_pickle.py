@@ -17,6 +17,7 @@ import torch
 _ALLOWED = {
     ("collections", "OrderedDict"), ("argparse", "Namespace"), ("builtins", "set"), ("builtins", "frozenset"),
     ("builtins", "slice"), ("builtins", "complex"), ("builtins", "bytearray"), ("_codecs", "encode"),
+    ("_io", "BytesIO"),  # Transformer Engine's `_extra_state` (fp8 metadata), dropped by the reader
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
     ("torch._utils", "_rebuild_parameter"), ("torch._tensor", "_rebuild_from_type_v2"),
     ("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch", "Size"), ("torch", "device"),

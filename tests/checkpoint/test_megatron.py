@@ -269,3 +269,28 @@ def test_reader_loads_args_holding_megatron_objects_inertly(tmp_path):
     assert type(reader.args.model_type).__name__ == "ModelType"
     assert not isinstance(reader.args.model_type, enums.ModelType)
     assert torch.equal(reader.get("model.norm.weight"), hf_tensors(src)["model.norm.weight"])
+
+
+@pytest.mark.megatron
+def test_reads_a_state_dict_saved_from_megatron_core(mcore, tmp_path):
+    """GPTModel.state_dict() itself (with its `_extra_state` entries; a Transformer Engine one holds
+    a BytesIO) saved as a rank file reads back as the original HF tensors."""
+    import io
+
+    src = make_hf(tmp_path / "hf", tied=False, dtype=torch.float32, seed=4)
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", mg)
+    obj = rank_file(mg, 0, None)
+    cfg = MegatronReader(mg).config
+    model = gpt_model(cfg, cfg.num_hidden_layers, tied=False)
+    model.load_state_dict(obj["model"], strict=True)
+    state = model.state_dict()
+    assert any(k.endswith("._extra_state") for k in state)
+    state["decoder.layers.0.self_attention.linear_proj._extra_state"] = io.BytesIO(b"fp8 meta")
+    obj["model"] = state
+    torch.save(obj, mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt")
+    _, sd = load_megatron_state_dict(mg)
+    want = hf_tensors(src)
+    assert sorted(sd) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(sd[name], t), name
