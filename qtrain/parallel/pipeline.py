@@ -99,6 +99,23 @@ class Pipeline:
         dist.broadcast(mean, group=self.pp_group, group_src=dist.get_world_size(self.pp_group) - 1)
         return mean
 
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                  ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only: (sum of token losses, number of trained tokens) of [num_microbatches * mbs, S]
+        samples, on every pipeline rank (for validation)."""
+        losses: list[torch.Tensor] = []
+        with loss_parallel() if self.vocab_parallel else contextlib.nullcontext():
+            self.schedule.eval(input_ids if self.is_first else None,
+                               target=labels if self.is_last else None, losses=losses)
+        counts = (labels != ignore_index).reshape(self.num_microbatches, -1).sum(1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        if self.is_last:  # each micro-batch's loss is its mean over trained tokens
+            means = torch.stack([x.detach().float() for x in losses]).to(counts.device)
+            total = torch.where(counts > 0, means * counts, torch.zeros_like(means)).sum().to(total.device)
+        dist.broadcast(total, group=self.pp_group, group_src=dist.get_world_size(self.pp_group) - 1)
+        return total, counts.sum().to(torch.int64)
+
     def sync_tied_grads(self) -> None:
         """Sum the gradients of the embedding (first stage) and the tied LM head (last stage)."""
         if self.tied_group is None:

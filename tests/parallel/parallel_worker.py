@@ -27,7 +27,7 @@ from qtrain.models.qwen3 import build_model, materialize
 from qtrain.parallel import build_mesh, parallel_state, parallelize
 from qtrain.train.loop import clip_gradients
 from qtrain.train.optim import build_optimizer
-from qtrain.train.step import forward_backward, pipeline_forward_backward, uses_pipeline
+from qtrain.train.step import forward_backward, forward_loss, pipeline_forward_backward, uses_pipeline
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0,
@@ -87,6 +87,28 @@ def train_step(model, optimizer, step: int, vocab: int, dp_rank: int, dp: int) -
     return float(loss), float(norm)
 
 
+def eval_loss(model, vocab: int, dp_rank: int, dp: int) -> float:
+    """Mean token loss of one held-out global batch (the validation path: forward only)."""
+    inputs, labels = global_batch(10_000, vocab)
+    per_rank = GBS // dp
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    state = parallel_state(model)
+    cpu = torch.device("cpu")
+    if uses_pipeline(model):
+        total, count = state.pipeline.eval_loss(inputs[rows], labels[rows])
+    else:
+        total, count = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+        for m in range(per_rank // MBS):
+            t, c = forward_loss(model, {"input_ids": inputs[rows][m * MBS:(m + 1) * MBS],
+                                        "labels": labels[rows][m * MBS:(m + 1) * MBS]}, cpu, False, state is not None)
+            total, count = total + t, count + c
+    if state is not None:
+        pair = torch.stack([total.float(), count.float()])
+        dist.all_reduce(pair, group=state.mesh["dp_cp"].get_group())
+        total, count = pair[0], pair[1]
+    return float(total / count)
+
+
 def main(spec_path: str) -> int:
     spec = json.loads(open(spec_path).read())
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,7 +132,8 @@ def main(spec_path: str) -> int:
             if run.get("save") and step + 1 == run["save_at"]:
                 save_checkpoint(run["save"], step + 1, model, optimizer, {"iteration": step + 1},
                                 cfg.to_hf_dict(), {"layout": run["name"]})
-        results[run["name"]] = {"losses": losses, "grad_norms": norms, "seconds": time.time() - t0}
+        results[run["name"]] = {"losses": losses, "grad_norms": norms, "seconds": time.time() - t0,
+                                "eval_loss": eval_loss(model, cfg.vocab_size, dp_rank, dp)}
     if not dist.is_initialized() or dist.get_rank() == 0:
         tmp = spec["out"] + ".tmp"
         with open(tmp, "w") as f:

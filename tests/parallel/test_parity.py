@@ -55,6 +55,8 @@ def test_layout_matches_single_process(results, layout):
     assert len(got["losses"]) == 10
     assert max_rel_diff(got["losses"], ref["losses"]) < LOSS_RTOL, (got["losses"], ref["losses"])
     assert max_rel_diff(got["grad_norms"], ref["grad_norms"]) < NORM_RTOL, (got["grad_norms"], ref["grad_norms"])
+    # validation (forward only; the pipeline's eval schedule under PP) after the 10 steps
+    assert max_rel_diff([got["eval_loss"]], [ref["eval_loss"]]) < LOSS_RTOL
 
 
 @pytest.mark.parametrize("resumed", ["resume_dp4", "resume_single"])
@@ -64,6 +66,7 @@ def test_tp2pp2_checkpoint_resumes_under_other_layouts(results, resumed):
     assert len(got["losses"]) == 5  # iterations 6..10
     assert max_rel_diff(got["losses"], uninterrupted["losses"][5:]) < LOSS_RTOL
     assert max_rel_diff(got["grad_norms"], uninterrupted["grad_norms"][5:]) < NORM_RTOL
+    assert max_rel_diff([got["eval_loss"]], [uninterrupted["eval_loss"]]) < LOSS_RTOL
 
 
 def test_training_moves_the_loss(results):
