@@ -270,7 +270,7 @@ def _parse_bool(text: str) -> bool:
 def build_parser(prog: str = "qtrain pretrain") -> argparse.ArgumentParser:
     """argparse parser generated from the dataclasses (one argument group per dataclass)."""
     parser = argparse.ArgumentParser(
-        prog=prog, allow_abbrev=False,
+        prog=prog, allow_abbrev=False, usage=f"{prog} [--config FILE.yaml] [--FLAG VALUE ...]  (table: docs/flags.md)",
         description="Train a Qwen3 model on Megatron .bin/.idx data. Flags follow Megatron / MindSpeed-LLM.",
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="read option values from a YAML file; the command line wins")

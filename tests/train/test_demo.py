@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from qtrain import demo
 
 
+@pytest.mark.slow
 def test_demo_preprocesses_trains_exports_generates_and_plots(tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     rc = demo.main(["--output-dir", str(out), "--train-iters", "16", "--seq-length", "32",

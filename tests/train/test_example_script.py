@@ -14,6 +14,7 @@ from trainutil import free_port
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "qwen3" / "pretrain_qwen3_1.7b_4k.sh"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_pretrain_script_tiny_mode_trains(tiny_data, tmp_path):
     repo = str(SCRIPT.parents[2])
