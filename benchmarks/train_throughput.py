@@ -197,7 +197,7 @@ def run_qtrain(c: dict) -> dict:
 
     from qtrain import device as qdevice
     from qtrain.ops import backend
-    from qtrain.train.metrics import flops_per_token, num_params
+    from qtrain.train.metrics import flops_per_token
     from qtrain.train.optim import build_optimizer
 
     device = _device()
@@ -232,7 +232,7 @@ def run_qtrain(c: dict) -> dict:
                 mfu_989=round(tok_s * fpt / PEAK_FLOPS, 4) if cuda else None,
                 peak_mem_gib=round(qdevice.max_memory_allocated(device) / 2**30, 1) if cuda else None,
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 1) if cuda else None,
-                warmup_s=round(warmup_s, 1), loss=round(float(loss), 3), params=num_params(model_cfg),
+                warmup_s=round(warmup_s, 1), loss=round(float(loss), 3), params=model_cfg.num_params,
                 ops=backend(device.type, compiled=c["compile"]), device=qdevice.device_name(device))
 
 
@@ -409,11 +409,10 @@ def _fitting_mbs(model_name: str, seq: int, mbs: int, recompute: Optional[str]) 
 
     if not torch.cuda.is_available():
         return mbs
-    from qtrain.train.metrics import num_params
 
     m = _model_config(model_name)
     total = torch.cuda.get_device_properties(0).total_memory
-    states = 16 * num_params(m)  # fp32 weights + fp32 grads + Adam m, v
+    states = 16 * m.num_params  # fp32 weights + fp32 grads + Adam m, v
     qd, kvd = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
     # bf16 values kept per token and layer for the backward (see docs/performance.md)
     per_token = 2 * (5 * m.hidden_size + 3 * qd + 3 * kvd + 3 * m.intermediate_size) * m.num_hidden_layers
