@@ -7,6 +7,8 @@ checkpoint code lives here: `qtrain.parallel` transforms this module from the ou
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
@@ -167,13 +169,65 @@ def build_model(cfg: Qwen3Config, device: str | torch.device = "meta") -> Qwen3F
         return Qwen3ForCausalLM(cfg)
 
 
+# Wrappers that insert a level into parameter names without changing what the parameter is.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's HF name with activation-checkpoint / compile wrapper levels removed."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _initial_value(name: str, shape: torch.Size, std: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The full initial value of one parameter: a function of its name, shape and the seed only."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, device=device)
+    generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, std: float, seed: int) -> None:
+    """Initialise every parameter of a (possibly sharded, pipelined or wrapped) Qwen3 model as HF
+    does (N(0, std) weights, zero biases, unit norms), from a per-parameter seed.
+
+    Each parameter's value depends only on its HF name and `seed`, never on the layout: a tensor-
+    or FSDP-sharded parameter (DTensor) keeps the slice of the same full value that one process
+    would hold, and a pipeline stage initialises just its own layers. The full value of one
+    parameter exists at a time, so memory stays at the shard plus the largest parameter.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for name, param in model.named_parameters():
+        name = canonical_name(name)
+        if tied and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"  # a last pipeline stage's copy of the tied embedding
+        local = param.to_local() if isinstance(param, DTensor) else param
+        full = _initial_value(name, param.shape, std, seed, local.device)
+        if isinstance(param, DTensor):
+            # src_data_rank=None: every rank made the same full value, so each slices its own part.
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        local.copy_(full)
+
+
 def materialize(model: Qwen3ForCausalLM, device: str | torch.device, dtype: torch.dtype = torch.float32,
                 std: float | None = None, seed: int | None = None) -> Qwen3ForCausalLM:
-    """Allocate a meta-built (possibly sharded) model on `device` once and initialise it there."""
+    """Allocate a meta-built (possibly sharded) model on `device` once and initialise it there.
+
+    With `seed`, the initial weights are the same for every parallel layout (see init_parameters);
+    without, they are drawn from torch's global generator.
+    """
     model.to(dtype)  # on meta this costs nothing, so the one real allocation is already in `dtype`
     model.to_empty(device=device)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    model.init_weights(std, generator=generator)
+    model.tie_weights()
+    std = model.config.initializer_range if std is None else std
+    if seed is None:
+        model.init_weights(std)
+    else:
+        init_parameters(model, std, seed)
     return model

@@ -145,10 +145,16 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     from qtrain.models.qwen3 import build_model, materialize
 
     torch.manual_seed(t.seed)
-    model = materialize(build_model(model_cfg, "meta"), rt.device, seed=t.seed)
+    model = build_model(model_cfg, "meta")
     if hooks.prepare_model is not None:
-        model = hooks.prepare_model(model)
-    par = apply_parallelism(model, cfg, rt)
+        # LoRA adapters are injected into the full model before sharding.
+        model = hooks.prepare_model(materialize(model, rt.device, seed=t.seed))
+        par = apply_parallelism(model, cfg, rt)
+    else:
+        # Shard first, then allocate and initialise only this rank's part (the same weights
+        # for every layout: see models.qwen3.init_parameters).
+        par = apply_parallelism(model, cfg, rt)
+        materialize(par.model, rt.device, seed=t.seed)
     model, sharded, dp_rank = par.model, par.sharded, par.dp_rank
     pipelined = uses_pipeline(model)
     model.train()

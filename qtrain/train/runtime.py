@@ -63,8 +63,7 @@ def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime) -> Parallel:
     """Lay the (materialised) model out over the ranks with qtrain.parallel: TP, PP, CP, recompute,
     FSDP2 with bf16 params and fp32 gradient reduction. A single rank trains the plain model.
 
-    The model is initialised before sharding, so every layout starts from the same weights as
-    one process with the same --seed.
+    The model may still be on the meta device; it is materialised after sharding.
     """
     p = cfg.parallel
     if rt.world_size == 1 and (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,

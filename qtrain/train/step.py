@@ -29,12 +29,26 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], num
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     position_ids = batch.get("position_ids")
+    position_ids = None if position_ids is None else position_ids.to(device)
+    if _fused_loss(model):
+        with autocast_context(device, bf16, sharded):
+            loss = model(input_ids, position_ids=position_ids, labels=labels)
+        (loss / num_microbatches).backward()
+        return loss.detach()
     with autocast_context(device, bf16, sharded):
-        logits = model(input_ids, position_ids=None if position_ids is None else position_ids.to(device))
+        logits = model(input_ids, position_ids=position_ids)
     with loss_scope(model):  # vocab-parallel loss when the LM head is tensor-parallel
         loss = cross_entropy(logits, labels)
         (loss / num_microbatches).backward()
     return _local(loss.detach())
+
+
+def _fused_loss(model: torch.nn.Module) -> bool:
+    """The model computes its loss without materialising the logits (LM head + cross-entropy in
+    chunks), except when the LM head is vocab-parallel: then the logits stay sharded DTensors
+    and the loss runs under loss_parallel()."""
+    state = parallel_state(model)
+    return state is None or not state.vocab_parallel
 
 
 def pipeline_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
@@ -58,8 +72,12 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device:
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     position_ids = batch.get("position_ids")
+    position_ids = None if position_ids is None else position_ids.to(device)
     with autocast_context(device, bf16, sharded):
-        logits = model(input_ids, position_ids=None if position_ids is None else position_ids.to(device))
+        if _fused_loss(model):
+            return model(input_ids, position_ids=position_ids, labels=labels, loss_reduction="sum"), \
+                (labels != -100).sum()
+        logits = model(input_ids, position_ids=position_ids)
     with loss_scope(model):
         total = _local(cross_entropy(logits, labels, reduction="sum"))
     return total, (labels != -100).sum()

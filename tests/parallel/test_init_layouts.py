@@ -1,0 +1,49 @@
+"""A meta-built model sharded under any layout and then materialised with a seed holds exactly
+the weights one process gets with that seed (init after sharding, no full copy per rank)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel_helpers import free_port, worker_env
+from qtrain.models.config import Qwen3Config
+from qtrain.models.qwen3 import build_model, materialize
+
+WORKER = Path(__file__).with_name("parallel_init_worker.py")
+
+
+def _single(tied: bool) -> dict[str, torch.Tensor]:
+    from parallel_init_worker import TINY
+
+    model = materialize(build_model(Qwen3Config(**TINY, tie_word_embeddings=tied), "meta"), "cpu", seed=7)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("layout,tied", [("fsdp", "tied"), ("tp", "untied"), ("pp", "tied")])
+def test_sharded_init_equals_single_process(tmp_path, layout, tied):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER),
+           str(tmp_path / "sd"), layout, tied]
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got: dict[str, torch.Tensor] = {}
+    for f in sorted(tmp_path.glob("sd_rank*.pt")):
+        got.update(torch.load(f))
+    want = _single(tied == "tied")
+    assert set(got) <= set(want) and len(got) >= len(want) - 1  # a PP stage may omit the tied head copy
+    for name, value in got.items():
+        assert torch.equal(value, want[name]), name
+    if tied == "tied" and "lm_head.weight" in got:
+        assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
+def test_init_depends_on_seed_and_name_only():
+    a, b = _single(True), _single(True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    w = a["model.layers.0.mlp.up_proj.weight"]
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"][:8, :8], a["model.layers.1.mlp.up_proj.weight"][:8, :8])
+    assert torch.equal(a["model.norm.weight"], torch.ones(64))
