@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, write_tracker
+from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, swap_into_place, write_tracker
 from qtrain.errors import CheckpointError
 from qtrain.io_utils import write_json_atomic
 
@@ -167,14 +167,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
     if _rank() == 0:
         write_json_atomic(tmp / CONFIG_FILE, model_config_json)
         write_json_atomic(tmp / ARGS_FILE, args_json)
-        if final.exists():  # saving the same iteration again: replace the old one
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        swap_into_place(tmp, final)  # saving the same iteration again replaces the old one
         _fsync_dir(final.parent)
         write_tracker(save_dir, iteration)
     _barrier()
