@@ -30,7 +30,7 @@ MODEL_FLAGS = ["--model-preset", "tiny", "--num-layers", "4", "--hidden-size", "
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qtrain demo", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="runs/demo", help="where data, checkpoints, HF export and loss.png go")
-    p.add_argument("--train-iters", type=int, default=200, help="training iterations")
+    p.add_argument("--train-iters", type=int, default=400, help="training iterations")
     p.add_argument("--seq-length", type=int, default=32, help="tokens per sample")
     p.add_argument("--global-batch-size", type=int, default=4, help="samples per iteration")
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (cosine decay, 20 warmup iterations)")
