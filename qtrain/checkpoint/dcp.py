@@ -25,7 +25,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 
@@ -214,13 +213,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     if kind == "hf":
         from qtrain.models.hf import iter_safetensors
 
-        _set_full_weights(model, dict(iter_safetensors(path)), path)
+        _set_full_weights(model, iter_safetensors(path), path)
         return Loaded(kind, path)
     if kind == "megatron":
         from qtrain.checkpoint.megatron import load_megatron_state_dict
 
         _, sd = load_megatron_state_dict(str(path))
-        _set_full_weights(model, sd, path)
+        _set_full_weights(model, sd.items(), path)
         return Loaded(kind, path)
 
     it = latest_iteration(path)
@@ -265,28 +264,42 @@ def _saved_world(keys: set[str]) -> int:
     return sum(1 for k in keys if k.startswith("rng.rank_"))
 
 
-def _set_full_weights(model: torch.nn.Module, full_sd: dict[str, torch.Tensor], source: Path) -> None:
-    """Load full (unsharded) HF-named tensors into a possibly sharded model."""
-    expected = set(model.state_dict())
-    if "lm_head.weight" in expected and "lm_head.weight" not in full_sd and "model.embed_tokens.weight" in full_sd:
-        full_sd["lm_head.weight"] = full_sd["model.embed_tokens.weight"]  # tied: HF stores it once
-    missing, unexpected = expected - set(full_sd), set(full_sd) - expected
-    state = getattr(model, "qtrain_parallel", None)
-    if state is not None and state.pipeline is not None:
-        # a pipeline stage holds only its layers: take those, the rest belong to other stages
-        full_sd = {k: v for k, v in full_sd.items() if k in expected}
-        unexpected = set()
+def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:
+    """Load full (unsharded) HF-named tensors, one at a time, into a possibly sharded model.
+
+    Each rank reads every tensor (from the page cache the ranks of a node share) and keeps its
+    own slice, so no rank ever holds more than its shard plus one full tensor. A pipeline stage
+    takes its own layers; the names of other stages are expected, not unexpected.
+    """
+    from qtrain.models.qwen3 import build_model, canonical_name
+    from qtrain.parallel.full_tensors import copy_full_into
+
+    cfg = model.config
+    every_name = set(build_model(cfg, "meta").state_dict())  # the whole model's names, on meta
+    params = {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+    tied = cfg.tie_word_embeddings
+    unexpected, loaded = [], set()
+    for name, tensor in tensors:
+        if name not in every_name:
+            unexpected.append(name)
+            continue
+        if tied and name == "lm_head.weight":
+            continue  # HF ignores the copy of a tied embedding; the embedding fills the head below
+        targets = [name] + (["lm_head.weight"] if tied and name == "model.embed_tokens.weight" else [])
+        for target in targets:
+            param = params.get(target)
+            if param is None:
+                continue  # another pipeline stage's tensor
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(f"--load {source}: {name} has shape {tuple(tensor.shape)}, the model "
+                                      f"expects {tuple(param.shape)}; check the model flags")
+            copy_full_into(param, tensor)
+            loaded.add(target)
+    missing = sorted(set(params) - loaded)
     if missing or unexpected:
         raise CheckpointError(f"--load {source}: weights do not match the model (missing: "
-                              f"{sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]}); "
+                              f"{missing[:5]}, unexpected: {sorted(unexpected)[:5]}); "
                               f"check the model flags / preset against {source}/config.json")
-    ref = model.state_dict()
-    for name, t in full_sd.items():
-        if tuple(t.shape) != tuple(ref[name].shape):
-            raise CheckpointError(f"--load {source}: {name} has shape {tuple(t.shape)}, the model "
-                                  f"expects {tuple(ref[name].shape)}; check the model flags")
-    full_sd = {k: v.to(torch.float32) for k, v in full_sd.items()}
-    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True))
 
 
 def read_args_json(folder: str | Path) -> dict:

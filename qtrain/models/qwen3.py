@@ -200,19 +200,15 @@ def init_parameters(model: nn.Module, std: float, seed: int) -> None:
     would hold, and a pipeline stage initialises just its own layers. The full value of one
     parameter exists at a time, so memory stays at the shard plus the largest parameter.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from qtrain.parallel.full_tensors import copy_full_into  # the model itself stays layout-free
 
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, param in model.named_parameters():
         name = canonical_name(name)
         if tied and name == "lm_head.weight":
             name = "model.embed_tokens.weight"  # a last pipeline stage's copy of the tied embedding
-        local = param.to_local() if isinstance(param, DTensor) else param
-        full = _initial_value(name, param.shape, std, seed, local.device)
-        if isinstance(param, DTensor):
-            # src_data_rank=None: every rank made the same full value, so each slices its own part.
-            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        local.copy_(full)
+        device = param.to_local().device if hasattr(param, "to_local") else param.device
+        copy_full_into(param, _initial_value(name, param.shape, std, seed, device))
 
 
 def materialize(model: Qwen3ForCausalLM, device: str | torch.device, dtype: torch.dtype = torch.float32,

@@ -1,5 +1,6 @@
-"""torchrun worker: shard a meta-built tiny Qwen3 under one layout, materialise it with a seed,
-and save each rank's full-valued parameters for the test to compare with one process."""
+"""torchrun worker: shard a meta-built tiny Qwen3 under one layout, materialise it with a seed
+(and, given an HF dir, load its weights), then save each rank's full-valued parameters for the
+test to compare with one process."""
 
 import sys
 
@@ -16,7 +17,7 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0)
 
 
-def main(out_prefix: str, layout: str, tied: str) -> None:
+def main(out_prefix: str, layout: str, tied: str, hf_dir: str = "") -> None:
     dist.init_process_group("gloo")
     cfg = Qwen3Config(**TINY, tie_word_embeddings=tied == "tied")
     pcfg = PretrainConfig()
@@ -30,6 +31,10 @@ def main(out_prefix: str, layout: str, tied: str) -> None:
     mesh = build_mesh(pcfg, dist.get_world_size(), "cpu", model_cfg=cfg)
     model = parallelize(build_model(cfg, "meta"), mesh, pcfg, device=torch.device("cpu"))
     materialize(model, "cpu", seed=7)
+    if hf_dir:
+        from qtrain.checkpoint.dcp import load_checkpoint
+
+        load_checkpoint(hf_dir, model, None)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if layout == "pp" or dist.get_rank() == 0:
         torch.save({k: v.detach().clone() for k, v in full.items()}, f"{out_prefix}_rank{dist.get_rank()}.pt")

@@ -1,5 +1,6 @@
 """A meta-built model sharded under any layout and then materialised with a seed holds exactly
-the weights one process gets with that seed (init after sharding, no full copy per rank)."""
+the weights one process gets with that seed (init after sharding, no full copy per rank); HF
+weights loaded tensor by tensor into the shards are exactly the file's."""
 
 import subprocess
 import sys
@@ -22,16 +23,21 @@ def _single(tied: bool) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("layout,tied", [("fsdp", "tied"), ("tp", "untied"), ("pp", "tied")])
-def test_sharded_init_equals_single_process(tmp_path, layout, tied):
+def _run(tmp_path, layout, tied, hf_dir=""):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER),
-           str(tmp_path / "sd"), layout, tied]
+           str(tmp_path / "sd"), layout, tied, str(hf_dir)]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got: dict[str, torch.Tensor] = {}
     for f in sorted(tmp_path.glob("sd_rank*.pt")):
         got.update(torch.load(f))
+    return got
+
+
+@pytest.mark.parametrize("layout,tied", [("fsdp", "tied"), ("tp", "untied"), ("pp", "tied")])
+def test_sharded_init_equals_single_process(tmp_path, layout, tied):
+    got = _run(tmp_path, layout, tied)
     want = _single(tied == "tied")
     assert set(got) <= set(want) and len(got) >= len(want) - 1  # a PP stage may omit the tied head copy
     for name, value in got.items():
@@ -47,3 +53,23 @@ def test_init_depends_on_seed_and_name_only():
     assert abs(w.std().item() - 0.02) < 0.002
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"][:8, :8], a["model.layers.1.mlp.up_proj.weight"][:8, :8])
     assert torch.equal(a["model.norm.weight"], torch.ones(64))
+
+
+@pytest.mark.parametrize("layout,tied", [("fsdp", "untied"), ("tp", "tied"), ("pp", "tied"), ("pp", "untied")])
+def test_hf_weights_load_into_shards_exactly(tmp_path, layout, tied):
+    transformers = pytest.importorskip("transformers")
+    from parallel_init_worker import TINY
+
+    from qtrain.models.hf import iter_safetensors
+
+    cfg = Qwen3Config(**TINY, tie_word_embeddings=tied == "tied")
+    torch.manual_seed(3)
+    hf_dir = tmp_path / "hf"
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf_dict("float32"))).save_pretrained(hf_dir)
+    want = dict(iter_safetensors(hf_dir))
+    got = _run(tmp_path, layout, tied, hf_dir)
+    seed_init = _single(tied == "tied")
+    for name, value in got.items():
+        source = "model.embed_tokens.weight" if tied == "tied" and name == "lm_head.weight" else name
+        assert torch.equal(value, want[source]), name
+        assert not torch.equal(value, seed_init[name]) or "norm" in name  # really loaded, not the init
