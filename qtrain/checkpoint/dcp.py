@@ -216,10 +216,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         _set_full_weights(model, iter_safetensors(path), path)
         return Loaded(kind, path)
     if kind == "megatron":
-        from qtrain.checkpoint.megatron import load_megatron_state_dict
+        from qtrain.checkpoint.megatron import MegatronReader
 
-        _, sd = load_megatron_state_dict(str(path))
-        _set_full_weights(model, sd.items(), path)
+        reader = MegatronReader(path)  # TP shards merged tensor by tensor, as they are copied in
+        try:
+            _set_full_weights(model, reader, path)
+        finally:
+            reader.close()
         return Loaded(kind, path)
 
     it = latest_iteration(path)

@@ -55,8 +55,10 @@ def test_init_depends_on_seed_and_name_only():
     assert torch.equal(a["model.norm.weight"], torch.ones(64))
 
 
-@pytest.mark.parametrize("layout,tied", [("fsdp", "untied"), ("tp", "tied"), ("pp", "tied"), ("pp", "untied")])
-def test_hf_weights_load_into_shards_exactly(tmp_path, layout, tied):
+@pytest.mark.parametrize("layout,tied,fmt", [("fsdp", "untied", "hf"), ("tp", "tied", "hf"), ("pp", "tied", "hf"),
+                                             ("pp", "untied", "hf"), ("tp", "tied", "mg"), ("pp", "untied", "mg")])
+def test_weights_load_into_shards_exactly(tmp_path, layout, tied, fmt):
+    """HF dirs and Megatron (TP2 PP2) checkpoints stream into every rank's shard exactly."""
     transformers = pytest.importorskip("transformers")
     from parallel_init_worker import TINY
 
@@ -67,7 +69,15 @@ def test_hf_weights_load_into_shards_exactly(tmp_path, layout, tied):
     hf_dir = tmp_path / "hf"
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf_dict("float32"))).save_pretrained(hf_dir)
     want = dict(iter_safetensors(hf_dir))
-    got = _run(tmp_path, layout, tied, hf_dir)
+    source_dir = hf_dir
+    if fmt == "mg":
+        from qtrain.checkpoint.convert import main as convert
+
+        source_dir = tmp_path / "mg"
+        assert convert(["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(hf_dir),
+                        "--save-dir", str(source_dir), "--target-tensor-parallel-size", "2",
+                        "--target-pipeline-parallel-size", "2"]) == 0
+    got = _run(tmp_path, layout, tied, source_dir)
     seed_init = _single(tied == "tied")
     for name, value in got.items():
         source = "model.embed_tokens.weight" if tied == "tied" and name == "lm_head.weight" else name
