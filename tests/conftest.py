@@ -24,6 +24,15 @@ def tokenizer_dir() -> Path:
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: tiny matmuls gain nothing from threads on shared CI cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

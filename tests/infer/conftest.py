@@ -1,12 +1,8 @@
 """Inference tests run single-threaded: tiny matmuls gain nothing from threads on shared CI cores."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):  # noqa: ARG001  (one_thread: tests/conftest.py)
     yield
-    torch.set_num_threads(n)

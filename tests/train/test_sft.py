@@ -17,12 +17,7 @@ from qtrain.train.sft import run_sft, sft_forward_backward
 VOCAB, EOS, SEQ = 64, 2, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _samples(n=6, seed=0):
