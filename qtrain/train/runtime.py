@@ -6,12 +6,15 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from qtrain import device as qdevice
+from qtrain.errors import QtrainError
 
 
 @dataclass
@@ -47,6 +50,19 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_command(name: str, fn: Callable[[], object]) -> int:
+    """Run a training command (`qtrain pretrain`, `qtrain sft`): exit status 0 on success (also after
+    SIGTERM + save), 1 on a user error printed without a traceback; the process group always ends."""
+    try:
+        fn()
+    except QtrainError as e:
+        print(f"qtrain {name}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    return 0
 
 
 @dataclass

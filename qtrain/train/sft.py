@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from qtrain.errors import ConfigError, QtrainError
+from qtrain.errors import ConfigError
 from qtrain.train.step import autocast_context
 
 SFT_FLAGS_HELP = "SFT options (qtrain sft only); every `qtrain pretrain` option is accepted too"
@@ -210,7 +210,7 @@ def run_sft(argv: list[str], log=print):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qtrain.train.runtime import shutdown
+    from qtrain.train.runtime import run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -220,14 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         text = sft_parser().format_help()
         print(text[text.index("\nsft:") + 1:])
         return 0
-    try:
-        run_sft(argv)
-    except QtrainError as e:
-        print(f"qtrain sft: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown()
-    return 0
+    return run_command("sft", lambda: run_sft(argv))
 
 
 if __name__ == "__main__":
