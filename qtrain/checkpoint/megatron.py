@@ -33,6 +33,7 @@ from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_n
 from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
+from qtrain.models.rope_scaling import read_megatron_rope
 
 CHECKPOINT_VERSION = 3.0
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -106,6 +107,7 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
         mismatches.append(f"position_embedding_type={args.position_embedding_type!r} (Qwen3 uses rope)")
     if mismatches:
         raise ConfigError(f"{source}: not a dense Qwen3 checkpoint: " + "; ".join(mismatches))
+    read_megatron_rope(args, source)
     for key in ("embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_qkv.weight",
                 "decoder.layers.0.mlp.linear_fc1.weight"):
         if key not in shapes:

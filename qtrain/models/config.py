@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from qtrain.errors import ConfigError
-
-# HF config keys that we read but that do not change the computation of a dense Qwen3.
-_IGNORED_HF_KEYS = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "hidden_act", "attention_dropout", "max_window_layers", "sliding_window", "use_sliding_window",
-    "rope_scaling", "rope_parameters", "layer_types", "pad_token_id", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "use_return_dict", "tie_encoder_decoder",
-}
+from qtrain.models.hf_config_keys import HF_DEFAULTS, check_hf_keys
+from qtrain.models.rope_scaling import read_hf_rope
 
 
 @dataclass
@@ -63,21 +57,17 @@ class Qwen3Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "Qwen3Config":
-        model_type = d.get("model_type")
-        if model_type != "qwen3":
+        """Read an HF config.json dict. Keys it leaves out take transformers' Qwen3Config defaults
+        (not qtrain's), so the model is the one transformers would build; every key qtrain does not
+        implement is refused by name (models/hf_config_keys.py, models/rope_scaling.py)."""
+        if d.get("model_type") != "qwen3":
             raise ConfigError(
-                f"{source}: model_type is {model_type!r}, qtrain supports 'qwen3' (dense Qwen3) only")
-        if d.get("use_sliding_window"):
-            raise ConfigError(f"{source}: use_sliding_window=true is not supported by qtrain")
-        rope_scaling = d.get("rope_scaling")
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-            raise ConfigError(f"{source}: rope_scaling {rope_scaling} is not supported (only default RoPE)")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if "head_dim" not in d and "hidden_size" in d and "num_attention_heads" in d:
-            kwargs["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-        if d.get("rope_theta") is None and isinstance(d.get("rope_parameters"), dict):
-            kwargs["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+                f"{source}: model_type is {d.get('model_type')!r}, qtrain supports 'qwen3' (dense Qwen3) only")
+        check_hf_keys(d, source)
+        kwargs = {k: d.get(k, HF_DEFAULTS[k]) for k in HF_DEFAULTS}
+        if d.get("num_key_value_heads", 0) is None:  # transformers: null means one per query head
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        kwargs["rope_theta"], _ = read_hf_rope(d, source)
         return cls(**kwargs)
 
     @classmethod
