@@ -9,7 +9,7 @@ from typing import Any
 
 from qtrain.errors import ConfigError
 from qtrain.models.hf_config_keys import HF_DEFAULTS, check_hf_keys
-from qtrain.models.rope_scaling import read_hf_rope
+from qtrain.models.rope_scaling import canonical, read_hf_rope
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Qwen3Config:
     initializer_range: float = 0.02
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
+    # None: plain RoPE; else HF's rope_scaling dict in qtrain's canonical form (models/rope_scaling.py)
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -45,6 +47,7 @@ class Qwen3Config:
             raise ConfigError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        self.rope_scaling = canonical(self.rope_scaling, self.max_position_embeddings, "model config: rope_scaling")
 
     @property
     def num_params(self) -> int:
@@ -67,7 +70,7 @@ class Qwen3Config:
         kwargs = {k: d.get(k, HF_DEFAULTS[k]) for k in HF_DEFAULTS}
         if d.get("num_key_value_heads", 0) is None:  # transformers: null means one per query head
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        kwargs["rope_theta"], _ = read_hf_rope(d, source)
+        kwargs["rope_theta"], kwargs["rope_scaling"] = read_hf_rope(d, source, kwargs["max_position_embeddings"])
         return cls(**kwargs)
 
     @classmethod
@@ -82,11 +85,14 @@ class Qwen3Config:
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """The config.json that transformers' Qwen3ForCausalLM and vLLM-style loaders read."""
+        """The config.json that transformers' Qwen3ForCausalLM and vLLM-style loaders read.
+
+        RoPE is written in transformers 4's spelling (rope_theta + rope_scaling), which qtrain's
+        minimum transformers (4.51), transformers 5 and vLLM all read."""
         d = asdict(self)
         d.update(
             architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
             attention_dropout=0.0, max_window_layers=self.num_hidden_layers, sliding_window=None,
-            use_sliding_window=False, rope_scaling=None, use_cache=True, torch_dtype=dtype,
+            use_sliding_window=False, use_cache=True, torch_dtype=dtype,
         )
         return d

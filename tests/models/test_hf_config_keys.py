@@ -155,41 +155,54 @@ def test_refused_and_unknown_keys_are_named(key):
 # --- RoPE: both spellings -------------------------------------------------------------------------
 
 
-def test_rope_keys_other_than_type_and_theta_are_refused_in_both_spellings():
-    from qtrain.models.rope_scaling import SPELLINGS
+def test_every_rope_parameters_key_is_implemented_for_its_types_and_refused_for_the_others():
+    from qtrain.models.rope_scaling import SPELLINGS, TYPE_KEYS
 
     assert SPELLINGS == ("rope_scaling", "rope_parameters")
-    for key in typing.get_type_hints(transformers.modeling_rope_utils.RopeParameters):
-        if key in ("rope_type", "rope_theta"):
-            continue
-        for spelling in SPELLINGS:
-            with pytest.raises(ConfigError, match=f"{spelling}.*{key}"):
-                Qwen3Config.from_hf_dict({**TINY, spelling: {"rope_type": "default", key: 2.0}})
+    rope_keys = set(typing.get_type_hints(transformers.modeling_rope_utils.RopeParameters))
+    implemented = set().union(*TYPE_KEYS.values()) - {"type"}  # "type": transformers 4's alias of rope_type
+    # tests/models/test_rope_scaling.py checks each against transformers' logits (partial_rotary_factor: 1 only)
+    assert implemented == {"rope_type", "rope_theta", "partial_rotary_factor", "factor",
+                           "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                           "mscale", "mscale_all_dim", "truncate"}
+    assert implemented <= rope_keys
+    required = {"linear": {"factor": 2.0}, "yarn": {"factor": 2.0, "original_max_position_embeddings": 16}}
+    for rope_type, allowed in TYPE_KEYS.items():
+        for key in sorted(rope_keys - allowed):
+            for spelling in SPELLINGS:
+                rope = {"rope_type": rope_type, **required.get(rope_type, {}), key: 2.0}
+                with pytest.raises(ConfigError, match=f"{spelling}.*{key}"):
+                    Qwen3Config.from_hf_dict({**TINY, spelling: rope})
 
 
 @pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
-def test_rope_scaling_is_refused_on_every_path_that_reads_a_config(tmp_path, spelling):
+def test_every_path_that_reads_a_config_reads_its_rope_scaling(tmp_path, spelling):
     import argparse
 
     from qtrain.checkpoint.megatron import config_from_args
     from qtrain.checkpoint.sources import open_source
     from qtrain.config import parse_args, resolve_model_config
 
-    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY))
     hf.save_pretrained(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     d.pop("rope_parameters")
-    d[spelling] = rope
+    reads = (lambda: qtrain.load_hf(tmp_path).config, lambda: open_source("hf", tmp_path).config,
+             lambda: resolve_model_config(parse_args(["--load", str(tmp_path)])),
+             lambda: config_from_args(argparse.Namespace(qtrain_hf_config=d), "args", {}, 1)[0])
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    d[spelling] = yarn
     (tmp_path / "config.json").write_text(json.dumps(d))
-    for read in (lambda: qtrain.load_hf(tmp_path), lambda: open_source("hf", tmp_path),
-                 lambda: resolve_model_config(parse_args(["--load", str(tmp_path)])),
-                 lambda: config_from_args(argparse.Namespace(qtrain_hf_config=d), "args", {}, 1)):
-        with pytest.raises(ConfigError, match=f"{spelling}.*yarn"):
+    for read in reads:
+        assert read().rope_scaling == yarn
+    d[spelling] = {"rope_type": "dynamic", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    for read in reads:
+        with pytest.raises(ConfigError, match=f"{spelling}.*dynamic"):
             read()
-    # MindSpeed-LLM's args spelling
-    args = argparse.Namespace(normalization="RMSNorm", swiglu=True, qk_layernorm=True, rope_scaling_type="yarn")
-    with pytest.raises(ConfigError, match="rope_scaling_type='yarn'"):
+    # MindSpeed-LLM's args spelling of a type qtrain does not implement
+    args = argparse.Namespace(normalization="RMSNorm", swiglu=True, qk_layernorm=True, rope_scaling_type="longrope")
+    with pytest.raises(ConfigError, match="rope_scaling_type='longrope'"):
         config_from_args(args, "args", {}, 1)
 
 
