@@ -1,5 +1,7 @@
-"""Rotary position embedding (the "rotate half" layout used by Qwen3 / Hugging Face).
+"""Rotary position embedding (the "rotate half" layout used by Qwen3 / Hugging Face), plain or scaled (yarn, linear).
 
+`rope_frequencies` computes the frequencies (and YaRN's cos/sin scale) as transformers does, once
+per setting and device; `rope_cos_sin` turns positions into cos/sin per forward.
 `apply_rope_qk` rotates q and k together, which lets Liger-Kernel's Triton kernel do both in one
 launch on CUDA (in place, saving only cos/sin for the backward); torch_npu's npu_rotary_mul on
 Ascend; the reference elsewhere. See dispatch.py.

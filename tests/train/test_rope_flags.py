@@ -116,3 +116,34 @@ def test_yarn_config_is_recorded_for_the_checkpoint():
     d = cfg.to_hf_dict("float32")
     assert d["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert json.loads(json.dumps(d))["rope_theta"] == 1e6
+
+
+def test_pretraining_with_yarn_flags_trains_and_exports_the_scaled_model(tiny_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_pretrain import _first_batch_loss
+    from trainutil import tiny_args
+
+    from qtrain.models.config import Qwen3Config
+    from qtrain.models.hf import load_hf
+    from qtrain.models.qwen3 import build_model, materialize
+    from qtrain.train.loop import pretrain
+
+    argv = tiny_args(tiny_data, train_iters=3, max_position_embeddings=64, save_hf=tmp_path / "hf") + [
+        "--rope-scaling-type", "yarn", "--rope-scaling-original-max-position-embeddings", "8"]
+    cfg = parse_args(argv)
+    run = pretrain(cfg, log=lambda *a, **k: None)
+    # the first loss is the seeded initial model's with YaRN, not with plain RoPE
+    model_cfg = resolve_model_config(cfg)
+    assert model_cfg.rope_scaling == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8}
+    initial = materialize(build_model(model_cfg, "meta"), "cpu", seed=cfg.training.seed)
+    assert run.losses[1] == pytest.approx(_first_batch_loss(initial, tiny_data), rel=1e-6)
+    initial.config = Qwen3Config(**{**vars(model_cfg), "rope_scaling": None})
+    assert abs(run.losses[1] - _first_batch_loss(initial, tiny_data)) > 1e-3
+    # the exported HF dir is the scaled model for transformers too
+    ours = load_hf(tmp_path / "hf")
+    assert ours.config.rope_scaling == model_cfg.rope_scaling
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 1024, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        assert (ours(ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
