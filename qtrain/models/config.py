@@ -41,8 +41,9 @@ class Qwen3Config:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "

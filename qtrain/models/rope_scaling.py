@@ -86,6 +86,8 @@ def canonical(rope: dict[str, Any] | None, max_position_embeddings: int, where: 
         return {"rope_type": "linear", "factor": float(_number(rope["factor"], where, "factor", minimum=1))}
     original = rope.get("original_max_position_embeddings")
     original = max_position_embeddings if original is None else original
+    if isinstance(original, float) and original.is_integer():  # e.g. MindSpeed-LLM's float-typed flag
+        original = int(original)
     _number(original, where, "original_max_position_embeddings", integer=True, minimum=1)
     factor = rope.get("factor")
     factor = max_position_embeddings / original if factor is None else factor
@@ -236,10 +238,17 @@ def megatron_rope_args(scaling: dict[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(f"RoPE scaling linear x{factor:g}: Megatron's --rotary-seq-len-interpolation-factor "
                               f"takes an integer, so a Megatron checkpoint cannot carry this factor")
         return {"rotary_seq_len_interpolation_factor": int(factor)}
-    for key in ("attention_factor", "truncate"):
-        if key in scaling:
-            raise ConfigError(f"RoPE scaling yarn with {key}={scaling[key]!r}: MindSpeed-LLM has no flag for it, so a "
-                              f"Megatron checkpoint cannot carry this model's RoPE")
+    mscale, mscale_all_dim = scaling.get("mscale", 1.0), scaling.get("mscale_all_dim", 0.0)
+    if "attention_factor" in scaling:  # MindSpeed spells it as mscale with mscale_all_dim 0, where that is exact
+        mscale = (scaling["attention_factor"] - 1) / (0.1 * math.log(factor)) if factor > 1 else 1.0
+        mscale_all_dim = 0.0
+        if _mscale(factor, mscale) / _mscale(factor, mscale_all_dim) != scaling["attention_factor"]:
+            raise ConfigError(f"RoPE scaling yarn with attention_factor={scaling['attention_factor']!r}: MindSpeed-LLM's "
+                              f"--rope-scaling-mscale cannot give it exactly, so a Megatron checkpoint cannot carry "
+                              f"this model's RoPE")
+    if "truncate" in scaling:
+        raise ConfigError(f"RoPE scaling yarn with truncate={scaling['truncate']!r}: MindSpeed-LLM has no flag for it, "
+                          f"so a Megatron checkpoint cannot carry this model's RoPE")
     original = scaling["original_max_position_embeddings"]
     max_pos = round(factor * original)
     if max_pos / original != factor:
@@ -249,7 +258,7 @@ def megatron_rope_args(scaling: dict[str, Any] | None) -> dict[str, Any]:
         "max_position_embeddings": max_pos, "rope_scaling_type": "yarn", "rope_scaling_factor": factor,
         "rope_scaling_original_max_position_embeddings": original,
         "beta_fast": scaling.get("beta_fast", 32), "beta_slow": scaling.get("beta_slow", 1),
-        "rope_scaling_mscale": scaling.get("mscale", 1.0), "rope_scaling_mscale_all_dim": scaling.get("mscale_all_dim", 0.0),
+        "rope_scaling_mscale": mscale, "rope_scaling_mscale_all_dim": mscale_all_dim,
     }
 
 

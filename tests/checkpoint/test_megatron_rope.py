@@ -4,6 +4,7 @@ MindSpeed-LLM's names (yarn) / Megatron-LM's (linear), which read back to the sa
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,10 @@ def strip_qtrain_config(mg: Path) -> None:
      dict(rope_scaling_type="yarn", rope_scaling_factor=4.0, rope_scaling_original_max_position_embeddings=32,
           max_position_embeddings=128, beta_fast=16, beta_slow=1, rope_scaling_mscale=0.8,
           rope_scaling_mscale_all_dim=0.5)),
+    ({**YARN, "attention_factor": 1.5},  # MindSpeed: mscale(4, m) / mscale(4, 0) = 1.5
+     dict(rope_scaling_mscale=0.5 / (0.1 * math.log(4.0)), rope_scaling_mscale_all_dim=0.0)),
     ({"rope_type": "linear", "factor": 2.0}, dict(rotary_seq_len_interpolation_factor=2)),
-])
+], ids=["yarn", "yarn_attention_factor", "linear"])
 def test_hf_to_megatron_and_back_keeps_rope_scaling(tmp_path, rope, want_args):
     src = make_hf(tmp_path / "hf", tied=False, dtype=torch.float32, rope_parameters=rope)
     want = Qwen3Config.from_json(src / "config.json").rope_scaling
@@ -63,9 +66,9 @@ def test_hf_to_megatron_and_back_keeps_rope_scaling(tmp_path, rope, want_args):
 
 
 def test_megatron_cannot_carry_yarn_settings_mindspeed_has_no_flag_for(tmp_path, capsys):
-    src = make_hf(tmp_path / "hf", tied=False, dtype=torch.float32, rope_parameters={**YARN, "attention_factor": 1.5})
+    src = make_hf(tmp_path / "hf", tied=False, dtype=torch.float32, rope_parameters={**YARN, "truncate": False})
     assert run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", tmp_path / "mg") != 0
-    assert "attention_factor=1.5: MindSpeed-LLM has no flag" in capsys.readouterr().err
+    assert "truncate=False: MindSpeed-LLM has no flag" in capsys.readouterr().err
     assert not list((tmp_path / "mg").glob("**/*.pt"))
 
 

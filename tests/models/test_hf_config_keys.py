@@ -140,6 +140,13 @@ def test_no_effect_keys_change_nothing():
     _assert_same_logits(noisy)
 
 
+@pytest.mark.parametrize("key", ["head_dim", "hidden_size", "num_hidden_layers"])
+def test_null_or_non_integer_shapes_are_named(key):
+    for bad in (None, 2.5, "8"):
+        with pytest.raises(ConfigError, match=f"{key} must be a positive integer"):
+            Qwen3Config.from_hf_dict({**TINY, key: bad})
+
+
 @pytest.mark.parametrize("key", sorted(keys.REQUIRED))
 def test_required_keys_refuse_other_values_by_name(key):
     with pytest.raises(ConfigError, match=key):

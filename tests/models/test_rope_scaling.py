@@ -103,6 +103,8 @@ def test_missing_factor_and_original_follow_transformers():
     assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
     cfg = Qwen3Config.from_hf_dict({**TINY, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
     assert cfg.rope_scaling["original_max_position_embeddings"] == 256
+    cfg = Qwen3Config.from_hf_dict({**TINY, "rope_scaling": {**YARN, "original_max_position_embeddings": 64.0}})
+    assert cfg.rope_scaling == YARN and isinstance(cfg.rope_scaling["original_max_position_embeddings"], int)
 
 
 def test_both_spellings_give_one_canonical_setting():
