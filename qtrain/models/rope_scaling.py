@@ -64,7 +64,7 @@ def canonical(rope: dict[str, Any] | None, max_position_embeddings: int, where: 
     """One rope dict (either spelling, or an already canonical one) -> the canonical dict, or None
     for plain RoPE; refuses every type and key qtrain does not implement. As in transformers, a
     yarn dict without original_max_position_embeddings takes max_position_embeddings, and one
-    without a factor takes max_position_embeddings / original_max_position_embeddings."""
+    whose factor is null takes max_position_embeddings / original_max_position_embeddings."""
     if not rope:
         return None
     rope_type = _rope_type(rope, where)
@@ -84,6 +84,9 @@ def canonical(rope: dict[str, Any] | None, max_position_embeddings: int, where: 
         if rope.get("factor") is None:
             raise ConfigError(f"{where}: rope_type 'linear' needs a factor")
         return {"rope_type": "linear", "factor": float(_number(rope["factor"], where, "factor", minimum=1))}
+    if "factor" not in rope:  # transformers refuses it too; null asks for the ratio below
+        raise ConfigError(f"{where}: rope_type 'yarn' needs a factor (null: max_position_embeddings / "
+                          f"original_max_position_embeddings)")
     original = rope.get("original_max_position_embeddings")
     original = max_position_embeddings if original is None else original
     if isinstance(original, float) and original.is_integer():  # e.g. MindSpeed-LLM's float-typed flag

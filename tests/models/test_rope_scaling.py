@@ -126,6 +126,7 @@ def test_both_spellings_give_one_canonical_setting():
     ({**YARN, "low_freq_factor": 1.0}, "low_freq_factor not supported with rope_type 'yarn'"),
     ({"rope_type": "linear", "factor": 2.0, "beta_fast": 3}, "beta_fast not supported with rope_type 'linear'"),
     ({"rope_type": "linear"}, "needs a factor"),
+    ({"rope_type": "yarn", "original_max_position_embeddings": 64}, "'yarn' needs a factor"),
     ({**YARN, "factor": 0.5}, "factor must be a number >= 1"),
     ({**YARN, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
 ])
