@@ -51,6 +51,18 @@ class ModelArgs:
     num_query_groups: Optional[int] = opt(None, "key/value heads with --group-query-attention (HF num_key_value_heads)")
     kv_channels: Optional[int] = opt(None, "head dimension (HF head_dim); default hidden_size / heads")
     rotary_base: Optional[float] = opt(None, "RoPE base frequency (HF rope_theta)")
+    rope_scaling_type: Optional[str] = opt(
+        None, "RoPE scaling: yarn (MindSpeed-LLM) or linear (HF rope_scaling); default: the --load config's")
+    rope_scaling_factor: Optional[float] = opt(
+        None, "RoPE scaling factor (HF rope_scaling.factor); yarn default: max positions / original")
+    rope_scaling_original_max_position_embeddings: Optional[int] = opt(
+        None, "yarn: context length the model was pretrained for (HF original_max_position_embeddings)")
+    beta_fast: Optional[float] = opt(None, "yarn: rotations below which frequencies are interpolated (default 32)")
+    beta_slow: Optional[float] = opt(None, "yarn: rotations above which frequencies are kept (default 1)")
+    rope_scaling_mscale: Optional[float] = opt(None, "yarn: attention-scale mscale (default 1)")
+    rope_scaling_mscale_all_dim: Optional[float] = opt(None, "yarn: attention-scale mscale_all_dim (default 0)")
+    rotary_seq_len_interpolation_factor: Optional[int] = opt(
+        None, "Megatron's linear RoPE scaling: positions divided by this (HF rope_scaling linear)")
     padded_vocab_size: Optional[int] = opt(None, "embedding rows (HF vocab_size)")
     make_vocab_size_divisible_by: int = opt(
         128, "without --padded-vocab-size, pad the tokenizer's vocabulary to a multiple of this")
@@ -237,6 +249,16 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "--rampup-batch-size": "batch-size ramp-up is not supported; use a fixed --global-batch-size",
     "--optimizer-cpu-offload": "not supported; use FSDP sharding over more ranks",
     "--fp8-format": "fp8 training is not supported",
+    "--use-rope-scaling": "Llama-3 RoPE scaling is not implemented; Qwen3 extends its context with "
+                          "--rope-scaling-type yarn",
+    "--original-max-position-embeddings": "MindSpeed-LLM's llama3 / longrope option; for yarn give "
+                                          "--rope-scaling-original-max-position-embeddings",
+    "--rope-scaling-beta-fast": "MindSpeed-LLM's deprecated spelling: use --beta-fast",
+    "--rope-scaling-beta-slow": "MindSpeed-LLM's deprecated spelling: use --beta-slow",
+    "--dynamic-factor": "dynamic NTK RoPE is not implemented (use --rope-scaling-type yarn)",
+    "--yarn-original-max-position-embeddings": "use MindSpeed-LLM's spelling: --rope-scaling-type yarn "
+                                               "--rope-scaling-original-max-position-embeddings N",
+    "--rotary-percent": "partial RoPE is not implemented; Qwen3 rotates the whole head",
 }
 
 
@@ -361,8 +383,8 @@ def parse_args(argv: list[str]) -> PretrainConfig:
             raise ConfigError(f"{flag_of(fname)}: bad value {value!r} ({e})") from e
         setattr(getattr(cfg, gname), fname, value)
     _check_choices(cfg, parser)
+    validate(cfg)  # before the compat warnings: a refused value must not first say "continuing"
     _warn_compat(cfg)
-    validate(cfg)
     return cfg
 
 
@@ -407,6 +429,14 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"--lr-warmup-fraction must be in [0, 1), got {o.lr_warmup_fraction}")
     if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the annealing phase)")
+    if cfg.compat.position_embedding_type == "yarn":
+        raise ConfigError("--position-embedding-type yarn: give MindSpeed-LLM's --rope-scaling-type yarn "
+                          "--rope-scaling-factor F --rope-scaling-original-max-position-embeddings N instead")
+    if cfg.model.rope_scaling_type not in (None, "yarn", "linear"):
+        from qtrain.models.rope_scaling import REFUSED_TYPES
+
+        why = REFUSED_TYPES.get(cfg.model.rope_scaling_type, "qtrain implements yarn and linear")
+        raise ConfigError(f"--rope-scaling-type {cfg.model.rope_scaling_type}: not supported: {why}")
     if cfg.parallel.num_layer_list is not None:
         try:
             [int(x) for x in cfg.parallel.num_layer_list.split(",")]
@@ -471,6 +501,14 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
         d["tie_word_embeddings"] = False
     if m.add_qkv_bias:
         d["attention_bias"] = True
+    from qtrain.models.rope_scaling import rope_from_flags
+
+    d["rope_scaling"] = rope_from_flags(
+        rope_scaling_type=m.rope_scaling_type, factor=m.rope_scaling_factor,
+        original=m.rope_scaling_original_max_position_embeddings, beta_fast=m.beta_fast, beta_slow=m.beta_slow,
+        mscale=m.rope_scaling_mscale, mscale_all_dim=m.rope_scaling_mscale_all_dim,
+        interpolation_factor=m.rotary_seq_len_interpolation_factor, base=d.get("rope_scaling"),
+        max_position_embeddings=d["max_position_embeddings"])
     if not vocab_given and vocab_size_hint:
         mult = max(1, m.make_vocab_size_divisible_by) * cfg.parallel.tensor_model_parallel_size
         d["vocab_size"] = -(-vocab_size_hint // mult) * mult

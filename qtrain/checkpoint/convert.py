@@ -129,7 +129,7 @@ def _use_hf_cfg_dir(source: Source, hf_cfg_dir: str) -> Source:
     cfg = read_hf_config(folder)
     mine = source.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "tie_word_embeddings"):
+                  "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_scaling"):
         ours, theirs = getattr(mine, field), getattr(cfg, field)
         if theirs != ours and not (field == "vocab_size" and theirs < ours):
             raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} in the checkpoint")

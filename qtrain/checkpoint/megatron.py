@@ -33,6 +33,7 @@ from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_n
 from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
+from qtrain.models.rope_scaling import megatron_rope_args, read_megatron_rope
 
 CHECKPOINT_VERSION = 3.0
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -44,7 +45,7 @@ def megatron_args(cfg: Qwen3Config, *, tp: int, pp: int, num_layer_list: list[in
                   hf_config: dict[str, Any] | None = None) -> argparse.Namespace:
     """The `args` Megatron's load_args_from_checkpoint / check_checkpoint_args read, for Qwen3."""
     chunks = None if vpp_layers is None else cfg.num_hidden_layers // pp // vpp_layers
-    return argparse.Namespace(
+    args = argparse.Namespace(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
         num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim,
@@ -68,6 +69,8 @@ def megatron_args(cfg: Qwen3Config, *, tp: int, pp: int, num_layer_list: list[in
         # Not read by Megatron: lets `qtrain convert mg -> hf` restore the HF config.json exactly.
         qtrain_hf_config=hf_config,
     )
+    vars(args).update(megatron_rope_args(cfg.rope_scaling))  # MindSpeed-LLM's / Megatron-LM's RoPE scaling names
+    return args
 
 
 def _arg(args: argparse.Namespace, *names: str) -> Any:
@@ -106,6 +109,7 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
         mismatches.append(f"position_embedding_type={args.position_embedding_type!r} (Qwen3 uses rope)")
     if mismatches:
         raise ConfigError(f"{source}: not a dense Qwen3 checkpoint: " + "; ".join(mismatches))
+    rope_scaling = read_megatron_rope(args, source)
     for key in ("embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_qkv.weight",
                 "decoder.layers.0.mlp.linear_fc1.weight"):
         if key not in shapes:
@@ -130,7 +134,7 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
         rope_theta=float(_arg(args, "rotary_base") or 10000),
         rms_norm_eps=float(_arg(args, "norm_epsilon", "layernorm_epsilon") or 1e-5),
         tie_word_embeddings=(not untie) if untie is not None else bool(_arg(args, "tie_word_embeddings")),
-        initializer_range=float(_arg(args, "init_method_std") or 0.02),
+        initializer_range=float(_arg(args, "init_method_std") or 0.02), rope_scaling=rope_scaling,
     )
     return cfg, None
 
@@ -148,6 +152,7 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
     in it) once complete; the tracker file is written last.
     """
     check_tp(cfg, tp)
+    megatron_rope_args(cfg.rope_scaling)  # refuses, before any work, a RoPE the args cannot carry
     stages = split_layers(cfg.num_hidden_layers, pp, num_layer_list, vpp_layers)
     out_dtype = dtype
     final = Path(save_dir) / iteration_dir_name(iteration)

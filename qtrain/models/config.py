@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from qtrain.errors import ConfigError
-
-# HF config keys that we read but that do not change the computation of a dense Qwen3.
-_IGNORED_HF_KEYS = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "hidden_act", "attention_dropout", "max_window_layers", "sliding_window", "use_sliding_window",
-    "rope_scaling", "rope_parameters", "layer_types", "pad_token_id", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "use_return_dict", "tie_encoder_decoder",
-}
+from qtrain.models.hf_config_keys import HF_DEFAULTS, check_hf_keys
+from qtrain.models.rope_scaling import canonical, read_hf_rope
 
 
 @dataclass
@@ -37,6 +31,8 @@ class Qwen3Config:
     initializer_range: float = 0.02
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
+    # None: plain RoPE; else HF's rope_scaling dict in qtrain's canonical form (models/rope_scaling.py)
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -45,12 +41,14 @@ class Qwen3Config:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        self.rope_scaling = canonical(self.rope_scaling, self.max_position_embeddings, "model config: rope_scaling")
 
     @property
     def num_params(self) -> int:
@@ -63,21 +61,17 @@ class Qwen3Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "Qwen3Config":
-        model_type = d.get("model_type")
-        if model_type != "qwen3":
+        """Read an HF config.json dict. Keys it leaves out take transformers' Qwen3Config defaults
+        (not qtrain's), so the model is the one transformers would build; every key qtrain does not
+        implement is refused by name (models/hf_config_keys.py, models/rope_scaling.py)."""
+        if d.get("model_type") != "qwen3":
             raise ConfigError(
-                f"{source}: model_type is {model_type!r}, qtrain supports 'qwen3' (dense Qwen3) only")
-        if d.get("use_sliding_window"):
-            raise ConfigError(f"{source}: use_sliding_window=true is not supported by qtrain")
-        rope_scaling = d.get("rope_scaling")
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-            raise ConfigError(f"{source}: rope_scaling {rope_scaling} is not supported (only default RoPE)")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if "head_dim" not in d and "hidden_size" in d and "num_attention_heads" in d:
-            kwargs["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-        if d.get("rope_theta") is None and isinstance(d.get("rope_parameters"), dict):
-            kwargs["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+                f"{source}: model_type is {d.get('model_type')!r}, qtrain supports 'qwen3' (dense Qwen3) only")
+        check_hf_keys(d, source)
+        kwargs = {k: d.get(k, HF_DEFAULTS[k]) for k in HF_DEFAULTS}
+        if d.get("num_key_value_heads", 0) is None:  # transformers: null means one per query head
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        kwargs["rope_theta"], kwargs["rope_scaling"] = read_hf_rope(d, source, kwargs["max_position_embeddings"])
         return cls(**kwargs)
 
     @classmethod
@@ -92,11 +86,14 @@ class Qwen3Config:
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """The config.json that transformers' Qwen3ForCausalLM and vLLM-style loaders read."""
+        """The config.json that transformers' Qwen3ForCausalLM and vLLM-style loaders read.
+
+        RoPE is written in transformers 4's spelling (rope_theta + rope_scaling), which qtrain's
+        minimum transformers (4.51), transformers 5 and vLLM all read."""
         d = asdict(self)
         d.update(
             architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
             attention_dropout=0.0, max_window_layers=self.num_hidden_layers, sliding_window=None,
-            use_sliding_window=False, rope_scaling=None, use_cache=True, torch_dtype=dtype,
+            use_sliding_window=False, use_cache=True, torch_dtype=dtype,
         )
         return d

@@ -127,7 +127,8 @@ class Qwen3ForCausalLM(nn.Module):
         h = m.embed_tokens(input_ids) if m.embed_tokens is not None else input_ids
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype,
+                                self.config.rope_scaling)
         for layer in m.layers.values() if isinstance(m.layers, nn.ModuleDict) else m.layers:
             h = layer(h, cos, sin, attention_mask)
         return m.norm(h) if m.norm is not None else h

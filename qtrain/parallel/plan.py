@@ -237,6 +237,7 @@ def format_estimate(est: MemoryEstimate, device_memory_gb: Optional[float]) -> s
 def main(argv: list[str]) -> int:
     """qtrain plan [pretrain flags] --world-size N [--device-memory-gb G] [--suggest N]."""
     from qtrain.config import parse_args, resolve_model_config
+    from qtrain.models.rope_scaling import describe
 
     own = argparse.ArgumentParser(prog="qtrain plan", add_help=False)
     own.add_argument("--world-size", type=int, default=None, help="devices of the layout (default TP x PP x CP)")
@@ -270,7 +271,7 @@ def main(argv: list[str]) -> int:
         est = estimate_memory(model_cfg, cfg, world)
         print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
               f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
-              f"recompute {p.recompute_granularity or 'none'}")
+              f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
         print(format_estimate(est, ns.device_memory_gb))
         return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1
     except QtrainError as e:

@@ -53,6 +53,7 @@ def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
     """The text `--dry-run` prints."""
     p = cfg.parallel
     n = model_cfg.num_params
+    from qtrain.models.rope_scaling import describe as rope_describe
     from qtrain.parallel.plan import estimate_memory
 
     mem = estimate_memory(model_cfg, cfg, world_size)
@@ -62,6 +63,8 @@ def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
         f"  model        Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, "
         f"ffn {model_cfg.intermediate_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_key_value_heads} kv, "
         f"head dim {model_cfg.head_dim}, vocab {model_cfg.vocab_size}, tied {model_cfg.tie_word_embeddings}",
+        f"  positions    {rope_describe(model_cfg.rope_theta, model_cfg.rope_scaling)}; "
+        f"max_position_embeddings {model_cfg.max_position_embeddings}",
         f"  parameters   {n:,} ({n / 1e9:.3f} B)",
         f"  layout       world {world_size} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
         f" x CP {p.context_parallel_size} x DP {batch.data_parallel_size}",

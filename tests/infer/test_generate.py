@@ -97,3 +97,16 @@ def test_stream_callback_sees_every_generated_token(pair):
     seen = []
     out = generate(ours, ids, 6, attention_mask=mask, on_tokens=lambda t, f: seen.append(t.clone()))
     assert torch.equal(torch.stack(seen, 1), out[:, 9:])
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+                                  {"rope_type": "linear", "factor": 2.0}])
+def test_greedy_with_rope_scaling_matches_transformers_past_the_original_context(rope):
+    """The KV-cache path uses the scaled cos/sin too: decoding runs to position 24, past 8."""
+    hf, ours = hf_pair(tiny_config(rope_scaling=rope), seed=0)
+    assert hf.model.rotary_emb.rope_type == rope["rope_type"]
+    ids, mask = _batch()
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+    assert torch.equal(generate(ours, ids, 16, attention_mask=mask), ref)
+    assert torch.equal(generate(ours, ids, 16, attention_mask=mask, use_cache=False), ref)
