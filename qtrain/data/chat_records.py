@@ -197,6 +197,10 @@ class AlpacaRecords:
         return Pair(self._prompt(record), c, r, self._system(record), _ignored_fields(record, self.keys, "alpaca"))
 
 
+def _turn_list(msgs: list[dict]) -> str:
+    return f"{len(msgs)} turn(s): " + " -> ".join(m["role"] for m in msgs)
+
+
 class SharegptRecords:
     """ShareGPT records (see the module docstring) for the instruction or the pairwise handler."""
 
@@ -267,15 +271,15 @@ class SharegptRecords:
     def chat(self, record: dict) -> Chat:
         msgs, system = self._turns(record)
         if len(msgs) % 2:
-            raise RecordError("bad conversation", f"{len(msgs)} turns: expected user/assistant pairs, ending "
-                              "with an assistant turn")
+            raise RecordError("bad conversation", "expected alternating user/assistant turns ending with an "
+                              f"assistant reply, got {_turn_list(msgs)}")
         return Chat(msgs, system, _ignored_fields(record, self.keys, "sharegpt"))
 
     def pair(self, record: dict) -> Pair:
         msgs, system = self._turns(record)
         if len(msgs) % 2 == 0:
-            raise RecordError("bad conversation", f"{len(msgs)} turns: a pairwise record's conversation ends with "
-                              "a user turn (the answers are in 'chosen' and 'rejected')")
+            raise RecordError("bad conversation", "expected alternating user/assistant turns ending with a user "
+                              f"turn (the answers are in 'chosen' and 'rejected'), got {_turn_list(msgs)}")
         answers = []
         for key in ("chosen", "rejected"):
             name = self.keys[key]

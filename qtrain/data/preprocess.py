@@ -14,7 +14,9 @@ pair that looks finished.
 Bad input: a record that does not parse, is not UTF-8, lacks a key or has the wrong type stops the
 run with its file, line/row and reason -- or, with --skip-bad-records, is counted and reported in
 the summary. Blank lines of line-based files and empty documents are never errors; both are
-counted (empty documents are kept as zero-length documents, see qtrain/data/handlers.py).
+counted (empty documents are kept as zero-length documents, see qtrain/data/handlers.py). Records the
+instruction handlers write changed -- cut or dropped for --seq-length, a field left out because
+--map-keys does not name it -- are counted in the summary too, with the first example of each.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from qtrain.data.handlers import HANDLERS, build_handler
-from qtrain.data.instruction_handlers import DROPPED
 from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
+from qtrain.data.instruction_handlers import DROPPED
 from qtrain.data.readers import FORMATS, Chunk, RecordError, blank_lines, decode_chunk, iter_chunks, list_inputs
 from qtrain.data.templates import PROMPT_TYPES
 from qtrain.errors import ConfigError, DataError, QtrainError
@@ -109,6 +111,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--neat-pack needs --pack (as in MindSpeed-LLM): add --pack")
     if args.pack and not instruction:
         raise ConfigError("--pack applies to instruction handlers only; pretraining data is not packed")
+    if args.seq_length is not None and not instruction:
+        raise ConfigError("--seq-length applies to instruction handlers: GeneralPretrainHandler keeps every document "
+                          "whole, as Megatron-LM does (MindSpeed-LLM would drop those of --seq-length tokens or "
+                          "more); drop --seq-length")
     if pairwise and (args.pack or args.append_eod):
         flag = "--pack" if args.pack else "--append-eod"
         raise ConfigError(f"{flag}: {args.handler_name} writes one unpacked pair per record without an appended eos "

@@ -165,7 +165,7 @@ def test_sharegpt_system_tags_and_bad_conversations(tok):
     with pytest.raises(RecordError, match="turn 1 has role 'system', expected 'user'; --map-keys tags replaces"):
         partial.encode({"messages": messages})
     for conv_, match in [
-        (conv[1:2], "1 turns: expected user/assistant pairs, ending with an assistant turn"),
+        (conv[1:2], r"ending with an assistant reply, got 1 turn\(s\): user"),
         ([conv[2], conv[1]], "turn 1 has role 'gpt', expected 'human' or 'observation'"),
         (conv[1:] + [conv[0]] + conv[1:], "turn 3 has role 'system', expected 'human' or 'observation'"),
         ([{"from": "tool", "value": "x"}], "turn 1 has role 'tool', expected 'human' or 'observation'"),

@@ -9,6 +9,7 @@ import pytest
 from qtrain.data import preprocess
 from qtrain.data.handlers import build_handler
 from qtrain.data.indexed import IndexedDataset
+from qtrain.data.instruction_dataset import InstructionDataset
 from qtrain.data.instruction_handlers import DROPPED, TRUNCATED
 from qtrain.data.mindspeed_template import infer_seqlen
 from qtrain.data.tokenizer import load_tokenizer
@@ -151,6 +152,7 @@ def test_append_eod_and_the_sample_it_pushes_over(tmp_path, tokenizer_dir, capsy
     #    writer drops it and still ends the document, so every file holds an empty second document.
     for ds in out.values():
         assert len(ds) == 1 and ds.document_indices.tolist() == [0, 1, 1]
+    assert len(InstructionDataset(str(tmp_path / "out"), 18, PAD)) == 1  # qtrain sft reads it (sequences)
     assert f"{DROPPED}: 1 (first: " in err and "in.jsonl:2" in err and TRUNCATED not in err
     # With --neat-pack the same sample is cut to --seq-length - 1 instead (the eos goes).
     out, err = _preprocess(tmp_path, recs, "--append-eod", "--seq-length", 18, "--pack", "--neat-pack",

@@ -298,6 +298,7 @@ def test_flags_are_refused_by_name(tmp_path, capsys):
     for extra, msg in [
         (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer: only Hugging Face"),
         (["--pack", "--seq-length", "64"], "--pack applies to instruction handlers only"),
+        (["--seq-length", "64"], "--seq-length applies to instruction handlers"),
         (["--handler-name", "AlpacaStyleInstructionHandler", "--pack"], "--pack needs --seq-length"),
         (["--handler-name", "AlpacaStyleInstructionHandler", "--json-keys", "text"], "reads --map-keys"),
         (["--map-keys", "{}"], "apply to instruction handlers only"),
