@@ -82,5 +82,5 @@ def build_handler(name: str, tokenizer, **options: Any):
         raise ConfigError(f"--handler-name {name!r}: supported handlers are {', '.join(HANDLERS)}")
     kw = {k: options[k] for k in ("prompt_type", "enable_thinking", "seq_length") if options.get(k) is not None}
     if name.endswith("InstructionHandler"):
-        kw.update({k: bool(options.get(k)) for k in ("pack", "neat_pack", "append_eod")})
+        kw.update({k: bool(options.get(k)) for k in ("neat_pack", "append_eod")})
     return build_instruction_handler(name, tokenizer, options.get("map_keys"), **kw)

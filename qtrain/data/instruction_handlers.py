@@ -84,10 +84,10 @@ class _Handler:
 class InstructionHandler(_Handler):
     output_keys = list(INSTRUCTION_KEYS)
 
-    def __init__(self, tokenizer, records: AlpacaRecords | SharegptRecords, pack: bool = False,
-                 neat_pack: bool = False, append_eod: bool = False, **kw: Any):
+    def __init__(self, tokenizer, records: AlpacaRecords | SharegptRecords, neat_pack: bool = False,
+                 append_eod: bool = False, **kw: Any):
         super().__init__(tokenizer, **kw)
-        self.records, self.pack, self.neat_pack, self.append_eod = records, pack, neat_pack, append_eod
+        self.records, self.neat_pack, self.append_eod = records, neat_pack, append_eod
         if append_eod and tokenizer.eod is None:
             raise ConfigError(f"--append-eod: tokenizer {tokenizer.path} has no eos_token; drop --append-eod")
 

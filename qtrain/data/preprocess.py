@@ -322,7 +322,6 @@ def run(args: argparse.Namespace, out=None) -> Progress:
         prompt_type=args.prompt_type,
         enable_thinking=args.enable_thinking,
         seq_length=args.seq_length,
-        pack=args.pack,
         neat_pack=args.neat_pack,
     )
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
