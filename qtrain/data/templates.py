@@ -1,4 +1,7 @@
-"""Chat templates for instruction data: render a conversation as text segments marked prompt / target.
+"""`--prompt-type qwen3-hf`: the model's own Qwen3 chat template, as text segments marked prompt / target.
+
+(`--prompt-type qwen3`, MindSpeed-LLM's template and the default, is qtrain/data/mindspeed_template.py;
+docs/sft.md lists how the two differ.)
 
 `render_qwen3` reproduces the Qwen3 chat template of the model's tokenizer_config.json (as rendered by
 transformers' `apply_chat_template`, no tools) for a whole conversation, and marks what the model
@@ -29,10 +32,9 @@ from typing import Sequence
 import numpy as np
 
 from qtrain.data.readers import RecordError
-from qtrain.errors import ConfigError
 
 IGNORE_INDEX = -100
-PROMPT_TYPES = ("qwen3",)
+PROMPT_TYPES = ("qwen3", "qwen3-hf")  # MindSpeed-LLM's template; the model's Jinja template
 
 Segment = tuple[str, bool]  # (text, is_target)
 
@@ -108,8 +110,3 @@ def encode_segments(tokenizer, segments: Sequence[Segment]) -> tuple[np.ndarray,
     labels = np.where(is_target, ids, IGNORE_INDEX)
     return ids.astype(np.int32), labels.astype(np.int32)
 
-
-def render(prompt_type: str, messages: Sequence[dict], enable_thinking: bool = False) -> list[Segment]:
-    if prompt_type != "qwen3":
-        raise ConfigError(f"--prompt-type {prompt_type!r}: supported: {', '.join(PROMPT_TYPES)}")
-    return render_qwen3(messages, enable_thinking)

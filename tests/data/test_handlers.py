@@ -1,5 +1,6 @@
-"""Handlers: pretraining ids as Megatron computes them; chat samples token for token as transformers'
-apply_chat_template renders them, with labels masked exactly on the prompt; packing layout."""
+"""Handlers: pretraining ids as Megatron computes them; `--prompt-type qwen3-hf` samples token for token as
+transformers' apply_chat_template renders them, with labels masked exactly on the prompt; packing layout.
+(`--prompt-type qwen3`, MindSpeed-LLM's template: tests/data/test_mindspeed_template.py.)"""
 
 import importlib.util
 import os
@@ -7,13 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from qtrain.data.handlers import (
-    AlpacaStyleInstructionHandler,
-    Dropped,
-    GeneralPretrainHandler,
-    SharegptStyleInstructionHandler,
-    build_handler,
-)
+from qtrain.data.handlers import GeneralPretrainHandler, build_handler
+from qtrain.data.instruction_handlers import DROPPED, InstructionHandler
 from qtrain.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from qtrain.data.packing import greedy_knapsack, write_packs
 from qtrain.data.readers import RecordError, iter_records
@@ -52,6 +48,13 @@ def expected(tok, messages, thinking=False):
     return full, labels
 
 
+def hf_handler(tok, name="AlpacaStyleInstructionHandler", **kw):
+    return build_handler(name, tok, prompt_type="qwen3-hf", **kw)
+
+
+ALPACA_ALL = {"system": "system", "history": "history"}  # MindSpeed-LLM reads these only when named
+
+
 def _check(tok, handler, record, messages, thinking=False):
     out = handler.encode(record)
     ids, labels = expected(tok, messages, thinking)
@@ -87,11 +90,11 @@ ALPACA_CASES = [
 @pytest.mark.parametrize("case", range(len(ALPACA_CASES)))
 def test_alpaca_matches_apply_chat_template(tok, case, thinking):
     record, messages = ALPACA_CASES[case]
-    _check(tok, AlpacaStyleInstructionHandler(tok, enable_thinking=thinking), record, messages, thinking)
+    _check(tok, hf_handler(tok, enable_thinking=thinking, map_keys=ALPACA_ALL), record, messages, thinking)
 
 
 def test_alpaca_map_keys_and_bad_records(tok):
-    h = AlpacaStyleInstructionHandler(tok, map_keys='{"prompt": "q", "query": null, "response": "a", "history": "h"}')
+    h = hf_handler(tok, map_keys='{"prompt": "q", "query": null, "response": "a", "history": "h"}')
     _check(tok, h, {"q": "Hi", "a": "Hello", "input": "ignored"},
            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     with pytest.raises(RecordError, match=r"no key 'q' \(the record has 'a'\); set --map-keys prompt") as e:
@@ -101,18 +104,25 @@ def test_alpaca_map_keys_and_bad_records(tok):
         h.encode({"q": "x", "a": 3})
     with pytest.raises(RecordError, match=r"'h' must be a list of \[prompt, response\] pairs"):
         h.encode({"q": "x", "a": "y", "h": [["only one"]]})
-    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['answer'\]"):
-        AlpacaStyleInstructionHandler(tok, map_keys={"answer": "a"})
+    with pytest.raises(ConfigError, match=r"unknown field 'answer'; this handler reads \['history', 'prompt'"):
+        hf_handler(tok, map_keys={"answer": "a"})
+    with pytest.raises(ConfigError, match="--map-keys 'chosen': only AlpacaStylePairwiseHandler reads"):
+        hf_handler(tok, map_keys={"chosen": "a"})
+    with pytest.raises(ConfigError, match="--map-keys 'response': must name a field"):
+        hf_handler(tok, map_keys={"response": ""})
     with pytest.raises(ConfigError, match="--map-keys .*not valid JSON"):
-        AlpacaStyleInstructionHandler(tok, map_keys="{prompt: q}")
+        hf_handler(tok, map_keys="{prompt: q}")
 
 
-def test_seq_length_drops_long_samples(tok):
-    h = AlpacaStyleInstructionHandler(tok, seq_length=20)
-    assert len(h.encode({"instruction": "Hi", "output": "Yo"})["input_ids"][0]) < 20
-    with pytest.raises(Dropped, match=r"tokens >= --seq-length 20") as e:
-        h.encode({"instruction": "Hi " * 20, "output": "Yo"})
-    assert e.value.kind == "longer than --seq-length"
+def test_hf_template_drops_long_samples_and_reports_them(tok):
+    """qwen3-hf never cuts a conversation: a sample of --seq-length tokens or more leaves an empty document
+    (MindSpeed-LLM's writer's rule) and a note for the summary."""
+    h = hf_handler(tok, seq_length=20)
+    out = h.encode({"instruction": "Hi", "output": "Yo"})
+    assert len(out["input_ids"][0]) < 20 and out["notes"] == []
+    out = h.encode({"instruction": "Hi " * 20, "output": "Yo"})
+    assert all(out[k][1] == [] for k in ("input_ids", "labels", "attention_mask"))
+    assert [kind for kind, _ in out["notes"]] == [DROPPED] and "tokens >= --seq-length 20" in out["notes"][0][1]
 
 
 def _sharegpt_records(n):
@@ -130,7 +140,7 @@ def _sharegpt_records(n):
 
 
 def test_sharegpt_real_conversations_match_apply_chat_template(tok):
-    h = SharegptStyleInstructionHandler(tok)
+    h = hf_handler(tok, "SharegptStyleInstructionHandler")
     records = _sharegpt_records(25)
     assert max(len(r["conversations"]) for r in records) >= 6  # multi-turn conversations are exercised
     for rec in records:
@@ -140,35 +150,49 @@ def test_sharegpt_real_conversations_match_apply_chat_template(tok):
 
 
 def test_sharegpt_system_tags_and_bad_conversations(tok):
-    h = SharegptStyleInstructionHandler(tok, enable_thinking=True)
+    h = hf_handler(tok, "SharegptStyleInstructionHandler", enable_thinking=True, map_keys={"system": "system"})
     conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hey"}]
     _check(tok, h, {"conversations": conv}, messages, thinking=True)
     _check(tok, h, {"conversations": conv[1:], "system": "Be brief."}, messages, thinking=True)
-    openai = SharegptStyleInstructionHandler(tok, map_keys={"messages": "messages", "tags": {
-        "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}})
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    openai = hf_handler(tok, "SharegptStyleInstructionHandler",
+                        map_keys={"messages": "messages", "tags": {**tags, "system_tag": "system"}})
     _check(tok, openai, {"messages": messages}, messages)
+    # MindSpeed-LLM: a "tags" object replaces all tags, so without system_tag a system turn is a bad turn.
+    partial = hf_handler(tok, "SharegptStyleInstructionHandler", map_keys={"messages": "messages", "tags": tags})
+    with pytest.raises(RecordError, match="turn 1 has role 'system', expected 'user'; --map-keys tags replaces"):
+        partial.encode({"messages": messages})
     for conv_, match in [
-        (conv[1:2], "expected user/assistant turns ending with assistant, got 1"),
-        ([conv[2], conv[1]], "turn 1 has role 'assistant', expected 'user'"),
-        (conv[1:] + [conv[0]] + conv[1:], "turn 3: a system turn may only come first"),
-        ([{"from": "observation", "value": "x"}], "unsupported role 'observation'"),
+        (conv[1:2], r"ending with an assistant reply, got 1 turn\(s\): user"),
+        ([conv[2], conv[1]], "turn 1 has role 'gpt', expected 'human' or 'observation'"),
+        (conv[1:] + [conv[0]] + conv[1:], "turn 3 has role 'system', expected 'human' or 'observation'"),
+        ([{"from": "tool", "value": "x"}], "turn 1 has role 'tool', expected 'human' or 'observation'"),
         ([{"from": "human"}], "turn 1 lacks 'from' or 'value'"),
+        ([conv[0]], "'conversations' holds no user/assistant turns"),
     ]:
         with pytest.raises(RecordError, match=match) as e:
             h.encode({"conversations": conv_})
         assert e.value.kind == "bad conversation"
     with pytest.raises(RecordError, match="no key 'conversations'"):
         h.encode({"messages": []})
+    with pytest.raises(RecordError, match="observation turns need --prompt-type qwen3"):
+        h.encode({"conversations": [{"from": "observation", "value": "x"}, conv[2]]})
+    for extra, match in [({"tools": "tools"}, "tool definitions are not supported"),
+                         ({}, r"turn 2 is a 'function_call' turn: function calls are not supported")]:
+        hh = hf_handler(tok, "SharegptStyleInstructionHandler", map_keys=extra)
+        with pytest.raises(RecordError, match=match) as e:
+            hh.encode({"conversations": [conv[1], {"from": "function_call", "value": "{}"}], "tools": "[{}]"})
+        assert e.value.kind == "tools unsupported"
     with pytest.raises(ConfigError, match=r"unknown tag\(s\) \['speaker'\]"):
-        SharegptStyleInstructionHandler(tok, map_keys={"tags": {"speaker": "x"}})
+        hf_handler(tok, "SharegptStyleInstructionHandler", map_keys={"tags": {"speaker": "x"}})
 
 
 def test_prompt_boundary_token_straddle_keeps_ids_exact(tok):
     """A reply starting with newlines merges with the header's newline into one token: ids stay those of
     the template, and the merged token counts as prompt."""
-    h = AlpacaStyleInstructionHandler(tok)
+    h = hf_handler(tok, map_keys=ALPACA_ALL)
     rec = {"instruction": "a", "output": "x", "history": [["q", "\n\nanswer"]]}
     out = h.encode(rec)
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nanswer"},
@@ -202,11 +226,15 @@ def test_general_pretrain_handler_matches_hf(tok):
 def test_build_handler_names(tok):
     assert isinstance(build_handler("GeneralPretrainHandler", tok), GeneralPretrainHandler)
     h = build_handler("SharegptStyleInstructionHandler", tok, prompt_type="qwen3")
+    assert isinstance(h, InstructionHandler) and h.prompt_type == "qwen3"
     assert h.output_prefix("p", "labels") == "p_packed_labels_document"  # MindSpeed-LLM's naming, even unpacked
+    assert build_handler("AlpacaStyleInstructionHandler", tok).prompt_type == "qwen3"  # the default
     with pytest.raises(ConfigError, match="--handler-name 'Nope'"):
         build_handler("Nope", tok)
     with pytest.raises(ConfigError, match="--prompt-type 'llama3'"):
         build_handler("AlpacaStyleInstructionHandler", tok, prompt_type="llama3")
+    with pytest.raises(ConfigError, match="--prompt-type qwen3-hf: the pairwise handlers"):
+        build_handler("AlpacaStylePairwiseHandler", tok, prompt_type="qwen3-hf")
 
 
 def test_greedy_knapsack():
@@ -224,9 +252,12 @@ def test_greedy_knapsack():
         assert not remaining or remaining[0] > 127 - sum(sizes)  # nothing left would still fit
     with pytest.raises(ValueError, match="more than the pack capacity"):
         greedy_knapsack(np.array([5, 200]), 100)
+    # Equal lengths: the last one in input order first (MindSpeed-LLM pops its per-length index list).
+    assert greedy_knapsack(np.array([5, 5, 5, 3]), 11) == [[2, 1], [0, 3]]
 
 
-def test_write_packs_layout(tmp_path):
+@pytest.mark.parametrize("neat_pack", [True, False])
+def test_write_packs_layout(tmp_path, neat_pack):
     rng = np.random.default_rng(1)
     samples = [rng.integers(0, 1000, size=n).astype(np.int32) for n in rng.integers(3, 30, size=40)]
     labels = [np.where(rng.random(len(s)) < 0.5, -100, s).astype(np.int32) for s in samples]
@@ -237,12 +268,16 @@ def test_write_packs_layout(tmp_path):
                 b.end_document()
             b.finalize(str(tmp_path / f"{name}.idx"))
     outs = {k: str(tmp_path / f"out_{k}") for k in ("input_ids", "attention_mask", "labels")}
-    stats = write_packs(str(tmp_path / "ids"), str(tmp_path / "lab"), outs, seq_length=64, pad_id=7)
+    stats = write_packs(str(tmp_path / "ids"), str(tmp_path / "lab"), outs, seq_length=64, pad_id=7,
+                        neat_pack=neat_pack)
     ids, mask, lab = (IndexedDataset(outs[k]) for k in ("input_ids", "attention_mask", "labels"))
     assert len(ids) == len(mask) == len(lab) == stats["packs"] and stats["samples"] == 40
     seen = []
     for p in range(len(ids)):
         x, m, y = ids[p], mask[p], lab[p]
+        if not neat_pack:  # MindSpeed-LLM's plain --pack: 1 everywhere, padding included
+            assert (m == 1).all() and len(m) == 64 and x[-1] == 7 and y[-1] == -100
+            continue
         assert len(x) == len(m) == len(y) == 64 and m[-1] == 0  # always at least one padding position
         n_real = int((m > 0).sum())
         assert (m[n_real:] == 0).all() and (x[n_real:] == 7).all() and (y[n_real:] == -100).all()
@@ -252,4 +287,5 @@ def test_write_packs_layout(tmp_path):
             match = [i for i, s in enumerate(samples) if len(s) == len(where) and (s == x[where]).all()]
             assert match and any((labels[i] == y[where]).all() for i in match)
             seen.append(len(where))
-    assert sorted(seen) == sorted(len(s) for s in samples)
+    if neat_pack:
+        assert sorted(seen) == sorted(len(s) for s in samples)

@@ -298,9 +298,13 @@ def test_flags_are_refused_by_name(tmp_path, capsys):
     for extra, msg in [
         (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer: only Hugging Face"),
         (["--pack", "--seq-length", "64"], "--pack applies to instruction handlers only"),
+        (["--seq-length", "64"], "--seq-length applies to instruction handlers"),
         (["--handler-name", "AlpacaStyleInstructionHandler", "--pack"], "--pack needs --seq-length"),
         (["--handler-name", "AlpacaStyleInstructionHandler", "--json-keys", "text"], "reads --map-keys"),
         (["--map-keys", "{}"], "apply to instruction handlers only"),
+        (["--enable-thinking", "false"], "apply to instruction handlers only"),
+        (["--handler-name", "AlpacaStyleInstructionHandler", "--neat-pack", "--seq-length", "8"],
+         "--neat-pack needs --pack"),
     ]:
         rc, err = _run(base + extra, capsys)
         assert rc == 1 and msg in err, (extra, err)
@@ -314,27 +318,35 @@ def test_alpaca_end_to_end_unpacked_and_packed(tmp_path, tok, capsys):
     with open(tmp_path / "a.jsonl", "a") as f:
         f.write(json.dumps({"instruction": "long " * 200, "output": "x"}) + "\n")
     common = ["--input", tmp_path / "a.jsonl", "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type",
-              "qwen3", "--tokenizer-name-or-path", tok.path, "--seq-length", "128", "--workers", "2"]
+              "qwen3-hf", "--tokenizer-name-or-path", tok.path, "--seq-length", "128", "--workers", "2"]
     rc, err = _run(common + ["--output-prefix", tmp_path / "u"], capsys)
     assert rc == 0, err
-    assert "longer than --seq-length: 1" in err
+    assert "over-length samples dropped (--seq-length tokens or more): 1 (first: " in err
     u = {k: IndexedDataset(str(tmp_path / f"u_packed_{k}_document")) for k in ("input_ids", "attention_mask", "labels")}
     assert len(u["input_ids"]) == 200 and u["labels"].dtype == np.int32
+    assert len(u["input_ids"].document_indices) == 202  # the dropped sample leaves an empty document (MindSpeed)
     first = json.loads(open(src).readline())
     msgs = [{"role": "user", "content": first["instruction"]}, {"role": "assistant", "content": first["output"]}]
     want = tok.hf.apply_chat_template(msgs, tokenize=True)
     want = list(want if isinstance(want, list) else want["input_ids"])
     assert u["input_ids"][0].tolist() == want and (u["attention_mask"][0] == 1).all()
-    rc, err = _run(common + ["--output-prefix", tmp_path / "p", "--pack"], capsys)
+    rc, err = _run(common + ["--output-prefix", tmp_path / "p", "--pack", "--neat-pack"], capsys)
     assert rc == 0, err
     p = {k: IndexedDataset(str(tmp_path / f"p_packed_{k}_document")) for k in ("input_ids", "attention_mask", "labels")}
     assert len(p["input_ids"]) < 200 and set(p["input_ids"].sequence_lengths.tolist()) == {128}
     total = sum(int((p["attention_mask"][i] > 0).sum()) for i in range(len(p["attention_mask"])))
-    assert total == int(u["input_ids"].sequence_lengths.sum())  # every sample packed exactly once
+    # every sample packed exactly once; --neat-pack cuts the over-length one to 127 tokens (MindSpeed-LLM)
+    assert total == int(u["input_ids"].sequence_lengths.sum()) + 127
+    assert "over-length samples cut to fit --seq-length: 1" in err and "dropped" not in err
     n_targets = lambda d: sum(int((d[i] != -100).sum()) for i in range(len(d)))  # noqa: E731
     assert n_targets(p["labels"]) == n_targets(u["labels"])
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]  # unpacked staging files removed
-    assert "packed 200 samples into" in err
+    assert "packed 201 samples into" in err
+    rc, err = _run(common + ["--output-prefix", tmp_path / "q", "--pack"], capsys)  # plain --pack drops it
+    assert rc == 0, err
+    q = {k: IndexedDataset(str(tmp_path / f"q_packed_{k}_document")) for k in ("input_ids", "attention_mask", "labels")}
+    assert "packed 200 samples into" in err and n_targets(q["labels"]) == n_targets(u["labels"])
+    assert all((q["attention_mask"][i] == 1).all() for i in range(len(q["attention_mask"])))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
