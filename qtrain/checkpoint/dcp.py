@@ -274,8 +274,9 @@ def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch
     own slice, so no rank ever holds more than its shard plus one full tensor. A pipeline stage
     takes its own layers; the names of other stages are expected, not unexpected.
     """
-    from qtrain.models.qwen3 import build_model, canonical_name
+    from qtrain.models.qwen3 import build_model
     from qtrain.parallel.full_tensors import copy_full_into
+    from qtrain.parallel.weights import canonical_name
 
     cfg = model.config
     every_name = set(build_model(cfg, "meta").state_dict())  # the whole model's names, on meta

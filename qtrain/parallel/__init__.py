@@ -80,8 +80,7 @@ def _positions_hook(seq_scale: int):
 
 
 def _layers(chunk: nn.Module) -> list[nn.Module]:
-    layers = chunk.model.layers
-    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+    return list(chunk.model.layers.values())
 
 
 def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.device] = None,

@@ -34,12 +34,12 @@ def split_into_chunks(model: nn.Module, stages: list[list[list[int]]], pp_rank: 
     for v, layer_ids in enumerate(stages[pp_rank]):
         first, last = pp_rank == 0 and v == 0, pp_rank == last_rank and v == num_chunks - 1
         # Copy only what the chunk keeps (the model may already hold real weights).
-        dropped = [m for i, m in enumerate(model.model.layers) if i not in set(layer_ids)]
+        keep = {str(i) for i in layer_ids}
+        dropped = [m for k, m in model.model.layers.items() if k not in keep]
         dropped += [] if first else [model.model.embed_tokens]
         dropped += [] if last else [model.model.norm, model.lm_head]
         chunk = copy.deepcopy(model, memo={id(m): None for m in dropped})
-        chunk.model.layers = nn.ModuleDict(
-            {str(i): layer for i, layer in enumerate(chunk.model.layers) if layer is not None})
+        chunk.model.layers = nn.ModuleDict({k: m for k, m in chunk.model.layers.items() if m is not None})
         chunks.append(chunk)
     return chunks
 

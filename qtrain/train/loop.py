@@ -142,7 +142,8 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
         raise ConfigError(f"--split {cfg.data.split} leaves no training data; give the train part a weight")
 
     # ---- 3. model: built on meta, initialised from --seed, sharded over the ranks
-    from qtrain.models.qwen3 import build_model, materialize
+    from qtrain.models.qwen3 import build_model
+    from qtrain.parallel.weights import materialize
 
     torch.manual_seed(t.seed)
     model = build_model(model_cfg, "meta")

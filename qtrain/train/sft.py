@@ -152,7 +152,8 @@ def build_hooks(cfg, sft: argparse.Namespace):
     if sft.lora_r is None:
         return hooks
 
-    from qtrain.train.lora import LoRAConfig, adapter_state_dict, inject_lora, write_adapter
+    from qtrain.checkpoint.adapter import LoRAConfig, write_adapter
+    from qtrain.train.lora import adapter_state_dict, inject_lora
 
     p = cfg.parallel
     if p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1 or p.context_parallel_size > 1:
@@ -184,7 +185,7 @@ def build_hooks(cfg, sft: argparse.Namespace):
 
         from qtrain.models.hf import save_hf
         from qtrain.models.qwen3 import build_model
-        from qtrain.train.lora import merge_lora_state_dict
+        from qtrain.checkpoint.adapter import merge_lora_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
             if sharded else {k: v.detach() for k, v in model.state_dict().items()}

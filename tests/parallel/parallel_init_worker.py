@@ -10,7 +10,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from qtrain.config import PretrainConfig
 from qtrain.models.config import Qwen3Config
-from qtrain.models.qwen3 import build_model, materialize
+from qtrain.models.qwen3 import build_model
+from qtrain.parallel.weights import materialize
 from qtrain.parallel import build_mesh, parallelize
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from qtrain.checkpoint.dcp import load_checkpoint, save_checkpoint
 from qtrain.config import PretrainConfig
 from qtrain.models.config import Qwen3Config
-from qtrain.models.qwen3 import build_model, materialize
+from qtrain.models.qwen3 import build_model
+from qtrain.parallel.weights import materialize
 from qtrain.parallel import build_mesh, parallel_state, parallelize
 from qtrain.train.loop import clip_gradients
 from qtrain.train.optim import build_optimizer

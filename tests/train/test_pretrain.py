@@ -116,7 +116,8 @@ def _first_batch_loss(model, tiny_data) -> float:
 
 def _random_tiny_model(seed=77):
     from qtrain.config import resolve_model_config
-    from qtrain.models.qwen3 import build_model, materialize
+    from qtrain.models.qwen3 import build_model
+    from qtrain.parallel.weights import materialize
 
     return materialize(build_model(resolve_model_config(parse_args(tiny_args("x"))), "meta"), "cpu", seed=seed)
 

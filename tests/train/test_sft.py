@@ -240,7 +240,7 @@ def test_tiny_model_learns_an_instruction_set_and_answers_it(tmp_path):
 def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path):
     from qtrain.checkpoint.sources import QtrainSource
     from qtrain.models.hf import iter_safetensors, save_hf
-    from qtrain.train.lora import merge_lora
+    from qtrain.checkpoint.adapter import merge_lora
 
     base = _model(2)
     save_hf(base, tmp_path / "base")
