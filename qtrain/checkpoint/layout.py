@@ -31,10 +31,13 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def read_tracker(ckpt_dir: str | Path) -> int | str:
-    """The iteration named by `latest_checkpointed_iteration.txt`: an int, or "release"."""
+def read_tracker(ckpt_dir: str | Path, missing_ok: bool = False) -> int | str | None:
+    """The iteration named by `latest_checkpointed_iteration.txt`: an int, or "release"; None when
+    there is no tracker and `missing_ok` (the one place that reads the file, for every format)."""
     path = Path(ckpt_dir) / TRACKER
     if not path.is_file():
+        if missing_ok:
+            return None
         raise CheckpointError(
             f"{path}: tracker file not found; {ckpt_dir} is not a Megatron/qtrain checkpoint folder "
             f"(pass the folder that holds {TRACKER}, or name the iteration with --iteration)")

@@ -30,8 +30,8 @@ import numpy as np
 
 from qtrain.data.readers import RecordError
 from qtrain.errors import ConfigError
+from qtrain.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PROMPT_TYPES = ("qwen3",)
 
 Segment = tuple[str, bool]  # (text, is_target)

@@ -144,8 +144,10 @@ def _validate_microbatches(cfg: Any, dims: ParallelDims) -> None:
     t = getattr(cfg, "training", None)
     if dims.pp == 1 or t is None:
         return
-    gbs = t.global_batch_size or t.micro_batch_size * dims.dp
-    n = gbs // (t.micro_batch_size * dims.dp)
+    from qtrain.parallel.batch import batch_plan
+
+    plan = batch_plan(cfg, dims.world_size)
+    gbs, n = plan.global_batch_size, plan.num_microbatches
     if n < dims.pp:
         raise ConfigError(
             f"--pipeline-model-parallel-size {dims.pp} needs at least {dims.pp} micro-batches per step, got {n} "

@@ -30,7 +30,7 @@ def main(out_prefix: str, layout: str, tied: str, hf_dir: str = "") -> None:
     elif layout == "pp":
         pcfg.parallel.pipeline_model_parallel_size = 2
     mesh = build_mesh(pcfg, dist.get_world_size(), "cpu", model_cfg=cfg)
-    model = parallelize(build_model(cfg, "meta"), mesh, pcfg, device=torch.device("cpu"))
+    model, _ = parallelize(build_model(cfg, "meta"), mesh, pcfg, device=torch.device("cpu"))
     materialize(model, "cpu", seed=7)
     if hf_dir:
         from qtrain.checkpoint.dcp import load_checkpoint

@@ -63,17 +63,17 @@ def test_dry_run_prints_plan_for_the_mindspeed_1p7b_script(capsys):
 
 
 def test_nan_loss_stops_with_iteration_and_saves_nothing_after(tiny_data, tmp_path, monkeypatch):
-    import qtrain.train.loop as loop
+    from qtrain.train.loop import LoopHooks
+    from qtrain.train.step import mean_loss
 
     calls = {"n": 0}
-    real = loop.LoopHooks.__dataclass_fields__["forward_backward"].default
 
-    def poisoned(*args, **kwargs):
+    def poisoned(*args):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
+        loss = mean_loss(*args)
         return loss * float("nan") if calls["n"] == 5 else loss  # 2 micro-batches/step: iteration 3
 
-    hooks = loop.LoopHooks(forward_backward=poisoned)
+    hooks = LoopHooks(loss_weight=poisoned)
     cfg = parse_args(tiny_args(tiny_data, save=tmp_path, save_interval=1, log_interval=10))
     with pytest.raises(NonFiniteError, match="NaN/Inf at iteration 3"):
         pretrain(cfg, log=QUIET, hooks=hooks)
