@@ -147,3 +147,14 @@ def test_load_from_megatron_dir_starts_with_its_loss(tiny_data, tmp_path):
                                            no_load_rng=True)), log=QUIET)
     assert result.start_iteration == 0
     assert result.losses[1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_hooks_that_cannot_run_under_pipeline_parallelism_are_refused():
+    from qtrain.errors import ConfigError
+    from qtrain.train.loop import LoopHooks
+
+    LoopHooks(build_datasets=lambda cfg, sizes: (None, None), skip_load=True).refuse_under_pipeline()  # data: fine
+    hooks = LoopHooks(loss_weight=lambda total, count, batch: total, after_save=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size > 1 does not support a loss other than "
+                                          r".*; writing extra files with each checkpoint"):
+        hooks.refuse_under_pipeline()
