@@ -94,9 +94,10 @@ class TrainingArgs:
     train_iters: Optional[int] = opt(None, "optimizer steps to train for")
     seed: int = opt(1234, "random seed (init, data order)")
     bf16: bool = opt(False, "bf16 compute with fp32 master weights and fp32 gradient reduction")
+    compile: bool = opt(False, "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU; compiles at start)")
     clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
     eval_interval: int = opt(1000, "run validation every this many iterations")
-    eval_iters: int = opt(100, "validation micro-batches per evaluation (0 disables)")
+    eval_iters: int = opt(100, "validation iterations (global batches) per evaluation (0 disables)")
     exit_interval: Optional[int] = opt(None, "save (with --save) and exit after an iteration divisible by this")
     exit_duration_in_mins: Optional[float] = opt(None, "save (with --save) and exit once training has run this long")
     device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
@@ -468,10 +469,10 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
         except (KeyError, ValueError) as e:
             raise ConfigError(f"--model-preset {m.model_preset!r}: {e}") from e
         vocab_given = True
-    elif cfg.checkpoint.load and _load_kind(cfg.checkpoint.load) in ("hf", "qtrain"):
+    elif _load_kind(cfg) in ("hf", "qtrain"):
         # An HF dir or a qtrain checkpoint carries its config.json; a Megatron dir is described
         # by the shape flags (as in MindSpeed-LLM scripts) and checked against its tensors at load.
-        if _load_kind(cfg.checkpoint.load) == "hf":
+        if _load_kind(cfg) == "hf":
             base = Qwen3Config.from_json(os.path.join(cfg.checkpoint.load, "config.json"))
         else:
             from qtrain.checkpoint.dcp import read_checkpoint_model_config
@@ -516,15 +517,15 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
     return Qwen3Config.from_hf_dict(d)
 
 
-def _load_kind(path: str) -> Optional[str]:
-    """'hf', 'qtrain', 'megatron' or None (nothing loadable there: --load == --save on a first run)."""
-    from qtrain.checkpoint.dcp import detect_kind
+def _load_kind(cfg: PretrainConfig) -> Optional[str]:
+    """The kind of --load when it is readable (pretrain reports an unreadable one before training)."""
+    from qtrain.checkpoint.dcp import load_kind
     from qtrain.errors import CheckpointError
 
     try:
-        return detect_kind(path)
+        return load_kind(cfg.checkpoint.load, cfg.checkpoint.save)
     except CheckpointError:
-        return None  # pretrain reports an unreadable --load before training
+        return None
 
 
 def dump_flags_markdown() -> str:

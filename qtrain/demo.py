@@ -68,11 +68,10 @@ def run(args: argparse.Namespace) -> dict:
     data_prefix = f"{prefix}_text_document"
     if not (os.path.isfile(data_prefix + ".bin") and os.path.isfile(data_prefix + ".idx")):
         _step("preprocess", CORPUS)
-        rc = preprocess.main(["--input", str(CORPUS), "--output-prefix", str(prefix), "--json-keys", "text",
-                              "--append-eod", "--tokenizer-name-or-path", str(tokenizer_dir), "--workers", "1",
-                              "--log-interval", "1000"])
-        if rc:
-            raise QtrainError(f"preprocessing {CORPUS} failed (exit status {rc})")
+        progress = preprocess.run(preprocess.build_parser().parse_args(
+            ["--input", str(CORPUS), "--output-prefix", str(prefix), "--json-keys", "text", "--append-eod",
+             "--tokenizer-name-or-path", str(tokenizer_dir), "--workers", "1", "--log-interval", "1000"]))
+        print(preprocess.summary(progress), file=sys.stderr)
 
     # 2-3. pretrain, save, export
     from qtrain.config import parse_args

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qtrain.checkpoint.layout import parse_num_layer_list
+from qtrain.parallel.stages import parse_num_layer_list
 from qtrain.checkpoint.megatron import save_megatron
 from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.writers import save_hf_dir
@@ -95,7 +95,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.hf_cfg_dir:
         source = _use_hf_cfg_dir(source, args.hf_cfg_dir)
     if args.lora_load:
-        from qtrain.train.lora import LoRAMergedSource
+        from qtrain.checkpoint.adapter import LoRAMergedSource
 
         source = LoRAMergedSource(source, args.lora_load)
     dtype = PARAMS_DTYPES[args.params_dtype] if args.params_dtype else (

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, swap_into_place, write_tracker
+from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, read_tracker, swap_into_place, write_tracker
 from qtrain.errors import CheckpointError
 from qtrain.io_utils import write_json_atomic
 
@@ -89,17 +89,9 @@ def checkpoint_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / iteration_dir_name(iteration)
 
 
-def latest_iteration(save_dir: str | Path) -> Optional[int]:
+def latest_iteration(save_dir: str | Path) -> Optional[int | str]:
     """The tracker's iteration, or None when there is no tracker yet."""
-    path = Path(save_dir) / TRACKER
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}; "
-                              f"delete the file to start over or fix it to name an iter_XXXXXXX folder") from None
+    return read_tracker(save_dir, missing_ok=True)
 
 
 def detect_kind(path: str | Path) -> str:
@@ -110,12 +102,7 @@ def detect_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--load {path}: no such directory")
-    it = None
-    if (path / TRACKER).is_file():
-        text = (path / TRACKER).read_text().strip()
-        it = text if text == "release" else int(text) if text.isdigit() else None
-        if it is None:
-            raise CheckpointError(f"--load {path}: {TRACKER} holds {text!r}, not an iteration number")
+    it = read_tracker(path, missing_ok=True)
     if (path / ".metadata").is_file():
         return "qtrain"
     if it is not None:
@@ -132,6 +119,20 @@ def detect_kind(path: str | Path) -> str:
     raise CheckpointError(
         f"--load {path}: not a checkpoint (expected {TRACKER} + iter_XXXXXXX/ from qtrain or Megatron, "
         f"or an HF dir with config.json and *.safetensors)")
+
+
+def load_kind(load: str | Path | None, save: str | Path | None = None) -> Optional[str]:
+    """What `--load` gives a training run: 'qtrain', 'megatron' or 'hf' (see detect_kind), or None
+    when there is nothing to load: no --load, or --load == --save before the first save there
+    (a fresh start, as Megatron does). Any other unreadable --load raises CheckpointError."""
+    if not load:
+        return None
+    load = Path(load)
+    if save and load.resolve() == Path(save).resolve() and (
+            not load.is_dir() or not any(load.iterdir())
+            or (latest_iteration(load) is None and not (load / CONFIG_FILE).is_file())):
+        return None
+    return detect_kind(load)
 
 
 def read_checkpoint_model_config(path: str | Path):
@@ -274,8 +275,9 @@ def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch
     own slice, so no rank ever holds more than its shard plus one full tensor. A pipeline stage
     takes its own layers; the names of other stages are expected, not unexpected.
     """
-    from qtrain.models.qwen3 import build_model, canonical_name
+    from qtrain.models.qwen3 import build_model
     from qtrain.parallel.full_tensors import copy_full_into
+    from qtrain.parallel.weights import canonical_name
 
     cfg = model.config
     every_name = set(build_model(cfg, "meta").state_dict())  # the whole model's names, on meta

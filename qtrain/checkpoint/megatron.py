@@ -29,11 +29,12 @@ import torch
 
 from qtrain.checkpoint import safe_pickle
 from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_name, resolve_iteration,
-                                      split_layers, swap_into_place, write_tracker)
+                                      swap_into_place, write_tracker)
 from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
 from qtrain.models.rope_scaling import megatron_rope_args, read_megatron_rope
+from qtrain.parallel.stages import split_layers
 
 CHECKPOINT_VERSION = 3.0
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")

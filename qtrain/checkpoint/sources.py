@@ -175,6 +175,24 @@ class MegatronSource:
         self._reader.close()
 
 
+class StateDictSource:
+    """HF-named tensors already in memory (e.g. a training run's gathered weights) as a Source."""
+
+    def __init__(self, config: Qwen3Config, tensors: dict[str, torch.Tensor], tokenizer_dir: Path | None = None):
+        self.config, self.hf_config, self.iteration, self.tokenizer_dir = config, None, None, tokenizer_dir
+        self._tensors = tensors
+        _check_complete("the model's state dict", set(tensors), config)
+
+    def names(self) -> list[str]:
+        return hf_param_names(self.config)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
 class TrimmedVocab:
     """A source whose embedding and LM head keep only the first `vocab_size` rows (drops padding)."""
 

@@ -34,10 +34,10 @@ import torch
 from qtrain.data.index_cache import IndexCache
 from qtrain.data.indexed import IndexedDataset, idx_path
 from qtrain.errors import ConfigError, DataError
+from qtrain.labels import IGNORE_INDEX
 
 SPLIT_NAMES = ("train", "valid", "test")
 PAD_TOKEN_ID = -1  # Megatron's filler for a partial last sample; never a real token id
-IGNORE_INDEX = -100
 _FINAL_EPOCH_THRESHOLD = 0.80  # Megatron separates a final epoch used below 80%
 
 

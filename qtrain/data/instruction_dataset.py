@@ -35,8 +35,7 @@ import torch
 from qtrain.data.gpt_dataset import split_ranges
 from qtrain.data.indexed import IndexedDataset
 from qtrain.errors import DataError
-
-IGNORE_INDEX = -100
+from qtrain.labels import IGNORE_INDEX
 KEYS = ("input_ids", "attention_mask", "labels")
 
 

@@ -16,7 +16,7 @@ import bisect
 import numpy as np
 
 from qtrain.data.indexed import IndexedDataset, IndexedDatasetBuilder, bin_path, idx_path
-from qtrain.data.templates import IGNORE_INDEX
+from qtrain.labels import IGNORE_INDEX
 
 
 def greedy_knapsack(lengths: np.ndarray, capacity: int) -> list[list[int]]:

@@ -32,8 +32,8 @@ from typing import Sequence
 import numpy as np
 
 from qtrain.data.readers import RecordError
+from qtrain.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PROMPT_TYPES = ("qwen3", "qwen3-hf")  # MindSpeed-LLM's template; the model's Jinja template
 
 Segment = tuple[str, bool]  # (text, is_target)

@@ -101,7 +101,7 @@ def cached_forward(model: Qwen3ForCausalLM, input_ids: torch.Tensor, position_id
     h = m.embed_tokens(input_ids)
     cos, sin = rope_cos_sin(position_ids, model.config.head_dim, model.config.rope_theta, h.dtype,
                             model.config.rope_scaling)
-    for i, layer in enumerate(m.layers):
+    for i, layer in enumerate(m.layers.values()):
         h = h + _attend(layer.self_attn, layer.input_layernorm(h), cos, sin, cache, i, mask)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     cache.advance(input_ids.shape[1])

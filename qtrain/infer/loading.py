@@ -47,7 +47,7 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     finally:
         source.close()
     if lora_dir is not None:
-        from qtrain.train.lora import apply_adapter
+        from qtrain.checkpoint.adapter import apply_adapter
 
         apply_adapter(model, lora_dir)
     return model.eval(), source.tokenizer_dir or _training_tokenizer(source)

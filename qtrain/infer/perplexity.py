@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from qtrain.labels import IGNORE_INDEX
 from qtrain.models.qwen3 import Qwen3ForCausalLM
 
 
@@ -49,13 +50,13 @@ def perplexity(model: Qwen3ForCausalLM, sequences: Iterable[np.ndarray], seq_len
         nonlocal nll, count
         width = max(len(w) for w in pending) - 1
         ids = torch.zeros(len(pending), width, dtype=torch.long)
-        labels = torch.full((len(pending), width), -100, dtype=torch.long)
+        labels = torch.full((len(pending), width), IGNORE_INDEX, dtype=torch.long)
         for i, w in enumerate(pending):
             t = torch.from_numpy(np.asarray(w, dtype=np.int64))
             ids[i, :len(t) - 1], labels[i, :len(t) - 1] = t[:-1], t[1:]
         total = model(ids.to(device), labels=labels.to(device), loss_reduction="sum")
         nll += float(total.double())
-        count += int((labels != -100).sum())
+        count += int((labels != IGNORE_INDEX).sum())
         pending.clear()
 
     for seq in sequences:

@@ -7,8 +7,6 @@ checkpoint code lives here: `qtrain.parallel` transforms this module from the ou
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import nn
 
@@ -89,7 +87,9 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        # Keyed by the global layer index ("0", "1", ...): a pipeline stage keeps a subset under the
+        # same keys, so parameter names stay HF names on every layout.
+        self.layers = nn.ModuleDict({str(i): Qwen3DecoderLayer(cfg) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -97,7 +97,8 @@ class Qwen3ForCausalLM(nn.Module):
     """Qwen3 causal LM. `model(input_ids) -> logits [B, S, V]`.
 
     Pipeline stages may drop modules (set `model.embed_tokens`, `model.norm` or `lm_head` to None,
-    or delete layers): forward then takes / returns hidden states where the missing piece would be.
+    or delete entries of `model.layers`): forward then takes / returns hidden states where the
+    missing piece would be.
     """
 
     def __init__(self, cfg: Qwen3Config):
@@ -129,7 +130,7 @@ class Qwen3ForCausalLM(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype,
                                 self.config.rope_scaling)
-        for layer in m.layers.values() if isinstance(m.layers, nn.ModuleDict) else m.layers:
+        for layer in m.layers.values():
             h = layer(h, cos, sin, attention_mask)
         return m.norm(h) if m.norm is not None else h
 
@@ -168,63 +169,3 @@ def build_model(cfg: Qwen3Config, device: str | torch.device = "meta") -> Qwen3F
     """Build on `device` without initialising (meta by default: no memory is allocated)."""
     with torch.device(device):
         return Qwen3ForCausalLM(cfg)
-
-
-# Wrappers that insert a level into parameter names without changing what the parameter is.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's HF name with activation-checkpoint / compile wrapper levels removed."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def _initial_value(name: str, shape: torch.Size, std: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The full initial value of one parameter: a function of its name, shape and the seed only."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, device=device)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, device=device)
-    generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
-
-
-@torch.no_grad()
-def init_parameters(model: nn.Module, std: float, seed: int) -> None:
-    """Initialise every parameter of a (possibly sharded, pipelined or wrapped) Qwen3 model as HF
-    does (N(0, std) weights, zero biases, unit norms), from a per-parameter seed.
-
-    Each parameter's value depends only on its HF name and `seed`, never on the layout: a tensor-
-    or FSDP-sharded parameter (DTensor) keeps the slice of the same full value that one process
-    would hold, and a pipeline stage initialises just its own layers. The full value of one
-    parameter exists at a time, so memory stays at the shard plus the largest parameter.
-    """
-    from qtrain.parallel.full_tensors import copy_full_into  # the model itself stays layout-free
-
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    for name, param in model.named_parameters():
-        name = canonical_name(name)
-        if tied and name == "lm_head.weight":
-            name = "model.embed_tokens.weight"  # a last pipeline stage's copy of the tied embedding
-        device = param.to_local().device if hasattr(param, "to_local") else param.device
-        copy_full_into(param, _initial_value(name, param.shape, std, seed, device))
-
-
-def materialize(model: Qwen3ForCausalLM, device: str | torch.device, dtype: torch.dtype = torch.float32,
-                std: float | None = None, seed: int | None = None) -> Qwen3ForCausalLM:
-    """Allocate a meta-built (possibly sharded) model on `device` once and initialise it there.
-
-    With `seed`, the initial weights are the same for every parallel layout (see init_parameters);
-    without, they are drawn from torch's global generator.
-    """
-    model.to(dtype)  # on meta this costs nothing, so the one real allocation is already in `dtype`
-    model.to_empty(device=device)
-    model.tie_weights()
-    std = model.config.initializer_range if std is None else std
-    if seed is None:
-        model.init_weights(std)
-    else:
-        init_parameters(model, std, seed)
-    return model

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from qtrain.labels import IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,

@@ -2,11 +2,12 @@
 
     pipeline split -> tensor (+ sequence) parallel -> context parallel -> recompute -> compile -> FSDP
 
-`build_mesh(cfg, world_size)` validates the layout and makes the DeviceMesh;
-`parallelize(model, mesh, cfg)` transforms a meta-device Qwen3ForCausalLM and returns the module
-this rank trains (HF parameter names; materialise it afterwards with models.qwen3.materialize).
-Its `qtrain_parallel` attribute (a ParallelState) tells the training step what it must do:
-run the pipeline schedule, shard the batch for context parallel, compute the loss vocab-parallel.
+`build_mesh(cfg, world_size)` validates the layout and makes the DeviceMesh (one device is a
+mesh of one rank); `parallelize(model, mesh, cfg)` transforms a meta-device Qwen3ForCausalLM and
+returns the module this rank trains (HF parameter names; materialise it afterwards with
+parallel.weights.materialize) together with its `ParallelState`, which tells the training step
+what it must do: run the pipeline schedule, shard the batch for context parallel, compute the
+loss vocab-parallel, and over which ranks the losses differ.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from torch import nn
 
 from qtrain.parallel.mesh import ParallelDims, build_mesh, mesh_dims, parallel_args, stage_layers, validate_layout
 
-__all__ = ["ParallelState", "build_mesh", "parallelize", "parallel_state", "prepare_batch", "loss_scope",
-           "validate_layout", "ParallelDims"]
+__all__ = ["ParallelState", "build_mesh", "parallelize", "validate_layout", "ParallelDims"]
 
 
 @dataclass
 class ParallelState:
-    """What the training step needs to know about a parallelized model."""
+    """How this rank's model is laid out, for the training step, the loop and gradient clipping."""
 
     mesh: Any
     dims: ParallelDims
@@ -36,32 +36,39 @@ class ParallelState:
 
     @property
     def vocab_parallel(self) -> bool:
+        """The LM head is column-parallel: the logits are vocab-sharded DTensors (see loss_scope)."""
         return self.dims.tp > 1
 
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
 
-def parallel_state(model: nn.Module) -> Optional[ParallelState]:
-    return getattr(model, "qtrain_parallel", None)
+    @property
+    def dp_size(self) -> int:
+        return self.mesh["dp"].size()
 
+    @property
+    def loss_group(self) -> dist.ProcessGroup:
+        """The ranks that see different tokens (data and context parallel): losses and token
+        counts are summed or averaged over them; TP and PP ranks already agree."""
+        return self.mesh["dp_cp"].get_group()
 
-def prepare_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The part of a [B, S] batch this rank computes: its context-parallel slice with global
-    `position_ids`, or the batch unchanged."""
-    state = parallel_state(model)
-    if state is None or state.cp_group is None:
-        return batch
-    from qtrain.parallel.context import shard_batch
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a [B, S] batch this rank computes: its context-parallel slice with global
+        `position_ids`, or the batch unchanged."""
+        if self.cp_group is None:
+            return batch
+        from qtrain.parallel.context import shard_batch
 
-    return shard_batch(batch, state.cp_group)
+        return shard_batch(batch, self.cp_group)
 
+    def loss_scope(self):
+        """Context for the loss and its backward: `loss_parallel()` when the logits are vocab-sharded."""
+        if self.vocab_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
 
-def loss_scope(model: nn.Module):
-    """Context for the loss and its backward: `loss_parallel()` when the logits are vocab-sharded."""
-    state = parallel_state(model)
-    if state is not None and state.vocab_parallel:
-        from torch.distributed.tensor.parallel import loss_parallel
-
-        return loss_parallel()
-    return contextlib.nullcontext()
+            return loss_parallel()
+        return contextlib.nullcontext()
 
 
 def _positions_hook(seq_scale: int):
@@ -80,27 +87,30 @@ def _positions_hook(seq_scale: int):
 
 
 def _layers(chunk: nn.Module) -> list[nn.Module]:
-    layers = chunk.model.layers
-    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+    return list(chunk.model.layers.values())
 
 
 def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.device] = None,
-                loss_fn: Optional[Callable] = None, compile: bool = False) -> nn.Module:
+                loss_fn: Optional[Callable] = None) -> tuple[nn.Module, ParallelState]:
     """Apply the layout of `mesh` (from build_mesh) to a meta-device Qwen3ForCausalLM.
 
-    cfg: a PretrainConfig (ParallelArgs alone work too: then no bf16 and one micro-batch per step).
-    loss_fn(logits, labels) -> scalar is the pipeline's last-stage loss (default: qtrain's
-    cross-entropy). compile: torch.compile each decoder layer (off by default; slow on CPU).
-    Returns the module to materialise, optimise and checkpoint on this rank.
+    cfg: a PretrainConfig (ParallelArgs alone work too: then fp32 compute, no compile and one
+    micro-batch per step). With `--bf16`, FSDP2 computes in bf16 over fp32 master weights and
+    reduces gradients in fp32; with `--compile`, each decoder layer is torch.compile'd.
+    loss_fn(logits, labels) -> scalar is the pipeline's last-stage loss per micro-batch (default:
+    the mean over the micro-batch's trained tokens, as train.step.mean_loss).
+    Returns (the module to materialise, optimise and checkpoint on this rank, its ParallelState).
     """
     from qtrain.parallel.fsdp import apply_fsdp, data_parallel_mesh
     from qtrain.parallel.recompute import apply_recompute
     from qtrain.parallel.tensor import apply_tensor_parallel
 
     p = parallel_args(cfg)
+    training = getattr(cfg, "training", None)
     dims = mesh_dims(mesh)
     validate_layout(cfg, dims.world_size, model.config)
-    bf16 = bool(getattr(getattr(cfg, "training", None), "bf16", False))
+    bf16 = bool(getattr(training, "bf16", False))
+    compile_layers = bool(getattr(training, "compile", False))
     stages = stage_layers(p, model.config.num_hidden_layers)
     state = ParallelState(mesh, dims)
 
@@ -119,7 +129,7 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
             state.cp_group = mesh["cp"].get_group()
             apply_context_parallel(chunk, state.cp_group)
         apply_recompute(chunk, p.recompute_granularity, p.recompute_method, p.recompute_num_layers)
-        if compile:
+        if compile_layers:
             for layer in _layers(chunk):
                 layer.compile()
         chunk.register_forward_pre_hook(_positions_hook(dims.tp if p.sequence_parallel else 1), with_kwargs=True)
@@ -128,22 +138,29 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
 
     if dims.pp > 1:
         state.pipeline = _build_pipeline(chunks, stages, mesh, cfg, dims, device, loss_fn)
-    view.qtrain_parallel = state
-    return view
+    return view, state
+
+
+def _mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the trained tokens of a micro-batch; 0 (not NaN) when it has none."""
+    from qtrain.labels import IGNORE_INDEX
+    from qtrain.ops.cross_entropy import cross_entropy
+    from qtrain.parallel.full_tensors import full_tensor
+
+    total = full_tensor(cross_entropy(logits, labels, reduction="sum"))  # vocab-parallel: a DTensor
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _build_pipeline(chunks, stages, mesh, cfg, dims: ParallelDims, device, loss_fn):
-    from qtrain.ops.cross_entropy import cross_entropy
+    from qtrain.parallel.batch import batch_plan
     from qtrain.parallel.pipeline import Pipeline, tied_embedding_group
 
-    training = getattr(cfg, "training", None)
-    mbs = getattr(training, "micro_batch_size", 1)
-    gbs = getattr(training, "global_batch_size", None) or mbs * dims.dp
+    num_microbatches = batch_plan(cfg, dims.world_size).num_microbatches if hasattr(cfg, "training") else 1
     tied = getattr(chunks[0].config, "tie_word_embeddings", False)
     if device is None:
         acc = torch.accelerator.current_accelerator()
         device = torch.device("cpu") if acc is None or mesh.device_type == "cpu" else \
             torch.device(acc.type, torch.accelerator.current_device_index())
-    return Pipeline(chunks, stages, mesh["pp"].get_group(), device,
-                    num_microbatches=gbs // (mbs * dims.dp), loss_fn=loss_fn or cross_entropy,
-                    vocab_parallel=dims.tp > 1, tied_group=tied_embedding_group(mesh) if tied else None)
+    return Pipeline(chunks, stages, mesh["pp"].get_group(), device, num_microbatches=num_microbatches,
+                    loss_fn=loss_fn or _mean_token_loss, vocab_parallel=dims.tp > 1,
+                    tied_group=tied_embedding_group(mesh) if tied else None)

@@ -1,4 +1,5 @@
-"""Writing a full (unsharded) tensor into a parameter that may be a DTensor shard.
+"""Full (unsharded) tensors and sharded parameters: a DTensor's global value, and a full tensor
+written into a parameter that may be a DTensor shard.
 
 Every rank holds the same full value (it generated it from a seed, or read it from a checkpoint
 file through the shared page cache) and keeps only its own slice: no collective, and at most one
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The global value of a DTensor (collective over its mesh); a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()

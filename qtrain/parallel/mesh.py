@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from qtrain.checkpoint.layout import parse_num_layer_list, split_layers
+from qtrain.parallel.stages import parse_num_layer_list, split_layers
 from qtrain.errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -72,7 +72,7 @@ def parallel_dims(cfg: Any, world_size: int) -> ParallelDims:
 
 
 def stage_layers(cfg: Any, num_layers: int) -> list[list[list[int]]]:
-    """Global layer indices per pipeline stage and virtual chunk (validated; see checkpoint.layout)."""
+    """Global layer indices per pipeline stage and virtual chunk (validated; see parallel.stages)."""
     p = parallel_args(cfg)
     pp, vpp = p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
     if vpp is not None and pp == 1:
@@ -144,8 +144,10 @@ def _validate_microbatches(cfg: Any, dims: ParallelDims) -> None:
     t = getattr(cfg, "training", None)
     if dims.pp == 1 or t is None:
         return
-    gbs = t.global_batch_size or t.micro_batch_size * dims.dp
-    n = gbs // (t.micro_batch_size * dims.dp)
+    from qtrain.parallel.batch import batch_plan
+
+    plan = batch_plan(cfg, dims.world_size)
+    gbs, n = plan.global_batch_size, plan.num_microbatches
     if n < dims.pp:
         raise ConfigError(
             f"--pipeline-model-parallel-size {dims.pp} needs at least {dims.pp} micro-batches per step, got {n} "

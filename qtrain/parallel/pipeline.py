@@ -25,6 +25,9 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.tensor.parallel import loss_parallel
 
+from qtrain.labels import IGNORE_INDEX
+from qtrain.parallel.full_tensors import full_tensor
+
 
 def split_into_chunks(model: nn.Module, stages: list[list[list[int]]], pp_rank: int) -> list[nn.Module]:
     """This rank's stage chunks of a (meta) Qwen3ForCausalLM: copies holding only their layers."""
@@ -34,12 +37,12 @@ def split_into_chunks(model: nn.Module, stages: list[list[list[int]]], pp_rank: 
     for v, layer_ids in enumerate(stages[pp_rank]):
         first, last = pp_rank == 0 and v == 0, pp_rank == last_rank and v == num_chunks - 1
         # Copy only what the chunk keeps (the model may already hold real weights).
-        dropped = [m for i, m in enumerate(model.model.layers) if i not in set(layer_ids)]
+        keep = {str(i) for i in layer_ids}
+        dropped = [m for k, m in model.model.layers.items() if k not in keep]
         dropped += [] if first else [model.model.embed_tokens]
         dropped += [] if last else [model.model.norm, model.lm_head]
         chunk = copy.deepcopy(model, memo={id(m): None for m in dropped})
-        chunk.model.layers = nn.ModuleDict(
-            {str(i): layer for i, layer in enumerate(chunk.model.layers) if layer is not None})
+        chunk.model.layers = nn.ModuleDict({k: m for k, m in chunk.model.layers.items() if m is not None})
         chunks.append(chunk)
     return chunks
 
@@ -76,9 +79,8 @@ class Pipeline:
         self.num_microbatches = num_microbatches
         self.vocab_parallel = vocab_parallel
 
-        def loss(logits, labels):
-            value = loss_fn(logits, labels)
-            return value.full_tensor() if hasattr(value, "full_tensor") else value
+        def loss(output, labels):  # the last stage's output (today the logits) -> the micro-batch's loss
+            return full_tensor(loss_fn(output, labels))
 
         if num_chunks == 1:
             self.schedule = Schedule1F1B(self.stages[0], num_microbatches, loss_fn=loss)
@@ -101,7 +103,7 @@ class Pipeline:
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                  ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+                  ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward only: (sum of token losses, number of trained tokens) of [num_microbatches * mbs, S]
         samples, on every pipeline rank (for validation)."""
         losses: list[torch.Tensor] = []

@@ -8,8 +8,8 @@ without --use-distributed-optimizer; b = 2 with --bf16 else 4; per token of a mi
   grads        4 P / F          fp32 gradients (reduced in fp32)
   optimizer    8 P / F          AdamW exp_avg + exp_avg_sq in fp32
   transient    b x (the root unit + 2 decoder layers) gathered by FSDP (current and prefetched),
-               plus the unsharded LM-head gradient; one process without FSDP: autocast's bf16
-               copies of every weight
+               plus the unsharded LM-head gradient (FSDP2 wraps the model on every layout, one
+               device included)
   activations  tokens x (sum over the stage's layers of A) x micro-batches in flight
   loss         logits path (train.step): tokens x V/TP x (4 saved log-softmax + 4 its gradient
                + b logits [+ b their gradient]); fused chunked loss (`fused_loss=True`, the model's
@@ -108,12 +108,10 @@ def layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, 
 
 def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: Optional[int] = None,
                     seq_length: Optional[int] = None, bf16: Optional[bool] = None,
-                    num_microbatches: Optional[int] = None, fused_loss: bool = False,
-                    fsdp: Optional[bool] = None) -> MemoryEstimate:
+                    num_microbatches: Optional[int] = None, fused_loss: bool = False) -> MemoryEstimate:
     """Per-device memory of `model_cfg` trained under the layout of `cfg` (a PretrainConfig, or
     ParallelArgs with the keyword arguments) on `world_size` devices. Raises ConfigError for an
-    invalid layout. The busiest pipeline stage is reported. fsdp: whether FSDP2 wraps the model
-    (default: when world_size > 1, as the loop does; the benchmarks use a one-rank FSDP mesh)."""
+    invalid layout. The busiest pipeline stage is reported."""
     t = getattr(cfg, "training", None)
     mbs = micro_batch_size or (t.micro_batch_size if t else 1)
     seq = seq_length or (cfg.data.seq_length if hasattr(cfg, "data") else None)
@@ -129,7 +127,6 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
     m, tp = model_cfg, dims.tp
     stages = stage_layers(p, m.num_hidden_layers)
     fsdp_ways = dims.dp_shard * dims.cp
-    sharded_fsdp = world_size > 1 if fsdp is None else fsdp
     tokens = mbs * seq // dims.cp
     lay_sharded, lay_repl = layer_params(m, tp)
     embed = m.vocab_size * m.hidden_size / tp
@@ -140,10 +137,7 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         root = (embed if first else 0) + ((m.hidden_size + (0 if m.tie_word_embeddings and first else embed))
                                           if last else 0)
         params = n_layers * (lay_sharded + lay_repl) + root
-        if sharded_fsdp:
-            transient = b * (root + 2 * (lay_sharded + lay_repl)) + (b * embed if last else 0)
-        else:
-            transient = (b * params if bf16 else 0) + b * embed
+        transient = b * (root + 2 * (lay_sharded + lay_repl)) + (b * embed if last else 0)
         acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches) * tokens
         if last:
             acts += tokens * (2 * (4 * m.hidden_size + b * m.hidden_size) / (tp if p.sequence_parallel else 1)

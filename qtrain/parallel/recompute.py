@@ -58,7 +58,7 @@ def apply_recompute(model: nn.Module, granularity: str | None, method: str | Non
     helpers (and so DCP checkpoints) strip it, keeping HF names.
     """
     layers = model.model.layers
-    keys = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else list(range(len(layers)))
+    keys = list(layers.keys())
     for pos in layers_to_recompute(len(keys), granularity, method, recompute_num_layers):
         key = keys[pos]
         layers[key] = _wrap(layers[key], granularity == "selective")

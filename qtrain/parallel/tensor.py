@@ -24,11 +24,6 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def _layers(model: nn.Module):
-    layers = model.model.layers
-    return layers.values() if isinstance(layers, nn.ModuleDict) else layers
-
-
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Shard `model` (a Qwen3ForCausalLM or a pipeline stage of one) over `tp_mesh` in place.
 
@@ -44,7 +39,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         top["lm_head"] = ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
-    for layer in _layers(model):
+    for layer in model.model.layers.values():
         parallelize_module(layer, tp_mesh, _layer_plan(sequence_parallel))
     _retie(model)
 

@@ -1,14 +1,21 @@
-"""The pretraining loop, top to bottom: setup, data, model, optimizer, resume, train, save.
+"""The training loop of `qtrain pretrain` (and `qtrain sft`, through LoopHooks), top to bottom:
+plan, data, model, optimizer, resume, iterations, final save and HF export.
 
-Numerics: fp32 master weights and AdamW state; with --bf16 the forward/backward runs in bf16
-(FSDP2 MixedPrecisionPolicy when sharded, autocast otherwise) and gradients are reduced in fp32.
-The host waits on the device only at log intervals, evaluations and saves (plus one tiny
-all-reduce per step across ranks, so that SIGTERM stops every rank after the same step).
+Every layout, one device included, builds the model the same way: on the meta device, laid out
+by qtrain.parallel on a DeviceMesh (one rank: FSDP2 alone), then materialised and initialised
+from --seed. Each iteration is one `train.step.train_step` (micro-batches, clipping, optimizer
+step); between iterations the loop logs, validates, saves and checks its stop conditions.
+
+Numerics: fp32 master weights and AdamW state; with --bf16 FSDP2's MixedPrecisionPolicy runs the
+forward/backward in bf16 and reduces gradients in fp32. The host waits on the device only at log
+intervals, evaluations and saves (plus one tiny all-reduce per step when there are several
+ranks, so that SIGTERM stops every rank after the same step).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -20,13 +27,15 @@ from qtrain import device as qdevice
 from qtrain.checkpoint import dcp as ckpt
 from qtrain.config import PretrainConfig, resolve_model_config
 from qtrain.errors import ConfigError, QtrainError
+from qtrain.parallel.batch import BatchPlan, batch_plan
 from qtrain.train import metrics as M
+from qtrain.train.export import ExportTransform, export_hf
 from qtrain.train.optim import build_optimizer, set_lr
-from qtrain.train.plan import BatchPlan, check_model_fits, describe_plan, make_batch_plan
+from qtrain.train.plan import check_model_fits, describe_plan
 from qtrain.train.runtime import Runtime, StopFlag, apply_parallelism, init_runtime
 from qtrain.train.schedule import build_schedule
-from qtrain.parallel import parallel_state
-from qtrain.train.step import forward_backward, forward_loss, pipeline_forward_backward, uses_pipeline
+from qtrain.train.step import LossWeight, mean_loss, train_step
+from qtrain.train.validation import validation_loss
 
 
 class NonFiniteError(QtrainError):
@@ -50,15 +59,26 @@ class TrainResult:
 
 @dataclass
 class LoopHooks:
-    """Where a variant of the loop (`qtrain sft`) plugs in; the defaults are pretraining's behaviour."""
+    """Where a variant of the loop (`qtrain sft`) plugs in; the defaults are pretraining's behaviour.
+    Under pipeline parallelism only `build_datasets` and `skip_load` apply: the others are refused."""
 
     build_datasets: Optional[Callable[..., tuple[Any, Any]]] = None  # (cfg, sizes) -> (train_ds, valid_ds)
-    prepare_model: Optional[Callable[..., torch.nn.Module]] = None  # (model) -> model, before parallelism
+    prepare_model: Optional[Callable[..., torch.nn.Module]] = None  # (full model) -> model, before parallelism
     skip_load: bool = False  # prepare_model has already loaded the --load weights
-    forward_backward: Callable[..., torch.Tensor] = forward_backward
-    forward_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] = forward_loss
+    loss_weight: LossWeight = mean_loss  # see train.step
     after_save: Optional[Callable[..., None]] = None  # (model, iteration, checkpoint path)
-    export_hf: Optional[Callable[..., None]] = None  # replaces _export_hf: (model, model_cfg, cfg, rt, sharded)
+    export_transform: Optional[ExportTransform] = None  # full state dict -> the --save-hf weights
+
+    def refuse_under_pipeline(self) -> None:
+        unsupported = [what for what, used in (
+            ("changing the model before sharding (e.g. LoRA)", self.prepare_model is not None),
+            ("a loss other than each micro-batch's mean token loss (e.g. --calculate-per-token-loss)",
+             self.loss_weight is not mean_loss),
+            ("writing extra files with each checkpoint (e.g. LoRA adapters)", self.after_save is not None),
+            ("a transformed --save-hf export (e.g. merged LoRA)", self.export_transform is not None)) if used]
+        if unsupported:
+            raise ConfigError(f"--pipeline-model-parallel-size > 1 does not support {'; '.join(unsupported)}; "
+                              f"use --pipeline-model-parallel-size 1")
 
 
 def _tokenizer_vocab(cfg: PretrainConfig) -> Optional[int]:
@@ -70,24 +90,11 @@ def _tokenizer_vocab(cfg: PretrainConfig) -> Optional[int]:
     return len(load_hf_tokenizer(cfg.data.tokenizer_name_or_path))
 
 
-def _all_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's global value (grad norms of sharded models are DTensors)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def prepare(cfg: PretrainConfig, world_size: int):
     """Model config and batch plan, checked before anything heavy starts."""
     model_cfg = resolve_model_config(cfg, vocab_size_hint=_tokenizer_vocab(cfg))
     check_model_fits(cfg, model_cfg)
-    batch = make_batch_plan(cfg, world_size)
+    batch = batch_plan(cfg, world_size)
     if cfg.training.train_iters is None:
         raise ConfigError("--train-iters is required: the number of optimizer steps to train for")
     build_schedule(cfg.optim, cfg.training.train_iters, batch.global_batch_size)  # warmup/decay lengths fit
@@ -97,8 +104,6 @@ def prepare(cfg: PretrainConfig, world_size: int):
 def dry_run(cfg: PretrainConfig) -> str:
     """The plan for the world size torchrun would give (WORLD_SIZE), else the smallest world
     that fits TP x PP x CP; no process group, no data, no model memory."""
-    import os
-
     p = cfg.parallel
     world = int(os.environ.get("WORLD_SIZE", "0")) or \
         p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
@@ -108,295 +113,240 @@ def dry_run(cfg: PretrainConfig) -> str:
 
 def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) -> TrainResult:
     """Run `qtrain pretrain` with the given options (inside or outside torchrun)."""
-    hooks = hooks or LoopHooks()
-    t_start = time.time()
     if cfg.training.dry_run:
         log(dry_run(cfg))
         return TrainResult()
     rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes)
-    say = log if rt.is_main else (lambda *a, **k: None)
+    try:
+        return Trainer(cfg, rt, hooks or LoopHooks(), log).run()
+    finally:
+        rt.close()
 
-    # ---- 1. plan: model shape, batch math, pre-start checks
-    model_cfg, batch = prepare(cfg, rt.world_size)
-    if cfg.checkpoint.save_hf and cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.checkpoint.save:
-        raise ConfigError("--save-hf with pipeline parallelism needs --save: the export is converted from the "
-                          "final checkpoint (qtrain convert), as no rank holds every layer")
-    load_kind = _check_load(cfg)
-    if not cfg.data.data_path:
-        raise ConfigError("--data-path is required: the prefix of a .bin/.idx dataset (from `qtrain preprocess`)")
 
-    # ---- 2. data: Megatron GPTDataset splits, this rank's micro-batches
-    from qtrain.data.blended import build_gpt_datasets, train_valid_test_num_samples
-    from qtrain.data.gpt_dataset import GPTDatasetConfig
-    from qtrain.data.sampler import ResumableLoader
+class Trainer:
+    """One run: everything the iterations need, built in the order of the module docstring."""
 
-    t = cfg.training
-    sizes = train_valid_test_num_samples(t.train_iters, batch.global_batch_size, t.eval_interval, t.eval_iters)
-    data_cfg = GPTDatasetConfig(seq_length=cfg.data.seq_length, seed=t.seed, split=cfg.data.split,
-                                cache_dir=cfg.data.data_cache_path)
-    if hooks.build_datasets is not None:
-        train_ds, valid_ds = hooks.build_datasets(cfg, sizes)
-    else:
-        train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
-    if train_ds is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no training data; give the train part a weight")
+    def __init__(self, cfg: PretrainConfig, rt: Runtime, hooks: LoopHooks, log) -> None:
+        self.t_start = time.time()
+        self.cfg, self.rt, self.hooks = cfg, rt, hooks
+        self.say = log if rt.is_main else (lambda *a, **k: None)
+        self.model_cfg, self.batch = self._plan()
+        self.train_ds, self.valid_ds = self._datasets()
+        self.model, self.state = self._model()
+        o, t = cfg.optim, cfg.training
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
+        self.schedule = build_schedule(o, t.train_iters, self.batch.global_batch_size)
+        self.iteration, consumed = self._resume()
+        from qtrain.data.sampler import ResumableLoader
 
-    # ---- 3. model: built on meta, initialised from --seed, sharded over the ranks
-    from qtrain.models.qwen3 import build_model, materialize
+        self.loader = ResumableLoader(self.train_ds, self.batch.micro_batch_size, self.state.dp_rank,
+                                      self.state.dp_size, consumed_samples=consumed, num_workers=cfg.data.num_workers)
+        self.result = TrainResult(iteration=self.iteration, consumed_samples=consumed, start_iteration=self.iteration)
 
-    torch.manual_seed(t.seed)
-    model = build_model(model_cfg, "meta")
-    if hooks.prepare_model is not None:
-        # LoRA adapters are injected into the full model before sharding.
-        model = hooks.prepare_model(materialize(model, rt.device, seed=t.seed))
-        par = apply_parallelism(model, cfg, rt)
-    else:
-        # Shard first, then allocate and initialise only this rank's part (the same weights
-        # for every layout: see models.qwen3.init_parameters).
-        par = apply_parallelism(model, cfg, rt)
-        materialize(par.model, rt.device, seed=t.seed)
-    model, sharded, dp_rank = par.model, par.sharded, par.dp_rank
-    pipelined = uses_pipeline(model)
-    model.train()
+    # ------------------------------------------------------------------ setup
 
-    # ---- 4. optimizer and LR schedule
-    o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
-    schedule = build_schedule(o, t.train_iters, batch.global_batch_size)
+    def _plan(self) -> tuple[Any, BatchPlan]:
+        cfg = self.cfg
+        model_cfg, batch = prepare(cfg, self.rt.world_size)
+        if cfg.checkpoint.save_hf and cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.checkpoint.save:
+            raise ConfigError("--save-hf with pipeline parallelism needs --save: the export is read back from the "
+                              "final checkpoint, as no rank holds every layer")
+        if cfg.parallel.pipeline_model_parallel_size > 1:
+            self.hooks.refuse_under_pipeline()
+        self.load_kind = ckpt.load_kind(cfg.checkpoint.load, cfg.checkpoint.save)
+        if not cfg.data.data_path:
+            raise ConfigError("--data-path is required: the prefix of a .bin/.idx dataset (from `qtrain preprocess`)")
+        return model_cfg, batch
 
-    # ---- 5. resume or start from weights
-    iteration, consumed = 0, 0
-    if cfg.checkpoint.load and load_kind is not None and not hooks.skip_load:
-        c = cfg.checkpoint
-        loaded = ckpt.load_checkpoint(c.load, model, optimizer, load_optim=not c.no_load_optim,
+    def _datasets(self):
+        """Megatron GPTDataset splits (or the hook's datasets)."""
+        from qtrain.data.blended import build_gpt_datasets, train_valid_test_num_samples
+        from qtrain.data.gpt_dataset import GPTDatasetConfig
+
+        cfg, t = self.cfg, self.cfg.training
+        sizes = train_valid_test_num_samples(t.train_iters, self.batch.global_batch_size, t.eval_interval, t.eval_iters)
+        if self.hooks.build_datasets is not None:
+            train_ds, valid_ds = self.hooks.build_datasets(cfg, sizes)
+        else:
+            data_cfg = GPTDatasetConfig(seq_length=cfg.data.seq_length, seed=t.seed, split=cfg.data.split,
+                                        cache_dir=cfg.data.data_cache_path)
+            train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
+        if train_ds is None:
+            raise ConfigError(f"--split {cfg.data.split} leaves no training data; give the train part a weight")
+        return train_ds, (valid_ds if t.eval_iters > 0 else None)
+
+    def _model(self):
+        """Built on meta, laid out over the ranks, then only this rank's part allocated and
+        initialised from --seed (the same weights for every layout: parallel.weights)."""
+        from qtrain.models.qwen3 import build_model
+        from qtrain.parallel.weights import materialize
+
+        seed, device = self.cfg.training.seed, self.rt.device
+        torch.manual_seed(seed)
+        model = build_model(self.model_cfg, "meta")
+        if self.hooks.prepare_model is not None:
+            # LoRA adapters are injected into the full model before sharding.
+            model, state = apply_parallelism(self.hooks.prepare_model(materialize(model, device, seed=seed)),
+                                             self.cfg, self.rt)
+        else:
+            model, state = apply_parallelism(model, self.cfg, self.rt)
+            materialize(model, device, seed=seed)
+        model.train()
+        return model, state
+
+    def _resume(self) -> tuple[int, int]:
+        """(iteration, consumed samples) after loading --load: a qtrain checkpoint resumes, HF and
+        Megatron dirs (and --finetune) give the starting weights."""
+        c = self.cfg.checkpoint
+        if self.load_kind is None or self.hooks.skip_load:
+            return 0, 0
+        loaded = ckpt.load_checkpoint(c.load, self.model, self.optimizer, load_optim=not c.no_load_optim,
                                       load_rng=not c.no_load_rng, finetune=c.finetune)
-        if loaded.train_state is not None:
-            iteration = loaded.iteration
-            consumed = int(loaded.train_state["consumed_samples"])
-        say(f"loaded {loaded.kind} checkpoint {loaded.path} (iteration {iteration}"
-            f"{', rng restored' if loaded.rng_restored else ''})")
-    loader = ResumableLoader(train_ds, batch.micro_batch_size, dp_rank, batch.data_parallel_size,
-                             consumed_samples=consumed, num_workers=cfg.data.num_workers)
+        iteration = loaded.iteration if loaded.train_state is not None else 0
+        consumed = int(loaded.train_state["consumed_samples"]) if loaded.train_state is not None else 0
+        self.say(f"loaded {loaded.kind} checkpoint {loaded.path} (iteration {iteration}"
+                 f"{', rng restored' if loaded.rng_restored else ''})")
+        return iteration, consumed
 
-    # ---- 6. train
-    result = TrainResult(iteration=iteration, consumed_samples=consumed, start_iteration=iteration)
-    writer = M.MetricsWriter(cfg.logging.log_dir or cfg.checkpoint.save, cfg.logging.tensorboard_dir) \
-        if rt.is_main else M.MetricsWriter(None, None)
-    fpt = M.flops_per_token(model_cfg, batch.seq_length)
-    peak = M.device_peak_flops(rt.device)
-    stop = StopFlag().install()
-    params = [p for p in model.parameters() if p.requires_grad]
-    first_bad = torch.zeros((), dtype=torch.long, device=rt.device)  # first non-finite iteration, 0 = none
-    loss_acc = torch.zeros((), dtype=torch.float32, device=rt.device)
-    gnorm_last = torch.zeros((), dtype=torch.float32, device=rt.device)
-    iters_since_log, t_log = 0, time.time()
-    qdevice.reset_peak_memory(rt.device)
-    say(f"training {model_cfg.num_hidden_layers}-layer Qwen3 ({model_cfg.num_params:,} params) on "
-        f"{rt.world_size} x {rt.device.type}: GBS {batch.global_batch_size} = MBS {batch.micro_batch_size} x "
-        f"DP {batch.data_parallel_size} x {batch.num_microbatches} micro-batches, from iteration {iteration}")
+    # ------------------------------------------------------------------ iterations
 
-    def check_finite() -> None:
-        bad = int(_all_max(first_bad).item())
+    def run(self) -> TrainResult:
+        cfg, t, b, dev = self.cfg, self.cfg.training, self.batch, self.rt.device
+        self.writer = M.MetricsWriter(cfg.logging.log_dir or cfg.checkpoint.save, cfg.logging.tensorboard_dir) \
+            if self.rt.is_main else M.MetricsWriter(None, None)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration, 0 = none
+        self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)
+        self.iters_since_log, self.t_log = 0, time.time()
+        stop = StopFlag().install()
+        qdevice.reset_peak_memory(dev)
+        self.say(f"training {self.model_cfg.num_hidden_layers}-layer Qwen3 ({self.model_cfg.num_params:,} params) on "
+                 f"{self.rt.world_size} x {dev.type}: GBS {b.global_batch_size} = MBS {b.micro_batch_size} x "
+                 f"DP {b.data_parallel_size} x {b.num_microbatches} micro-batches, from iteration {self.iteration}")
+        try:
+            while self.iteration < t.train_iters:
+                set_lr(self.optimizer, self.schedule.lr_for_iteration(self.iteration + 1, b.global_batch_size))
+                micro_batches = [next(self.loader) for _ in range(b.num_microbatches)]
+                loss, grad_norm = train_step(self.model, self.state, self.optimizer, micro_batches, dev, t.clip_grad,
+                                             self.hooks.loss_weight)
+                self.iteration += 1
+                self._record(loss, grad_norm)
+                if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
+                    self._log()
+                paused = time.time()  # validation and saving are not training time
+                if self.valid_ds is not None and self.iteration % t.eval_interval == 0:
+                    self._validate(self.iteration // t.eval_interval - 1)
+                if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
+                        self.iteration % cfg.checkpoint.save_interval == 0:
+                    self._save()
+                self.t_log += time.time() - paused
+                if self._should_stop(stop):
+                    break
+            self._finish()
+        finally:
+            stop.uninstall()
+            self.writer.close()
+        self.result.iteration, self.result.consumed_samples = self.iteration, self.loader.consumed_samples
+        self.result.seconds = time.time() - self.t_start
+        return self.result
+
+    def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Accumulate on the device (no host sync): the loss, the last norm, the first bad iteration."""
+        bad_now = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad_now & (self.first_bad == 0), self.iteration, self.first_bad)
+        self.loss_acc += loss
+        self.grad_norm = grad_norm.detach().float()
+        self.iters_since_log += 1
+
+    def _check_finite(self) -> None:
+        bad = int(_all_reduce(self.first_bad, dist.ReduceOp.MAX).item())
         if bad:
             raise NonFiniteError(
                 f"loss or gradient norm is NaN/Inf at iteration {bad}; stopped without saving. Hints: lower --lr "
                 f"or raise --lr-warmup-iters, keep --clip-grad 1.0, use --bf16 rather than fp16, and check the "
                 f"data for corrupt tokens (ids >= vocab size); resume from the last good checkpoint with --load")
 
-    def save(it: int) -> None:
-        check_finite()
+    def _log(self) -> None:
+        self._check_finite()
+        b, n = self.batch, self.iters_since_log
+        group = self.state.loss_group  # the ranks whose losses differ
+        loss = float(_all_reduce(self.loss_acc, dist.ReduceOp.SUM, group).item()) / dist.get_world_size(group) / n
+        dt = (time.time() - self.t_log) / n
+        tok_s = b.tokens_per_iteration / dt / self.rt.world_size
+        fpt, peak = M.flops_per_token(self.model_cfg, b.seq_length), M.device_peak_flops(self.rt.device)
+        record = {"iteration": self.iteration, "consumed_samples": self.loader.consumed_samples, "loss": loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.grad_norm.item()),
+                  "step_time_ms": dt * 1e3, "global_batch_size": b.global_batch_size,
+                  "tokens_per_s_per_device": tok_s, "tflops_per_device": tok_s * fpt / 1e12,
+                  "mfu": tok_s * fpt / peak if peak else None,
+                  "mem_gib": qdevice.max_memory_allocated(self.rt.device) / 1024 ** 3 or None}
+        self.say(M.megatron_log_line(record, self.cfg.training.train_iters))
+        self.writer.write(record)
+        self.result.losses[self.iteration] = loss
+        self.loss_acc.zero_()
+        self.iters_since_log, self.t_log = 0, time.time()
+
+    def _validate(self, eval_index: int) -> None:
+        loss = validation_loss(self.model, self.state, self.valid_ds, eval_index, self.cfg.training.eval_iters,
+                               self.batch, self.rt.device)
+        self.result.valid[self.iteration] = loss
+        self.say("-" * 100)
+        self.say(M.eval_log_line(self.iteration, loss))
+        self.say("-" * 100)
+        self.writer.write({"iteration": self.iteration, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0))})
+
+    def _save(self) -> None:
+        self._check_finite()
+        it = self.iteration
         path = ckpt.save_checkpoint(
-            cfg.checkpoint.save, it, model, optimizer,
-            {"iteration": it, "consumed_samples": loader.consumed_samples, "sampler": loader.state_dict(),
-             "world_size": rt.world_size, "global_batch_size": batch.global_batch_size},
-            model_cfg.to_hf_dict("float32"), cfg.to_dict())
-        result.saved.append(str(path))
-        if hooks.after_save is not None:
-            hooks.after_save(model, it, path)
-        say(f"saved checkpoint {path}")
+            self.cfg.checkpoint.save, it, self.model, self.optimizer,
+            {"iteration": it, "consumed_samples": self.loader.consumed_samples, "sampler": self.loader.state_dict(),
+             "world_size": self.rt.world_size, "global_batch_size": self.batch.global_batch_size},
+            self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict())
+        self.result.saved.append(str(path))
+        if self.hooks.after_save is not None:
+            self.hooks.after_save(self.model, it, path)
+        self.say(f"saved checkpoint {path}")
 
-    try:
-        while iteration < t.train_iters:
-            set_lr(optimizer, schedule.lr_for_iteration(iteration + 1, batch.global_batch_size))
-            step_loss = torch.zeros((), dtype=torch.float32, device=rt.device)
-            if pipelined:
-                step_loss = pipeline_forward_backward(
-                    model, [next(loader) for _ in range(batch.num_microbatches)], rt.device)
-            else:
-                for micro in range(batch.num_microbatches):
-                    if sharded and hasattr(model, "set_requires_gradient_sync"):
-                        model.set_requires_gradient_sync(micro == batch.num_microbatches - 1)
-                    step_loss += hooks.forward_backward(model, next(loader), batch.num_microbatches, rt.device,
-                                                        t.bf16, sharded)
-                step_loss /= batch.num_microbatches
-            gnorm = clip_gradients(model, params, t.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            iteration += 1
-            bad_now = ~(torch.isfinite(step_loss) & torch.isfinite(gnorm))
-            first_bad = torch.where(bad_now & (first_bad == 0), iteration, first_bad)
-            loss_acc += step_loss
-            gnorm_last = gnorm.detach().float()
-            iters_since_log += 1
+    def _should_stop(self, stop: StopFlag) -> bool:
+        t, it = self.cfg.training, self.iteration
+        if stop.any_rank(self.rt.device):
+            self.say(f"SIGTERM received: stopping after iteration {it}")
+            self.result.stopped_by_signal = True
+            return True
+        if t.exit_interval and it % t.exit_interval == 0 and it < t.train_iters:
+            self.say(f"--exit-interval {t.exit_interval}: stopping after iteration {it}")
+            self.result.stopped_early = True
+            return True
+        if t.exit_duration_in_mins and it < t.train_iters and \
+                _any_rank_true(time.time() - self.t_start > 60 * t.exit_duration_in_mins, self.rt.device):
+            self.say(f"--exit-duration-in-mins {t.exit_duration_in_mins}: stopping after iteration {it}")
+            self.result.stopped_early = True
+            return True
+        return False
 
-            if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
-                check_finite()
-                loss = float(_all_mean(loss_acc).item()) / iters_since_log
-                dt = (time.time() - t_log) / iters_since_log
-                tok_s = batch.tokens_per_iteration / dt / rt.world_size
-                record = {"iteration": iteration, "consumed_samples": loader.consumed_samples,
-                          "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gnorm_last.item()),
-                          "step_time_ms": dt * 1e3, "global_batch_size": batch.global_batch_size,
-                          "tokens_per_s_per_device": tok_s, "tflops_per_device": tok_s * fpt / 1e12,
-                          "mfu": tok_s * fpt / peak if peak else None,
-                          "mem_gib": qdevice.max_memory_allocated(rt.device) / 1024 ** 3 or None}
-                say(M.megatron_log_line(record, t.train_iters))
-                writer.write(record)
-                result.losses[iteration] = loss
-                loss_acc.zero_()
-                iters_since_log, t_log = 0, time.time()
-
-            if valid_ds is not None and t.eval_iters > 0 and not pipelined and iteration % t.eval_interval == 0:
-                result.valid[iteration] = _evaluate(model, valid_ds, iteration // t.eval_interval - 1, cfg, batch, rt,
-                                                    sharded, dp_rank, say, writer, iteration, hooks.forward_loss)
-            if cfg.checkpoint.save and cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
-                save(iteration)
-                t_log = time.time()
-            if stop.any_rank(rt.device):
-                say(f"SIGTERM received: stopping after iteration {iteration}")
-                result.stopped_by_signal = True
-                break
-            if t.exit_interval and iteration % t.exit_interval == 0 and iteration < t.train_iters:
-                say(f"--exit-interval {t.exit_interval}: stopping after iteration {iteration}")
-                result.stopped_early = True
-                break
-            if t.exit_duration_in_mins and iteration < t.train_iters and \
-                    _any_rank_true(time.time() - t_start > 60 * t.exit_duration_in_mins, rt.device):
-                say(f"--exit-duration-in-mins {t.exit_duration_in_mins}: stopping after iteration {iteration}")
-                result.stopped_early = True
-                break
-
-        check_finite()
-        finished = not (result.stopped_by_signal or result.stopped_early)
-        if finished and valid_ds is not None and t.eval_iters > 0 and not pipelined and iteration % t.eval_interval:
-            result.valid[iteration] = _evaluate(model, valid_ds, t.train_iters // t.eval_interval, cfg, batch, rt,
-                                                sharded, dp_rank, say, writer, iteration, hooks.forward_loss)
-        if cfg.checkpoint.save and iteration > result.start_iteration and \
-                not (result.saved and result.saved[-1].endswith(f"iter_{iteration:07d}")):
-            save(iteration)
-        if cfg.checkpoint.save_hf and not result.stopped_by_signal:
-            if pipelined:
-                _export_hf_from_checkpoint(cfg, iteration, rt)
-            else:
-                (hooks.export_hf or _export_hf)(model, model_cfg, cfg, rt, sharded)
-            say(f"exported HF model to {cfg.checkpoint.save_hf}")
-    finally:
-        stop.uninstall()
-        writer.close()
-    result.iteration, result.consumed_samples = iteration, loader.consumed_samples
-    result.seconds = time.time() - t_start
-    return result
+    def _finish(self) -> None:
+        """A last validation and save when the run completed, and the HF export."""
+        cfg, t, it = self.cfg, self.cfg.training, self.iteration
+        self._check_finite()
+        finished = not (self.result.stopped_by_signal or self.result.stopped_early)
+        if finished and self.valid_ds is not None and it % t.eval_interval:
+            self._validate(t.train_iters // t.eval_interval)
+        if cfg.checkpoint.save and it > self.result.start_iteration and \
+                not (self.result.saved and self.result.saved[-1].endswith(f"iter_{it:07d}")):
+            self._save()
+        if cfg.checkpoint.save_hf and not self.result.stopped_by_signal:
+            export_hf(self.model, self.state, self.model_cfg, cfg, it, self.hooks.export_transform)
+            self.say(f"exported HF model to {cfg.checkpoint.save_hf}")
 
 
-def clip_gradients(model: torch.nn.Module, params: list, max_norm: float) -> torch.Tensor:
-    """Clip to --clip-grad (0: only measure) and return the global norm as a device tensor.
-
-    Data parallel alone: torch's clip_grad_norm_ (no host sync). With TP/PP the gradients live on
-    several meshes and stages: qtrain.parallel.grads computes the global norm (it syncs).
-    """
-    state = parallel_state(model)
-    if state is not None and (state.dims.tp > 1 or state.dims.pp > 1):
-        from qtrain.parallel.grads import clip_grad_norm_
-
-        return torch.tensor(clip_grad_norm_(model, max_norm), dtype=torch.float32, device=params[0].device)
-    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+def _all_reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
+    """A reduced copy of a small tensor (no collective on a world of one)."""
+    t = t.clone()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
 
 
 def _any_rank_true(flag: bool, device: torch.device) -> bool:
     """One rank's clock can run past a limit a step before another's: agree on it."""
-    return bool(_all_max(torch.tensor(int(flag), device=device)).item())
-
-
-def _all_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def _check_load(cfg: PretrainConfig) -> Optional[str]:
-    """Kind of --load (None: nothing to load yet). --load == --save with no checkpoint yet starts
-    fresh, as Megatron does; any other unreadable --load stops before training."""
-    c = cfg.checkpoint
-    if not c.load:
-        return None
-    import os
-
-    if c.save and os.path.abspath(c.load) == os.path.abspath(c.save) and \
-            (not os.path.isdir(c.load) or not os.listdir(c.load) or
-             (ckpt.latest_iteration(c.load) is None and not os.path.isfile(os.path.join(c.load, "config.json")))):
-        return None
-    return ckpt.detect_kind(c.load)
-
-
-@torch.no_grad()
-def _evaluate(model, valid_ds, eval_index: int, cfg: PretrainConfig, batch: BatchPlan, rt: Runtime, sharded: bool,
-              dp_rank: int, say, writer, iteration: int, loss_fn=forward_loss) -> float:
-    """Token-weighted validation loss over --eval-iters global batches; the eval_index-th evaluation
-    reads the eval_index-th block of validation samples (so resume evaluates the same samples)."""
-    from qtrain.data.sampler import ResumableLoader
-
-    t = cfg.training
-    start = eval_index * t.eval_iters * batch.global_batch_size
-    loader = ResumableLoader(valid_ds, batch.micro_batch_size, dp_rank, batch.data_parallel_size,
-                             consumed_samples=start)
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    count = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for _ in range(t.eval_iters * batch.num_microbatches):
-        s, n = loss_fn(model, next(loader), rt.device, t.bf16, sharded)
-        total += s.double()
-        count += n.double()
-    model.train()
-    both = torch.stack([total, count])
-    if dist.is_initialized():
-        dist.all_reduce(both, op=dist.ReduceOp.SUM)
-    loss = float(both[0] / both[1].clamp(min=1))
-    say("-" * 100)
-    say(M.eval_log_line(iteration, loss))
-    say("-" * 100)
-    writer.write({"iteration": iteration, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0))})
-    return loss
-
-
-def _export_hf_from_checkpoint(cfg: PretrainConfig, iteration: int, rt: Runtime) -> None:
-    """Pipeline stages each hold some layers: rank 0 converts the final DCP checkpoint instead."""
-    if rt.is_main:
-        from qtrain.checkpoint.convert import main as convert
-
-        args = ["--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", str(cfg.checkpoint.save),
-                "--save-dir", str(cfg.checkpoint.save_hf), "--iteration", str(iteration)]
-        if convert(args):
-            raise QtrainError(f"--save-hf: converting {cfg.checkpoint.save} to HF failed; run "
-                              f"`qtrain convert {' '.join(args)}` to see why")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _export_hf(model, model_cfg, cfg: PretrainConfig, rt: Runtime, sharded: bool) -> None:
-    """Gather full weights to rank 0 and write an HF dir (with the tokenizer when known)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from qtrain.models.hf import save_hf
-    from qtrain.models.qwen3 import build_model
-
-    if sharded:
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not rt.is_main:
-            return
-        plain = build_model(model_cfg, "cpu")
-        plain.load_state_dict(full)
-        plain.tie_weights()
-    else:
-        plain = model
-    save_hf(plain, cfg.checkpoint.save_hf, tokenizer_dir=cfg.data.tokenizer_name_or_path)
+    return bool(_all_reduce(torch.tensor(int(flag), device=device), dist.ReduceOp.MAX).item())

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on the model's linear layers, saved alone in the PEFT format.
+"""LoRA: low-rank adapters on the model's linear layers, trained with the base frozen.
 
 `inject_lora(model, LoRAConfig(...))` swaps each targeted `nn.Linear` for a `LoRALinear` that
 *keeps the same weight Parameter* under the same name (`...q_proj.weight`) and adds
@@ -7,108 +7,22 @@ is frozen. The output is `W x + b + (B A dropout(x)) * alpha / r`, as peft's LoR
 with peft's initialisation (A Kaiming-uniform, B zero: training starts from the base model).
 
 Because the base weight keeps its HF name, checkpoints, HF loading and the model's forward are
-unchanged; the adapter alone is written by `save_adapter` as `adapter_config.json` +
-`adapter_model.safetensors` with peft's key names (`base_model.model.<module>.lora_A.weight`),
-which `peft.PeftModel.from_pretrained(transformers_model, dir)` loads. `merge_lora(state_dict,
-adapter_dir)` folds an adapter into full weights (W + B @ A * alpha / r) for export.
+unchanged; the adapter alone is written in the PEFT format by qtrain.checkpoint.adapter
+(`save_adapter` here gathers the tensors), which `peft.PeftModel.from_pretrained(model, dir)` loads.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qtrain.errors import CheckpointError, ConfigError
-from qtrain.io_utils import atomic_path, write_json_atomic
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Megatron / MindSpeed-LLM module names -> the HF modules they fuse.
-MEGATRON_TARGETS = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-}
-
-
-def parse_target_modules(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """HF or Megatron module names (comma/space separated, or a list) -> sorted unique HF names."""
-    items = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
-    out: set[str] = set()
-    for item in items:
-        if item in HF_TARGETS:
-            out.add(item)
-        elif item in MEGATRON_TARGETS:
-            out.update(MEGATRON_TARGETS[item])
-        elif item in ("all-linear", "all_linear"):
-            out.update(HF_TARGETS)
-        else:
-            raise ConfigError(f"--lora-target-modules: unknown module {item!r}; use HF names "
-                              f"({','.join(HF_TARGETS)}), Megatron names ({','.join(MEGATRON_TARGETS)}) "
-                              "or all-linear")
-    if not out:
-        raise ConfigError("--lora-target-modules: no module given")
-    return sorted(out, key=HF_TARGETS.index)
-
-
-@dataclass
-class LoRAConfig:
-    """Rank, scale and placement of the adapters (peft's LoraConfig fields of the same names)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(HF_TARGETS))
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"--lora-r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        self.target_modules = parse_target_modules(self.target_modules)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
-    def to_peft_dict(self, base_model: str | None = None) -> dict:
-        """adapter_config.json as peft writes it for a LoRA adapter on a causal LM."""
-        return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "target_modules": list(self.target_modules), "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {},
-        }
-
-    @classmethod
-    def from_peft_dict(cls, d: dict, source: str) -> "LoRAConfig":
-        if d.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(f"{source}: peft_type is {d.get('peft_type')!r}; only LORA adapters are supported")
-        unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out") if d.get(k)]
-        if d.get("rank_pattern") or d.get("alpha_pattern"):
-            unsupported.append("rank_pattern/alpha_pattern")
-        if unsupported:
-            raise CheckpointError(f"{source}: adapter options {unsupported} are not supported by qtrain")
-        targets = d.get("target_modules")
-        if isinstance(targets, str):  # peft allows a regex; keep only our module names found in it
-            targets = [t for t in HF_TARGETS if re.search(t, targets)]
-        return cls(r=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
-                   target_modules=targets)
-
+from qtrain.checkpoint.adapter import PEFT_PREFIX, LoRAConfig, write_adapter
+from qtrain.errors import ConfigError
+from qtrain.parallel.full_tensors import full_tensor
 
 class LoRALinear(nn.Linear):
     """An nn.Linear (frozen weight, same parameter names) plus a trainable low-rank update."""
@@ -163,119 +77,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (FSDP/TP-sharded adapters), a plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under peft's names (fp32, CPU, unsharded). Collective when sharded."""
     out = {}
     for name, m in lora_modules(model).items():
         for part in ("lora_A", "lora_B"):
             w = getattr(m, part).weight.detach()
-            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = _full(w).float().cpu().contiguous()
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = full_tensor(w).float().cpu().contiguous()
     return out
 
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Write the model's adapters as a PEFT adapter dir (single process; see `write_adapter`)."""
     return write_adapter(adapter_state_dict(model), cfg, out_dir, base_model)
-
-
-def write_adapter(tensors: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str | Path,
-                  base_model: str | None = None) -> Path:
-    """Write adapter_model.safetensors then adapter_config.json (the config last marks it complete)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(out_dir / ADAPTER_CONFIG, cfg.to_peft_dict(base_model))
-    return out_dir
-
-
-def load_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(config, {HF module name: (A [r, in], B [out, r])}) from a PEFT LoRA adapter dir."""
-    adapter_dir = Path(adapter_dir)
-    cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    if not cfg_file.is_file() or not weights.is_file():
-        raise CheckpointError(f"--lora-load {adapter_dir}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
-                              "(a PEFT LoRA adapter dir, as `qtrain sft --lora-r ...` or peft save)")
-    cfg = LoRAConfig.from_peft_dict(json.loads(cfg_file.read_text()), str(cfg_file))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$")
-    for key, t in load_file(str(weights)).items():
-        match = pattern.match(key)
-        if not match:
-            raise CheckpointError(f"{weights}: unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
-        pairs.setdefault(match.group(1), {})[match.group(2)] = t
-    out = {}
-    for module, parts in pairs.items():
-        if set(parts) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"{weights}: module {module} has {sorted(parts)}, needs lora_A and lora_B")
-        out[module] = (parts["lora_A"], parts["lora_B"])
-    return cfg, out
-
-
-def fold_adapters(state_dict: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  scaling: float, source: str) -> dict[str, torch.Tensor]:
-    """A new state dict with W + (B @ A) * scaling for each {module: (A, B)} (float32 math, W's dtype)."""
-    out = dict(state_dict)
-    for module, (a, b) in pairs.items():
-        key = f"{module}.weight"
-        if key not in out:
-            raise CheckpointError(f"{source}: adapter targets {module}, which the base model does not have "
-                                  "(adapter made for another model?)")
-        w = out[key]
-        if (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise CheckpointError(f"{source}: {module} adapter is {b.shape[0]}x{a.shape[1]}, "
-                                  f"the base weight is {tuple(w.shape)}")
-        out[key] = (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
-    return out
-
-
-def merge_lora(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """HF-named full weights with a saved PEFT adapter folded in: W + (B @ A) * alpha / r.
-    Returns a new dict; tensors the adapter does not touch are shared (for `qtrain convert --lora-load`)."""
-    cfg, pairs = load_adapter(adapter_dir)
-    return fold_adapters(state_dict, pairs, cfg.scaling, f"--lora-load {adapter_dir}")
-
-
-class LoRAMergedSource:
-    """A checkpoint source (qtrain.checkpoint.sources: names/get/close, config, ...) whose `get`
-    returns weights with a PEFT adapter merged, one tensor at a time (for streaming converters)."""
-
-    def __init__(self, source, adapter_dir: str | Path):
-        self._source = source
-        self._cfg, self._pairs = load_adapter(adapter_dir)
-        self._where = f"--lora-load {adapter_dir}"
-        names = set(source.names())
-        missing = [m for m in self._pairs if f"{m}.weight" not in names]
-        if missing:
-            raise CheckpointError(f"{self._where}: adapter targets {missing[0]}, which the base checkpoint "
-                                  "does not have (adapter made for another model?)")
-
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self._source.get(name)
-        module = name.removesuffix(".weight")
-        if module in self._pairs:
-            tensor = fold_adapters({name: tensor}, {module: self._pairs[module]}, self._cfg.scaling, self._where)[name]
-        return tensor
-
-    def __getattr__(self, attr: str):  # config, hf_config, iteration, tokenizer_dir, names, close, ...
-        return getattr(self._source, attr)
-
-
-def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A LoRA-injected model's full state dict (with `.lora_A.weight` / `.lora_B.weight` keys) ->
-    plain HF-named weights with the adapters merged."""
-    pairs = {}
-    for key in state_dict:
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            pairs[module] = (state_dict[key], state_dict[f"{module}.lora_B.weight"])
-    plain = {k: v for k, v in state_dict.items() if ".lora_A." not in k and ".lora_B." not in k}
-    return fold_adapters(plain, pairs, scaling, "LoRA model")
 
 
 @torch.no_grad()
@@ -287,15 +101,4 @@ def merge_into_model(model: nn.Module) -> nn.Module:
         plain.weight, plain.bias = m.weight, m.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, plain)
-    return model
-
-
-def apply_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Merge a saved PEFT adapter into a loaded (unsharded) model's weights in place."""
-    sd = model.state_dict()
-    merged = merge_lora(sd, adapter_dir)
-    with torch.no_grad():
-        for key, w in merged.items():
-            if w is not sd[key]:
-                sd[key].copy_(w)
     return model

@@ -1,44 +1,11 @@
-"""Batch arithmetic, pre-start checks and the `--dry-run` plan (model size, layout, batch math,
-memory from qtrain.parallel.plan.estimate_memory)."""
+"""Pre-start checks and the `--dry-run` plan (model size, layout, batch math from
+qtrain.parallel.batch, memory from qtrain.parallel.plan.estimate_memory)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qtrain.errors import ConfigError
+from qtrain.parallel.batch import BatchPlan
 from qtrain.train.metrics import flops_per_token
-
-
-@dataclass
-class BatchPlan:
-    """How a global batch is made: GBS = MBS x DP x accumulation steps."""
-
-    micro_batch_size: int
-    global_batch_size: int
-    data_parallel_size: int
-    num_microbatches: int
-    seq_length: int
-
-    @property
-    def tokens_per_iteration(self) -> int:
-        return self.global_batch_size * self.seq_length
-
-
-def make_batch_plan(cfg, world_size: int) -> BatchPlan:
-    """Derive data-parallel size and gradient accumulation; explain what to change when they do not fit."""
-    p, t = cfg.parallel, cfg.training
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-    if world_size % model_parallel:
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}; "
-                          f"launch a multiple of {model_parallel} ranks or change the parallel sizes")
-    dp = world_size // model_parallel
-    mbs = t.micro_batch_size
-    gbs = t.global_batch_size if t.global_batch_size is not None else mbs * dp
-    if gbs % (mbs * dp):
-        raise ConfigError(
-            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp} "
-            f"= {mbs * dp}; use a multiple of {mbs * dp} (e.g. {max(1, round(gbs / (mbs * dp))) * mbs * dp})")
-    return BatchPlan(mbs, gbs, dp, gbs // (mbs * dp), cfg.data.seq_length)
 
 
 def check_model_fits(cfg, model_cfg) -> None:

@@ -1,5 +1,10 @@
 """Process setup for training: torchrun-aware process group, device, the parallel layout,
-and the SIGTERM flag (finish the step, save, exit 0)."""
+and the SIGTERM flag (finish the step, save, exit 0).
+
+Every run has a process group and a DeviceMesh, one device included (a world of one, made
+in-process without a rendezvous): one device trains through the same FSDP2 / parallelize path
+as many, so what runs on one GPU is what runs on a thousand.
+"""
 
 from __future__ import annotations
 
@@ -25,25 +30,36 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_world_of_one: bool = False  # init_runtime made a one-rank group that close() ends
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """End the one-rank group this runtime made (a torchrun group ends in `shutdown`)."""
+        if self.owns_world_of_one and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_world_of_one = False
+
 
 def init_runtime(device_choice: str = "auto", timeout_minutes: int = 10) -> Runtime:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA,
-    hccl on NPU); a plain `python` launch is a world of one without a process group."""
+    """Join the process group: torchrun's (gloo on CPU, nccl on CUDA, hccl on NPU), one that is
+    already initialised, or, for a plain `python` launch, a world of one made in-process."""
     dev_type = qdevice.device_type() if device_choice == "auto" else device_choice
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = qdevice.local_device(local_rank, dev_type)
-    if world > 1 and not dist.is_initialized():
+    owns = False
+    if not dist.is_initialized():
+        kwargs = {}
+        if world == 1:  # no rendezvous needed: an in-process store
+            kwargs = dict(store=dist.HashStore(), rank=0, world_size=1)
+            owns = True
         dist.init_process_group(backend=qdevice.dist_backend(dev_type),
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type != "cpu" else None)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Runtime(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
+                                device_id=device if device.type != "cpu" else None, **kwargs)
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
 
 def shutdown() -> None:
@@ -65,35 +81,15 @@ def run_command(name: str, fn: Callable[[], object]) -> int:
     return 0
 
 
-@dataclass
-class Parallel:
-    """The model this rank trains and where it sits in the data-parallel dimension."""
-
-    model: torch.nn.Module
-    sharded: bool
-    dp_rank: int
-    dp_size: int
-
-
-def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime) -> Parallel:
-    """Lay the (materialised) model out over the ranks with qtrain.parallel: TP, PP, CP, recompute,
-    FSDP2 with bf16 params and fp32 gradient reduction. A single rank trains the plain model.
-
-    The model may still be on the meta device; it is materialised after sharding.
-    """
-    p = cfg.parallel
-    if rt.world_size == 1 and (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                               p.context_parallel_size) == (1, 1, 1):
-        if p.recompute_granularity:
-            from qtrain.parallel.recompute import apply_recompute
-
-            apply_recompute(model, p.recompute_granularity, p.recompute_method, p.recompute_num_layers)
-        return Parallel(model, False, 0, 1)
+def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime):
+    """Lay the model out over the ranks with qtrain.parallel (a one-rank mesh on one device): TP, PP,
+    CP, recompute, compile, FSDP2 with bf16 compute, fp32 master weights and fp32 gradient reduction.
+    Returns (model, ParallelState). The model may still be on the meta device; it is materialised
+    after sharding."""
     from qtrain.parallel import build_mesh, parallelize
 
     mesh = build_mesh(cfg, rt.world_size, rt.device.type, model.config)
-    model = parallelize(model, mesh, cfg, device=rt.device)
-    return Parallel(model, True, mesh["dp"].get_local_rank(), mesh["dp"].size())
+    return parallelize(model, mesh, cfg, device=rt.device)
 
 
 class StopFlag:
@@ -121,7 +117,7 @@ class StopFlag:
     def any_rank(self, device: torch.device) -> bool:
         """True when any rank received SIGTERM (one tiny all-reduce per step when distributed,
         so that every rank stops after the same step)."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.requested
         flag = torch.tensor([1 if self.requested else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -6,7 +6,7 @@ MindSpeed-LLM SFT flags below. What changes is plugged into the loop through `Lo
 - data: `--data-path PREFIX` of the instruction handlers' datasets (qtrain.data.instruction_dataset);
   packed samples get a block-diagonal causal mask and per-sample positions, so a pack trains
   exactly like its samples one by one;
-- loss: mean cross-entropy over the response tokens (labels != -100) of each micro-batch, then
+- loss: mean cross-entropy over the response tokens (labels != IGNORE_INDEX) of each micro-batch, then
   the mean over micro-batches and data-parallel ranks. This is MindSpeed-LLM's SFT loss (its
   `loss_func`: sum(loss * mask) / mask.sum() per micro-batch, averaged by Megatron across
   micro-batches and DP without --calculate-per-token-loss). A micro-batch without response
@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from qtrain.errors import ConfigError
-from qtrain.train.step import autocast_context
 
 SFT_FLAGS_HELP = "SFT options (qtrain sft only); every `qtrain pretrain` option is accepted too"
 
@@ -68,51 +67,17 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 # ----------------------------------------------------------------------------- loss
 
-def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {"position_ids": batch["position_ids"].to(device, non_blocking=True)}
-    if "attention_mask" in batch:
-        out["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
-    return out
+def per_token_loss(data_parallel_size: int, num_microbatches: int):
+    """The LossWeight of --calculate-per-token-loss (see train.step): each micro-batch adds sum / N
+    to the gradient, N = response tokens of the global batch (`batch_tokens` of the items), times
+    the data-parallel size that FSDP's gradient averaging divides by and the micro-batch count
+    the step divides by. Averaged like the loop's other losses, the values give the global
+    batch's mean token loss."""
+    def weight(total: torch.Tensor, count: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ARG001
+        n = max(int(batch["batch_tokens"][0]), 1)
+        return total * (data_parallel_size * num_microbatches) / n
 
-
-def sft_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool,
-                 sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token losses, number of response tokens) of one micro-batch."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    with autocast_context(device, bf16, sharded):
-        total = model(input_ids, labels=labels, loss_reduction="sum", **_model_inputs(batch, device))
-    return total.float(), (labels != -100).sum()
-
-
-def sft_forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_microbatches: int,
-                         device: torch.device, bf16: bool, sharded: bool) -> torch.Tensor:
-    """Mean loss over this micro-batch's response tokens; grads scaled by 1/num_microbatches."""
-    total, count = sft_loss_sum(model, batch, device, bf16, sharded)
-    loss = total / count.clamp(min=1)
-    (loss / num_microbatches).backward()
-    return loss.detach()
-
-
-def per_token_forward_backward(data_parallel_size: int):
-    """forward_backward for --calculate-per-token-loss: each micro-batch adds sum / N to the gradient,
-    N = response tokens of the global batch (`batch_tokens` of the items), times the data-parallel
-    size that FSDP's gradient averaging divides by. The value returned averages, like the loop's
-    other losses, to the global batch's mean token loss."""
-    def forward_backward(model, batch, num_microbatches, device, bf16, sharded):
-        total, _ = sft_loss_sum(model, batch, device, bf16, sharded)
-        n = batch["batch_tokens"][0].to(device).clamp(min=1)
-        loss = total * (data_parallel_size * num_microbatches) / n
-        (loss / num_microbatches).backward()
-        return loss.detach()
-
-    return forward_backward
-
-
-@torch.no_grad()
-def sft_forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool,
-                     sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return sft_loss_sum(model, batch, device, bf16, sharded)
+    return weight
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -121,6 +86,7 @@ def build_hooks(cfg, sft: argparse.Namespace):
     """LoopHooks for `pretrain(cfg, hooks=...)` (also used by tests)."""
     from qtrain.checkpoint import dcp as ckpt
     from qtrain.data.instruction_dataset import build_instruction_datasets
+    from qtrain.parallel.batch import batch_plan
     from qtrain.train.loop import LoopHooks
 
     paths = cfg.data.data_path
@@ -128,15 +94,12 @@ def build_hooks(cfg, sft: argparse.Namespace):
         raise ConfigError(f"--data-path: qtrain sft takes one instruction data prefix, got {paths}")
 
     par = cfg.parallel
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = max(1, world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-                          * par.context_parallel_size))
-    gbs = cfg.training.global_batch_size or cfg.training.micro_batch_size * dp
+    plan = batch_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
     def build_datasets(cfg, sizes):
-        train, valid, _ = build_instruction_datasets(paths[0], cfg.data.split, sizes, cfg.data.seq_length,
-                                                     pad_id=0, seed=cfg.training.seed, shuffle=not sft.no_shuffle,
-                                                     global_batch_size=gbs if sft.calculate_per_token_loss else None)
+        train, valid, _ = build_instruction_datasets(
+            paths[0], cfg.data.split, sizes, cfg.data.seq_length, pad_id=0, seed=cfg.training.seed,
+            shuffle=not sft.no_shuffle, global_batch_size=plan.global_batch_size if sft.calculate_per_token_loss else None)
         if train is not None and train.packed and (par.pipeline_model_parallel_size > 1
                                                    or par.context_parallel_size > 1):
             raise ConfigError(f"--data-path {paths[0]}: packed samples need the per-sample attention mask, which "
@@ -147,15 +110,16 @@ def build_hooks(cfg, sft: argparse.Namespace):
     if sft.calculate_per_token_loss and par.pipeline_model_parallel_size > 1:
         raise ConfigError("--calculate-per-token-loss is not available with pipeline parallelism yet; "
                           "drop it (per-micro-batch mean) or use --pipeline-model-parallel-size 1")
-    step = per_token_forward_backward(dp) if sft.calculate_per_token_loss else sft_forward_backward
-    hooks = LoopHooks(build_datasets=build_datasets, forward_backward=step, forward_loss=sft_forward_loss)
+    hooks = LoopHooks(build_datasets=build_datasets)
+    if sft.calculate_per_token_loss:
+        hooks.loss_weight = per_token_loss(plan.data_parallel_size, plan.num_microbatches)
     if sft.lora_r is None:
         return hooks
 
-    from qtrain.train.lora import LoRAConfig, adapter_state_dict, inject_lora, write_adapter
+    from qtrain.checkpoint.adapter import LoRAConfig, merge_lora_state_dict, write_adapter
+    from qtrain.train.lora import adapter_state_dict, inject_lora
 
-    p = cfg.parallel
-    if p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1 or p.context_parallel_size > 1:
+    if par.tensor_model_parallel_size > 1 or par.pipeline_model_parallel_size > 1 or par.context_parallel_size > 1:
         raise ConfigError("--lora-r: LoRA trains with data parallelism (FSDP) only in this version; "
                           "use --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 "
                           "--context-parallel-size 1")
@@ -164,8 +128,7 @@ def build_hooks(cfg, sft: argparse.Namespace):
     c = cfg.checkpoint
     # Weights-only starts are loaded into the plain model, before the adapters change its state dict;
     # resuming a LoRA run's own checkpoint restores base + adapters through the loop.
-    kind = ckpt.detect_kind(c.load) if c.load and Path(c.load).exists() and (
-        not c.save or Path(c.load).resolve() != Path(c.save).resolve()) else None
+    kind = ckpt.load_kind(c.load, c.save)
     hooks.skip_load = kind in ("hf", "megatron") or (kind == "qtrain" and c.finetune)
 
     def prepare_model(model):
@@ -179,23 +142,8 @@ def build_hooks(cfg, sft: argparse.Namespace):
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             write_adapter(tensors, lora, Path(path) / "adapter", base_model=c.load)
 
-    def export_hf(model, model_cfg, cfg, rt, sharded):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from qtrain.models.hf import save_hf
-        from qtrain.models.qwen3 import build_model
-        from qtrain.train.lora import merge_lora_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-            if sharded else {k: v.detach() for k, v in model.state_dict().items()}
-        if not rt.is_main:
-            return
-        plain = build_model(model_cfg, "cpu")
-        plain.load_state_dict(merge_lora_state_dict(full, lora.scaling))
-        plain.tie_weights()
-        save_hf(plain, cfg.checkpoint.save_hf, tokenizer_dir=cfg.data.tokenizer_name_or_path)
-
-    hooks.prepare_model, hooks.after_save, hooks.export_hf = prepare_model, after_save, export_hf
+    hooks.prepare_model, hooks.after_save = prepare_model, after_save
+    hooks.export_transform = lambda full: merge_lora_state_dict(full, lora.scaling)
     return hooks
 
 

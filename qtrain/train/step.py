@@ -1,83 +1,121 @@
-"""One optimizer step's forward and backward: per micro-batch, or through the pipeline schedule."""
+"""One optimizer step, the same on every layout: each micro-batch's forward and backward (or the
+pipeline schedule over all of them), gradient clipping and the optimizer step.
+
+The loss of a micro-batch is (sum of its token losses, its number of trained tokens), computed
+by `loss_sum`: the LM head and cross-entropy fused in chunks without materialising the logits,
+or, with a vocab-parallel LM head (TP > 1), cross-entropy of the sharded logits under
+`loss_parallel()`. A `LossWeight` turns that pair into the value whose gradient the micro-batch
+contributes: by default the mean over its trained tokens (`mean_loss`, Megatron's pretraining
+loss and MindSpeed-LLM's SFT loss); `qtrain sft --calculate-per-token-loss` divides by the
+tokens of the whole global batch instead. Under pipeline parallelism the schedule computes the
+last stage's loss itself (the mean, `Pipeline.train_step`), so only `mean_loss` runs there.
+
+Loss and gradient norm stay on the device: the loop reads them only when it logs.
+"""
 
 from __future__ import annotations
 
-import contextlib
+from typing import Callable, Sequence
 
 import torch
 
+from qtrain.errors import ConfigError
+from qtrain.labels import IGNORE_INDEX
 from qtrain.ops.cross_entropy import cross_entropy
-from qtrain.parallel import loss_scope, parallel_state, prepare_batch
+from qtrain.parallel import ParallelState
+from qtrain.parallel.full_tensors import full_tensor
+from qtrain.parallel.grads import clip_grad_norm_
+
+Batch = dict[str, torch.Tensor]
+# (sum of token losses, trained tokens in the micro-batch, the micro-batch) -> the loss to backpropagate
+LossWeight = Callable[[torch.Tensor, int, Batch], torch.Tensor]
 
 
-def autocast_context(device: torch.device, bf16: bool, sharded: bool):
-    """bf16 autocast for an unsharded model; FSDP's MixedPrecisionPolicy casts a sharded one."""
-    if bf16 and not sharded:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def mean_loss(total: torch.Tensor, count: int, batch: Batch) -> torch.Tensor:  # noqa: ARG001
+    """Mean over the micro-batch's trained tokens; 0 (not NaN) for a micro-batch without any."""
+    return total / max(count, 1)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def trained_tokens(batch: Batch) -> int:
+    """Positions whose label counts (labels arrive on the host, so this waits on no device)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_microbatches: int,
-                     device: torch.device, bf16: bool, sharded: bool) -> torch.Tensor:
-    """Loss of one micro-batch (mean over its trained tokens, fp32, detached); grads accumulate
-    scaled by 1/num_microbatches so the step sees the mean over the global batch."""
-    batch = prepare_batch(model, batch)  # this rank's context-parallel slice, if any
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
+def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs from a batch: input_ids, and position_ids / attention_mask when
+    the data has them (packed samples, context-parallel slices)."""
+    out = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    for key in ("position_ids", "attention_mask"):
+        if batch.get(key) is not None:
+            out[key] = batch[key].to(device, non_blocking=True)
+    return out
+
+
+def loss_sum(model: torch.nn.Module, state: ParallelState, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Sum of the token losses of one (already context-sharded) micro-batch, float32. Under a
+    vocab-parallel LM head it is a DTensor: call inside `state.loss_scope()`, with its backward."""
     labels = batch["labels"].to(device, non_blocking=True)
-    position_ids = batch.get("position_ids")
-    position_ids = None if position_ids is None else position_ids.to(device)
-    if _fused_loss(model):
-        with autocast_context(device, bf16, sharded):
-            loss = model(input_ids, position_ids=position_ids, labels=labels)
+    if not state.vocab_parallel:
+        return model(**model_inputs(batch, device), labels=labels, loss_reduction="sum").float()
+    return cross_entropy(model(**model_inputs(batch, device)), labels, reduction="sum")
+
+
+def forward_backward(model: torch.nn.Module, state: ParallelState, batch: Batch, device: torch.device,
+                     num_microbatches: int, loss_weight: LossWeight = mean_loss) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients accumulate scaled by 1/num_microbatches,
+    so the step sees the mean over the micro-batches. Returns the weighted loss (fp32, detached)."""
+    batch = state.prepare_batch(batch)  # this rank's context-parallel slice, if any
+    with state.loss_scope():
+        loss = loss_weight(loss_sum(model, state, batch, device), trained_tokens(batch), batch)
         (loss / num_microbatches).backward()
-        return loss.detach()
-    with autocast_context(device, bf16, sharded):
-        logits = model(input_ids, position_ids=position_ids)
-    with loss_scope(model):  # vocab-parallel loss when the LM head is tensor-parallel
-        loss = cross_entropy(logits, labels)
-        (loss / num_microbatches).backward()
-    return _local(loss.detach())
+    return full_tensor(loss.detach())
 
 
-def _fused_loss(model: torch.nn.Module) -> bool:
-    """The model computes its loss without materialising the logits (LM head + cross-entropy in
-    chunks), except when the LM head is vocab-parallel: then the logits stay sharded DTensors
-    and the loss runs under loss_parallel()."""
-    state = parallel_state(model)
-    return state is None or not state.vocab_parallel
+def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[Batch], device: torch.device, clip_grad: float,
+               loss_weight: LossWeight = mean_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches of the global batch.
 
-
-def pipeline_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-                              device: torch.device) -> torch.Tensor:
-    """All micro-batches of a step through the pipeline schedule; the mean micro-batch loss."""
-    input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(device)
-    labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
-    return parallel_state(model).pipeline.train_step(input_ids, labels)
-
-
-def uses_pipeline(model: torch.nn.Module) -> bool:
-    state = parallel_state(model)
-    return state is not None and state.pipeline is not None
+    Returns (loss, grad norm) as float32 device tensors: the mean of the micro-batches' weighted
+    losses on this rank (the loop averages it over data-parallel ranks when it logs), and the
+    global gradient norm before clipping to `clip_grad` (0: no clipping).
+    """
+    n = len(micro_batches)
+    if state.pipeline is not None:
+        if loss_weight is not mean_loss:
+            raise ConfigError("this loss (e.g. --calculate-per-token-loss) is not available with pipeline "
+                              "parallelism: the schedule computes each micro-batch's mean token loss")
+        input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(device)
+        labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
+        loss = state.pipeline.train_step(input_ids, labels)
+    else:
+        loss = torch.zeros((), dtype=torch.float32, device=device)
+        for i, batch in enumerate(micro_batches):
+            # Reduce gradients over data-parallel ranks once, after the last micro-batch.
+            model.set_requires_gradient_sync(i == n - 1)
+            loss += forward_backward(model, state, batch, device, n, loss_weight)
+        loss /= n
+    grad_norm = clip_grad_norm_(model, clip_grad, state)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 @torch.no_grad()
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool,
-                 sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of trained tokens) of one evaluation micro-batch."""
-    batch = prepare_batch(model, batch)
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    position_ids = batch.get("position_ids")
-    position_ids = None if position_ids is None else position_ids.to(device)
-    with autocast_context(device, bf16, sharded):
-        if _fused_loss(model):
-            return model(input_ids, position_ids=position_ids, labels=labels, loss_reduction="sum"), \
-                (labels != -100).sum()
-        logits = model(input_ids, position_ids=position_ids)
-    with loss_scope(model):
-        total = _local(cross_entropy(logits, labels, reduction="sum"))
-    return total, (labels != -100).sum()
+def eval_step(model: torch.nn.Module, state: ParallelState, micro_batches: Sequence[Batch],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only: (sum of token losses, trained tokens) of this rank's micro-batches, float64
+    on the device; the pipeline's eval schedule under PP. The caller sums over `state.loss_group`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    if state.pipeline is not None:
+        input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(device)
+        labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
+        s, c = state.pipeline.eval_loss(input_ids, labels)
+        return total + s.double(), count + c.double()
+    for batch in micro_batches:
+        batch = state.prepare_batch(batch)
+        with state.loss_scope():
+            total += full_tensor(loss_sum(model, state, batch, device)).double()
+        count += trained_tokens(batch)
+    return total, count

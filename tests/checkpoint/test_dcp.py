@@ -12,7 +12,8 @@ import torch
 from qtrain.checkpoint import dcp as ckpt
 from qtrain.errors import CheckpointError
 from qtrain.models.presets import get_preset
-from qtrain.models.qwen3 import build_model, materialize
+from qtrain.models.qwen3 import build_model
+from qtrain.parallel.weights import materialize
 from qtrain.train.optim import build_optimizer
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -13,7 +13,7 @@ import torch
 from ckpt_helpers import hf_tensors, make_hf
 
 from qtrain.checkpoint.convert import main as convert
-from qtrain.checkpoint.layout import split_layers
+from qtrain.parallel.stages import split_layers
 from qtrain.checkpoint.megatron import MegatronReader, load_megatron_state_dict
 from qtrain.errors import CheckpointError, ConfigError
 

@@ -6,7 +6,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from qtrain.models.config import Qwen3Config
-from qtrain.models.qwen3 import Qwen3ForCausalLM, build_model, materialize
+from qtrain.models.qwen3 import Qwen3ForCausalLM, build_model
+from qtrain.parallel.weights import materialize
 from qtrain.ops.cross_entropy import cross_entropy
 
 # (hidden, intermediate, layers, heads, kv heads, head_dim, tied): GQA ratios 1, 2, 4, head_dim
@@ -98,7 +99,7 @@ def test_materialize_allocates_once_and_keeps_tie():
     ptrs = {p.data_ptr() for p in model.parameters()}
     assert len(ptrs) == len(list(model.parameters()))  # one allocation per parameter, none shared twice
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    std = model.model.layers[0].mlp.up_proj.weight.std().item()
+    std = model.model.layers["0"].mlp.up_proj.weight.std().item()
     assert abs(std - 0.02) < 0.002
     again = materialize(build_model(cfg), "cpu", seed=0)
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
@@ -113,7 +114,8 @@ def test_materialize_1p7b_peak_memory_is_one_model(tmp_path):
     code = (
         "import resource, torch\n"
         "from qtrain.models.presets import get_preset\n"
-        "from qtrain.models.qwen3 import build_model, materialize\n"
+        "from qtrain.models.qwen3 import build_model\n"
+        "from qtrain.parallel.weights import materialize\n"
         "m = materialize(build_model(get_preset('1.7B')), 'cpu', dtype=torch.bfloat16, std=0.02)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )

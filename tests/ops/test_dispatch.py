@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qtrain.models.config import Qwen3Config
-from qtrain.models.qwen3 import build_model, materialize
+from qtrain.models.qwen3 import build_model
+from qtrain.parallel.weights import materialize
 from qtrain.ops import dispatch
 from qtrain.ops.linear_cross_entropy import linear_cross_entropy
 from qtrain.ops.rmsnorm import rms_norm, rms_norm_reference

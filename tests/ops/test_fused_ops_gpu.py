@@ -121,7 +121,7 @@ def test_model_logits_and_loss_fused_vs_reference(compiled):
     for spec in ("reference", "auto"):
         with dispatch.using(spec), torch.no_grad():
             if compiled and spec == "auto":
-                for layer in model.model.layers:
+                for layer in model.model.layers.values():
                     layer.compile()
             got[spec] = (model(ids).float(), model(ids, labels=ids).float())
     assert_bf16_close(got["auto"][0], got["reference"][0], truth_logits, "logits")

@@ -10,7 +10,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from qtrain.config import PretrainConfig
 from qtrain.models.config import Qwen3Config
-from qtrain.models.qwen3 import build_model, materialize
+from qtrain.models.qwen3 import build_model
+from qtrain.parallel.weights import materialize
 from qtrain.parallel import build_mesh, parallelize
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -29,7 +30,7 @@ def main(out_prefix: str, layout: str, tied: str, hf_dir: str = "") -> None:
     elif layout == "pp":
         pcfg.parallel.pipeline_model_parallel_size = 2
     mesh = build_mesh(pcfg, dist.get_world_size(), "cpu", model_cfg=cfg)
-    model = parallelize(build_model(cfg, "meta"), mesh, pcfg, device=torch.device("cpu"))
+    model, _ = parallelize(build_model(cfg, "meta"), mesh, pcfg, device=torch.device("cpu"))
     materialize(model, "cpu", seed=7)
     if hf_dir:
         from qtrain.checkpoint.dcp import load_checkpoint

@@ -11,7 +11,8 @@ import torch
 
 from parallel_helpers import free_port, worker_env
 from qtrain.models.config import Qwen3Config
-from qtrain.models.qwen3 import build_model, materialize
+from qtrain.models.qwen3 import build_model
+from qtrain.parallel.weights import materialize
 
 WORKER = Path(__file__).with_name("parallel_init_worker.py")
 

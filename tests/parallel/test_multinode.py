@@ -1,7 +1,9 @@
 """Two "nodes" on loopback: two torchrun invocations (--nnodes 2 --node-rank 0/1, static
 rendezvous at 127.0.0.1) run the real `qtrain pretrain` with a pipeline stage on each node,
-train and save; the losses match a one-process run of the same command, and one process
-resumes the two-node checkpoint exactly where the one-process run goes on."""
+train, validate (the pipeline's eval schedule), save and export an HF dir; the training and
+validation losses match a one-process run of the same command, the export holds the final
+checkpoint's weights, and one process resumes the two-node checkpoint exactly where the
+one-process run goes on."""
 
 import json
 import subprocess
@@ -29,8 +31,9 @@ def tiny_dataset(prefix: Path) -> str:
 def pretrain_args(data: str, save: Path, iters: int) -> list[str]:
     return ["pretrain", "--model-preset", "tiny", "--padded-vocab-size", "256", "--num-layers", "2",
             "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
-            "--lr", "3e-3", "--lr-decay-style", "constant", "--data-path", data, "--split", "100,0,0",
-            "--eval-iters", "0", "--log-interval", "1", "--save", str(save), "--save-interval", "4"]
+            "--lr", "3e-3", "--lr-decay-style", "constant", "--data-path", data, "--split", "80,20,0",
+            "--eval-iters", "1", "--eval-interval", "2", "--log-interval", "1", "--save", str(save),
+            "--save-interval", "4"]
 
 
 def run_single(args: list[str]) -> None:
@@ -48,6 +51,11 @@ def losses(save: Path) -> dict[int, float]:
     return dict(loss_rows(save))
 
 
+def valid_losses(save: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["valid_loss"] for r in rows if "valid_loss" in r}
+
+
 @pytest.mark.timeout(600)
 def test_two_node_loopback_trains_and_saves(tmp_path):
     data = tiny_dataset(tmp_path / "tiny_text_document")
@@ -57,7 +65,8 @@ def test_two_node_loopback_trains_and_saves(tmp_path):
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "qtrain", *pretrain_args(data, tmp_path / "two", 4), "--pipeline-model-parallel-size", "2"],
+         "-m", "qtrain", *pretrain_args(data, tmp_path / "two", 4), "--pipeline-model-parallel-size", "2",
+         "--save-hf", str(tmp_path / "two_hf")],
         cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = [node.communicate(timeout=400) for node in nodes]
     for node, (out, err) in zip(nodes, outs):
@@ -69,6 +78,20 @@ def test_two_node_loopback_trains_and_saves(tmp_path):
     assert sorted(two) == [1, 2, 3, 4]
     for it in two:
         assert two[it] == pytest.approx(one[it], rel=1e-5)
+    one_valid, two_valid = valid_losses(tmp_path / "one"), valid_losses(saved)
+    assert sorted(two_valid) == [2, 4] and sorted(one_valid) == [2, 4, 6]
+    for it in two_valid:
+        assert two_valid[it] == pytest.approx(one_valid[it], rel=1e-5)
+
+    # --save-hf under PP: no rank holds every layer; rank 0 writes the final checkpoint's weights
+    from qtrain.checkpoint.sources import QtrainSource
+    from qtrain.models.hf import iter_safetensors
+
+    exported = dict(iter_safetensors(tmp_path / "two_hf"))
+    final = QtrainSource(saved, 4)
+    assert set(exported) == set(final.names())
+    for name, tensor in exported.items():
+        assert tensor.dtype == final.get(name).dtype and (tensor == final.get(name)).all(), name
 
     # the two-node pipeline checkpoint goes on in one process like the uninterrupted run
     run_single(pretrain_args(data, saved, 6) + ["--load", str(saved)])
@@ -76,3 +99,4 @@ def test_two_node_loopback_trains_and_saves(tmp_path):
     resumed = losses(saved)
     for it in (5, 6):
         assert resumed[it] == pytest.approx(one[it], rel=1e-5)
+    assert valid_losses(saved)[6] == pytest.approx(one_valid[6], rel=1e-5)

@@ -42,7 +42,7 @@ def saved_bytes_per_token(granularity, method=None, n=None, batch=2, seq=64) -> 
     model = build_model(CFG, "cpu")
     model.init_weights(generator=torch.Generator().manual_seed(0))
     apply_recompute(model, granularity, method, n)
-    layer = model.model.layers[0]
+    layer = model.model.layers["0"]
     x = torch.randn(batch, seq, CFG.hidden_size, requires_grad=True)
     cos, sin = rope_cos_sin(torch.arange(seq).expand(batch, -1), CFG.head_dim, CFG.rope_theta, x.dtype)
     existing = {t.untyped_storage().data_ptr() for t in [x, cos, sin, *model.parameters()]}

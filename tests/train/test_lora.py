@@ -8,8 +8,9 @@ import torch
 from qtrain.errors import ConfigError
 from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import Qwen3ForCausalLM
-from qtrain.train.lora import (LoRAConfig, LoRALinear, apply_adapter, inject_lora, load_adapter, merge_into_model,
-                               merge_lora, merge_lora_state_dict, parse_target_modules, save_adapter)
+from qtrain.checkpoint.adapter import (LoRAConfig, apply_adapter, load_adapter, merge_lora, merge_lora_state_dict,
+                                      parse_target_modules)
+from qtrain.train.lora import LoRALinear, inject_lora, merge_into_model, save_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -94,7 +95,7 @@ def test_merged_export_equals_base_plus_delta(tmp_path):
         want_logits = ours.eval()(ids)
 
     merged = merge_lora(base, tmp_path / "adapter")
-    a = ours.model.layers[1].mlp.up_proj
+    a = ours.model.layers["1"].mlp.up_proj
     expected = base["model.layers.1.mlp.up_proj.weight"] + (a.lora_B.weight @ a.lora_A.weight) * 2.0
     assert torch.allclose(merged["model.layers.1.mlp.up_proj.weight"], expected, atol=1e-6)
     assert merged["model.norm.weight"] is base["model.norm.weight"]  # untouched tensors pass through
@@ -144,7 +145,7 @@ def test_adapter_for_another_model_is_rejected(tmp_path):
 def test_merged_source_streams_merged_tensors(tmp_path):
     from qtrain.checkpoint.sources import HFSource
     from qtrain.models.hf import save_hf
-    from qtrain.train.lora import LoRAMergedSource
+    from qtrain.checkpoint.adapter import LoRAMergedSource
 
     _, ours = _models()
     save_hf(ours, tmp_path / "base")

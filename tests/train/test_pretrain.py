@@ -63,17 +63,17 @@ def test_dry_run_prints_plan_for_the_mindspeed_1p7b_script(capsys):
 
 
 def test_nan_loss_stops_with_iteration_and_saves_nothing_after(tiny_data, tmp_path, monkeypatch):
-    import qtrain.train.loop as loop
+    from qtrain.train.loop import LoopHooks
+    from qtrain.train.step import mean_loss
 
     calls = {"n": 0}
-    real = loop.LoopHooks.__dataclass_fields__["forward_backward"].default
 
-    def poisoned(*args, **kwargs):
+    def poisoned(*args):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
+        loss = mean_loss(*args)
         return loss * float("nan") if calls["n"] == 5 else loss  # 2 micro-batches/step: iteration 3
 
-    hooks = loop.LoopHooks(forward_backward=poisoned)
+    hooks = LoopHooks(loss_weight=poisoned)
     cfg = parse_args(tiny_args(tiny_data, save=tmp_path, save_interval=1, log_interval=10))
     with pytest.raises(NonFiniteError, match="NaN/Inf at iteration 3"):
         pretrain(cfg, log=QUIET, hooks=hooks)
@@ -116,7 +116,8 @@ def _first_batch_loss(model, tiny_data) -> float:
 
 def _random_tiny_model(seed=77):
     from qtrain.config import resolve_model_config
-    from qtrain.models.qwen3 import build_model, materialize
+    from qtrain.models.qwen3 import build_model
+    from qtrain.parallel.weights import materialize
 
     return materialize(build_model(resolve_model_config(parse_args(tiny_args("x"))), "meta"), "cpu", seed=seed)
 
@@ -146,3 +147,14 @@ def test_load_from_megatron_dir_starts_with_its_loss(tiny_data, tmp_path):
                                            no_load_rng=True)), log=QUIET)
     assert result.start_iteration == 0
     assert result.losses[1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_hooks_that_cannot_run_under_pipeline_parallelism_are_refused():
+    from qtrain.errors import ConfigError
+    from qtrain.train.loop import LoopHooks
+
+    LoopHooks(build_datasets=lambda cfg, sizes: (None, None), skip_load=True).refuse_under_pipeline()  # data: fine
+    hooks = LoopHooks(loss_weight=lambda total, count, batch: total, after_save=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size > 1 does not support a loss other than "
+                                          r".*; writing extra files with each checkpoint"):
+        hooks.refuse_under_pipeline()

@@ -125,7 +125,8 @@ def test_pretraining_with_yarn_flags_trains_and_exports_the_scaled_model(tiny_da
 
     from qtrain.models.config import Qwen3Config
     from qtrain.models.hf import load_hf
-    from qtrain.models.qwen3 import build_model, materialize
+    from qtrain.models.qwen3 import build_model
+    from qtrain.parallel.weights import materialize
     from qtrain.train.loop import pretrain
 
     argv = tiny_args(tiny_data, train_iters=3, max_position_embeddings=64, save_hf=tmp_path / "hf") + [

@@ -13,9 +13,17 @@ from qtrain.data.instruction_dataset import InstructionDataset, dataset_prefixes
 from qtrain.data.packing import write_packs
 from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import Qwen3ForCausalLM
-from qtrain.train.sft import run_sft, sft_forward_backward
+from qtrain.parallel import ParallelDims, ParallelState
+from qtrain.train.sft import per_token_loss, run_sft
+from qtrain.train.step import forward_backward, mean_loss
 
 VOCAB, EOS, SEQ = 64, 2, 32
+NO_LAYOUT = ParallelState(mesh=None, dims=ParallelDims())  # a plain model: no sharding, no context split
+
+
+def sft_forward_backward(model, batch, num_microbatches=1, loss_weight=mean_loss):
+    """The training step's forward and backward of one micro-batch, on a plain CPU model."""
+    return forward_backward(model, NO_LAYOUT, batch, torch.device("cpu"), num_microbatches, loss_weight)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -117,7 +125,7 @@ def test_prompt_positions_never_reach_the_loss(tmp_path):
             noise = torch.zeros(1, SEQ, 32)
             noise[0, noise_at] = torch.randn(int(noise_at.sum()), 32, generator=torch.Generator().manual_seed(0))
             handle = model.model.norm.register_forward_hook(lambda m, i, o: o + noise)
-        loss = sft_forward_backward(model, batch, 1, torch.device("cpu"), False, False)
+        loss = sft_forward_backward(model, batch)
         if handle is not None:
             handle.remove()
         return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -179,7 +187,7 @@ def test_mean_over_response_tokens_of_the_micro_batch(tmp_path):
     ds = InstructionDataset(write_instruction_data(tmp_path / "u", _samples(3)), SEQ, 0, shuffle=False)
     batch = _batch(ds, [0, 1, 2])
     model = _model()
-    loss = sft_forward_backward(model, batch, 1, torch.device("cpu"), False, False)
+    loss = sft_forward_backward(model, batch)
     with torch.no_grad():
         logits = model(batch["input_ids"], position_ids=batch["position_ids"])
     ref = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=-100)
@@ -187,26 +195,23 @@ def test_mean_over_response_tokens_of_the_micro_batch(tmp_path):
 
 
 def test_per_token_loss_averages_over_the_global_batch(tmp_path):
-    from qtrain.train.sft import per_token_forward_backward
-
     samples = _samples(4, seed=9)
     assert len({len(r) for _, r in samples}) > 1  # unequal token counts: the two averages differ
     ds = InstructionDataset(write_instruction_data(tmp_path / "u", samples), SEQ, 0, shuffle=False,
                             global_batch_size=4)
     model = _model()
-    cpu = torch.device("cpu")
 
-    def grads(step, micro_batches):
+    def grads(weight, micro_batches):
         model.zero_grad()
-        logged = sum(step(model, _batch(ds, idx), len(micro_batches), cpu, False, False)
+        logged = sum(sft_forward_backward(model, _batch(ds, idx), len(micro_batches), weight)
                      for idx in micro_batches) / len(micro_batches)
         return logged, [p.grad.clone() for p in model.parameters()]
 
-    logged, per_token = grads(per_token_forward_backward(1), [[0, 1], [2, 3]])
-    whole_loss, whole = grads(sft_forward_backward, [[0, 1, 2, 3]])  # one micro-batch: the global token mean
+    logged, per_token = grads(per_token_loss(1, 2), [[0, 1], [2, 3]])
+    whole_loss, whole = grads(mean_loss, [[0, 1, 2, 3]])  # one micro-batch: the global token mean
     assert torch.allclose(logged, whole_loss, rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(per_token, whole))
-    _, per_micro = grads(sft_forward_backward, [[0, 1], [2, 3]])
+    _, per_micro = grads(mean_loss, [[0, 1], [2, 3]])
     assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(per_micro, whole))
     assert int(ds[3]["batch_tokens"]) == sum(len(r) for _, r in samples)
 
@@ -241,7 +246,7 @@ def test_tiny_model_learns_an_instruction_set_and_answers_it(tmp_path):
 def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path):
     from qtrain.checkpoint.sources import QtrainSource
     from qtrain.models.hf import iter_safetensors, save_hf
-    from qtrain.train.lora import merge_lora
+    from qtrain.checkpoint.adapter import merge_lora
 
     base = _model(2)
     save_hf(base, tmp_path / "base")

@@ -1,0 +1,53 @@
+"""`--save-hf`: the final weights of a training run as a Hugging Face dir, written by rank 0.
+
+Without pipeline parallelism the (sharded) weights are gathered to rank 0's CPU; under PP no
+rank holds every layer, so rank 0 reads them back from the run's final checkpoint, tensor by
+tensor. Both go through the same writer (checkpoint.writers.save_hf_dir), in float32 (the
+master weights), with the tokenizer of --tokenizer-name-or-path when given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from qtrain.errors import ConfigError
+from qtrain.parallel import ParallelState
+
+# Full HF-named state dict -> the weights to export (e.g. LoRA adapters merged into the base).
+ExportTransform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def export_hf(model: torch.nn.Module, state: ParallelState, model_cfg, cfg, iteration: int,
+              transform: Optional[ExportTransform] = None) -> Path:
+    """Write cfg.checkpoint.save_hf from the trained model (every rank calls this)."""
+    from qtrain.checkpoint.sources import StateDictSource, open_source
+    from qtrain.checkpoint.writers import save_hf_dir
+
+    out = Path(cfg.checkpoint.save_hf)
+    tokenizer = Path(cfg.data.tokenizer_name_or_path) if cfg.data.tokenizer_name_or_path else None
+    if state.pipeline is not None:
+        if transform is not None:
+            raise ConfigError("--save-hf: this run's export (e.g. merged LoRA) is not available with "
+                              "pipeline parallelism")
+        if dist.get_rank() == 0:
+            source = open_source("qtrain", cfg.checkpoint.save, iteration)
+            try:
+                source.tokenizer_dir = tokenizer or source.tokenizer_dir
+                save_hf_dir(source, out, torch.float32)
+            finally:
+                source.close()
+        dist.barrier()
+        return out
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        if transform is not None:
+            full = transform(full)
+        save_hf_dir(StateDictSource(model_cfg, full, tokenizer), out, torch.float32)
+    dist.barrier()
+    return out
