@@ -123,11 +123,10 @@ class QtrainSource:
         self.hf_config = json.loads(config_file.read_text())
         self.config = Qwen3Config.from_hf_dict(self.hf_config, source=str(config_file))
         self.tokenizer_dir = _has_tokenizer(self.folder)
-        import torch.distributed.checkpoint as dcp  # only here: importing DCP costs seconds
+        from qtrain.checkpoint import dcp_safe  # only here: importing DCP costs seconds
 
-        self._dcp = dcp
-        self._reader = dcp.FileSystemReader(str(self.folder))
-        meta = self._reader.read_metadata().state_dict_metadata
+        self._dcp_safe = dcp_safe
+        meta = dcp_safe.read_metadata(self.folder).state_dict_metadata
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
         _check_complete(str(self.folder), set(self._meta), self.config)
 
@@ -139,7 +138,7 @@ class QtrainSource:
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         with warnings.catch_warnings():  # single-process load is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            self._dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
+            self._dcp_safe.load({"model": {name: tensor}}, self.folder, no_dist=True)
         return tensor
 
     def close(self) -> None:
