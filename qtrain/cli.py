@@ -1,9 +1,23 @@
-"""The one `qtrain` command: each subcommand lives in its own module, imported only when used."""
+"""The one `qtrain` command: each subcommand lives in its own module, imported only when used.
+
+This is the one error path: a subcommand's `main(argv)` raises, and `run` turns what it raised
+into one line on stderr and the exit status (docs/promises.md):
+
+    0    success (also a training run stopped by SIGTERM after saving)
+    1    an error in the inputs, options, checkpoints or environment (QtrainError, or an OSError
+         such as a full disk), printed as `qtrain <command>: error: <what, where, the fix>`
+    2    the command line cannot be parsed (argparse's usage error, as every Unix tool)
+    130  Ctrl-C (SIGINT);  143  SIGTERM when there was nothing to save
+
+`QTRAIN_TRACEBACK=1` shows the traceback instead (for bug reports).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import Callable
 
 import qtrain
 
@@ -30,6 +44,39 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def one_line(text: object) -> str:
+    """A message on one line (some library messages span several)."""
+    return " ".join(str(text).split())
+
+
+def _os_error(e: OSError) -> str:
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or one_line(e) or type(e).__name__
+    return f"{where}: {what}" if where else what
+
+
+def run(name: str, fn: Callable[[], object]) -> int:
+    """Run one command and turn how it ended into an exit status and at most one line on stderr."""
+    from qtrain.errors import Interrupted, QtrainError
+
+    def say(message: str) -> None:
+        print(f"qtrain {name}: {one_line(message)}", file=sys.stderr, flush=True)
+
+    try:
+        return int(fn() or 0)
+    except (QtrainError, OSError, KeyboardInterrupt, Interrupted) as e:
+        if os.environ.get("QTRAIN_TRACEBACK"):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            say("interrupted (Ctrl-C); files are written whole or not at all, so what is on disk is consistent")
+            return 130
+        if isinstance(e, Interrupted):
+            say(str(e))
+            return e.exit_code
+        say(f"error: {_os_error(e) if isinstance(e, OSError) else e}")
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -42,14 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"qtrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from qtrain.errors import QtrainError
-
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    try:
-        return int(module.main(rest) or 0)
-    except QtrainError as e:  # a user's mistake: the message says what and where, no traceback
-        print(f"qtrain {name}: error: {e}", file=sys.stderr)
-        return 1
+    return run(name, lambda: importlib.import_module(SUBCOMMANDS[name][0]).main(rest))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ class CheckpointArgs:
     no_load_optim: bool = opt(False, "do not restore optimizer and LR-scheduler state")
     no_load_rng: bool = opt(False, "do not restore random-number generator states")
     finetune: bool = opt(False, "load weights only, start at iteration 0 with fresh optimizer and data order")
+    override_data_order: bool = opt(
+        False, "resume although --data-path/--split/--seq-length/--seed differ from the checkpoint's (changes the "
+               "sample order; without it such a resume stops)")
     save_hf: Optional[str] = opt(None, "export the final model as an HF dir (config, safetensors, tokenizer)")
 
 

@@ -43,11 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        summary = run(args)
-    except QtrainError as e:
-        print(f"qtrain demo: error: {e}", file=sys.stderr)
-        return 1
+    summary = run(args)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from qtrain.checkpoint.layout import parse_num_layer_list
 from qtrain.checkpoint.megatron import save_megatron
 from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.writers import save_hf_dir
-from qtrain.errors import ConfigError, QtrainError
+from qtrain.errors import ConfigError
 from qtrain.models.hf import read_hf_config
 
 FORMATS = ("hf", "qtrain", "mg")
@@ -81,12 +80,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _validate(args)
-        return _convert(args)
-    except QtrainError as e:
-        print(f"qtrain convert: error: {e}", file=sys.stderr)
-        return 2
+    _validate(args)
+    return _convert(args)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from qtrain.data.handlers import HANDLERS, Dropped, build_handler
 from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
 from qtrain.data.readers import FORMATS, Chunk, RecordError, blank_lines, decode_chunk, iter_chunks, list_inputs
 from qtrain.data.templates import PROMPT_TYPES
-from qtrain.errors import ConfigError, DataError, QtrainError
+from qtrain.errors import ConfigError, DataError
 
 _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}
 
@@ -348,11 +348,7 @@ def summary(p: Progress) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        progress = run(args)
-    except QtrainError as exc:
-        print(f"qtrain preprocess: error: {exc}", file=sys.stderr)
-        return 1
+    progress = run(args)
     print(summary(progress), file=sys.stderr)
     return 0
 

@@ -23,6 +23,8 @@ from qtrain.errors import ConfigError, QtrainError
 from qtrain.train import metrics as M
 from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import BatchPlan, check_model_fits, describe_plan, make_batch_plan
+from qtrain.train.preflight import claim_outputs, release_outputs
+from qtrain.train.resume_check import check_resume, data_order
 from qtrain.train.runtime import Runtime, StopFlag, apply_parallelism, init_runtime
 from qtrain.train.schedule import build_schedule
 from qtrain.parallel import parallel_state
@@ -124,6 +126,7 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     load_kind = _check_load(cfg)
     if not cfg.data.data_path:
         raise ConfigError("--data-path is required: the prefix of a .bin/.idx dataset (from `qtrain preprocess`)")
+    claim_outputs(cfg, rt.is_main)  # writable outputs, the --save lock: before hours of work, not after
 
     # ---- 2. data: Megatron GPTDataset splits, this rank's micro-batches
     from qtrain.data.blended import build_gpt_datasets, train_valid_test_num_samples
@@ -139,7 +142,10 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     else:
         train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
     if train_ds is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no training data; give the train part a weight")
+        from qtrain.data.blended import no_training_data
+
+        raise ConfigError(no_training_data(cfg.data.data_path, cfg.data.split))
+    order = data_order(cfg)
 
     # ---- 3. model: built on meta, initialised from --seed, sharded over the ranks
     from qtrain.models.qwen3 import build_model, materialize
@@ -171,12 +177,14 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
         loaded = ckpt.load_checkpoint(c.load, model, optimizer, load_optim=not c.no_load_optim,
                                       load_rng=not c.no_load_rng, finetune=c.finetune)
         if loaded.train_state is not None:
+            check_resume(loaded.train_state.get("data_order"), order, str(loaded.path), c.override_data_order, say)
             iteration = loaded.iteration
             consumed = int(loaded.train_state["consumed_samples"])
         say(f"loaded {loaded.kind} checkpoint {loaded.path} (iteration {iteration}"
             f"{', rng restored' if loaded.rng_restored else ''})")
     loader = ResumableLoader(train_ds, batch.micro_batch_size, dp_rank, batch.data_parallel_size,
-                             consumed_samples=consumed, num_workers=cfg.data.num_workers)
+                             consumed_samples=consumed, num_workers=cfg.data.num_workers,
+                             vocab_size=model_cfg.vocab_size)
 
     # ---- 6. train
     result = TrainResult(iteration=iteration, consumed_samples=consumed, start_iteration=iteration)
@@ -184,7 +192,7 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
         if rt.is_main else M.MetricsWriter(None, None)
     fpt = M.flops_per_token(model_cfg, batch.seq_length)
     peak = M.device_peak_flops(rt.device)
-    stop = StopFlag().install()
+    stop = StopFlag().install(immediate=not cfg.checkpoint.save)  # nothing to save: stop mid-step
     params = [p for p in model.parameters() if p.requires_grad]
     first_bad = torch.zeros((), dtype=torch.long, device=rt.device)  # first non-finite iteration, 0 = none
     loss_acc = torch.zeros((), dtype=torch.float32, device=rt.device)
@@ -208,7 +216,7 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
         path = ckpt.save_checkpoint(
             cfg.checkpoint.save, it, model, optimizer,
             {"iteration": it, "consumed_samples": loader.consumed_samples, "sampler": loader.state_dict(),
-             "world_size": rt.world_size, "global_batch_size": batch.global_batch_size},
+             "world_size": rt.world_size, "global_batch_size": batch.global_batch_size, "data_order": order},
             model_cfg.to_hf_dict("float32"), cfg.to_dict())
         result.saved.append(str(path))
         if hooks.after_save is not None:
@@ -293,6 +301,7 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     finally:
         stop.uninstall()
         writer.close()
+        release_outputs()
     result.iteration, result.consumed_samples = iteration, loader.consumed_samples
     result.seconds = time.time() - t_start
     return result
@@ -348,8 +357,9 @@ def _evaluate(model, valid_ds, eval_index: int, cfg: PretrainConfig, batch: Batc
 
     t = cfg.training
     start = eval_index * t.eval_iters * batch.global_batch_size
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     loader = ResumableLoader(valid_ds, batch.micro_batch_size, dp_rank, batch.data_parallel_size,
-                             consumed_samples=start)
+                             consumed_samples=start, vocab_size=vocab)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
     count = torch.zeros((), dtype=torch.float64, device=rt.device)

@@ -45,7 +45,9 @@ def _write_jsonl(path, records):
 
 
 def _run(argv, capsys):
-    rc = preprocess.main([str(a) for a in argv])
+    from qtrain import cli
+
+    rc = cli.main(["preprocess"] + [str(a) for a in argv])
     return rc, capsys.readouterr().err
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtrain import cli
 from qtrain.config import parse_args
-from qtrain.train import pretrain as cli
 from qtrain.train.loop import NonFiniteError, pretrain
 from trainutil import read_metrics, tiny_args
 
@@ -21,7 +21,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def _main(argv, capsys):
-    rc = cli.main([str(a) for a in argv])
+    rc = cli.main(["pretrain"] + [str(a) for a in argv])
     return rc, capsys.readouterr()
 
 
