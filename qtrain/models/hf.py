@@ -154,6 +154,7 @@ def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]],
     if len(shards) == 1:
         tmp_files[0].replace(out_dir / SINGLE_NAME)
         (out_dir / INDEX_NAME).unlink(missing_ok=True)
+        _remove_other_shards(out_dir, [])
         return [SINGLE_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
@@ -162,7 +163,15 @@ def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]],
         weight_map.update({k: file_name for k in keys})
     (out_dir / SINGLE_NAME).unlink(missing_ok=True)
     write_json_atomic(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _remove_other_shards(out_dir, names)
     return names
+
+
+def _remove_other_shards(out_dir: Path, keep: list[str]) -> None:
+    """Shards of a model written here before with another shard count (no index names them now)."""
+    for path in out_dir.glob("model-?????-of-?????.safetensors"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def generation_config(cfg: Qwen3Config) -> dict:

@@ -385,7 +385,7 @@ def _export_hf_from_checkpoint(cfg: PretrainConfig, iteration: int, rt: Runtime)
         from qtrain.checkpoint.convert import main as convert
 
         args = ["--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", str(cfg.checkpoint.save),
-                "--save-dir", str(cfg.checkpoint.save_hf), "--iteration", str(iteration)]
+                "--save-dir", str(cfg.checkpoint.save_hf), "--iteration", str(iteration), "--overwrite"]
         if convert(args):
             raise QtrainError(f"--save-hf: converting {cfg.checkpoint.save} to HF failed; run "
                               f"`qtrain convert {' '.join(args)}` to see why")
