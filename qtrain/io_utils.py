@@ -75,9 +75,10 @@ def _probe_dir(folder: Path, option: str, path: str | Path) -> None:
                           f"location or fix its permissions") from None
 
 
-def check_writable_dir(path: str | Path, option: str, _shown: str | Path | None = None) -> None:
-    """`path` is (or can be created as) a directory this process can write in; creates nothing."""
-    shown = path if _shown is None else _shown
+def check_writable_dir(path: str | Path, option: str, shown: str | Path | None = None) -> None:
+    """`path` is (or can be created as) a directory this process can write in; creates nothing.
+    Messages name `shown` (default: `path`) as the option's value."""
+    shown = path if shown is None else shown
     p = Path(path).absolute()
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{option} {shown}: {p} exists and is not a directory; choose a directory")
@@ -93,4 +94,4 @@ def check_writable_file(path: str | Path, option: str) -> None:
     p = Path(path).absolute()
     if p.is_dir():
         raise ConfigError(f"{option} {path}: is a directory; give a file name")
-    check_writable_dir(p.parent, option, _shown=path)
+    check_writable_dir(p.parent, option, shown=path)

@@ -150,7 +150,7 @@ def test_sharegpt_system_tags_and_bad_conversations(tok):
         "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}})
     _check(tok, openai, {"messages": messages}, messages)
     for conv_, match in [
-        (conv[1:2], "expected user/assistant turns ending with assistant, got 1"),
+        (conv[1:2], r"ending with an assistant reply, got 1 turn\(s\): user"),
         ([conv[2], conv[1]], "turn 1 has role 'assistant', expected 'user'"),
         (conv[1:] + [conv[0]] + conv[1:], "turn 3: a system turn may only come first"),
         ([{"from": "observation", "value": "x"}], "unsupported role 'observation'"),
