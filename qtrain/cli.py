@@ -75,6 +75,10 @@ def run(name: str, fn: Callable[[], object]) -> int:
             return e.exit_code
         say(f"error: {_os_error(e) if isinstance(e, OSError) else e}")
         return 1
+    finally:
+        from qtrain.checkpoint.lock import release_all
+
+        release_all()  # output dirs this command locked (checkpoint/lock.py)
 
 
 def main(argv: list[str] | None = None) -> int:

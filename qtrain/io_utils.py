@@ -1,8 +1,9 @@
 """Atomic file writes: a crash never leaves a file that looks complete and is not.
 
 Files get the permissions any other tool's would (0666 minus the umask), although they are
-first written under a `mkstemp` name (which creates them 0600). `check_writable_*` test an
-output location before the work starts, not after hours of it.
+first written under a `mkstemp` name (0600) or by a library that creates them 0600 (safetensors):
+see `follow_umask`. `check_writable_*` test an output location before the work starts, not after
+hours of it.
 """
 
 from __future__ import annotations
@@ -30,18 +31,21 @@ def umask() -> int:
     return mask
 
 
+def follow_umask(path: str | Path) -> None:
+    """Give a file the mode a plain `open(path, "w")` would have: 0666 minus the umask."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~umask())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
+        follow_umask(tmp)  # whoever wrote it (mkstemp, a library replacing the file)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -81,7 +85,7 @@ def check_writable_dir(path: str | Path, option: str, shown: str | Path | None =
     shown = path if shown is None else shown
     p = Path(path).absolute()
     if p.exists() and not p.is_dir():
-        raise ConfigError(f"{option} {shown}: {p} exists and is not a directory; choose a directory")
+        raise ConfigError(f"{option} {shown}: {p} is a file, not a directory; choose another location")
     base = _existing_ancestor(p)
     if not base.is_dir():
         raise ConfigError(f"{option} {shown}: {base} is a file, so no directory can be made below it; "

@@ -108,7 +108,7 @@ class DirLock:
                     f"{self.option} {self.directory}: in use by another qtrain run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}, since {holder.get('since')}: {holder.get('command')}); wait for it to end "
                     f"or choose another {self.option}. If that run is gone, delete {self.path}")
-            else:
+            elif holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname():
                 print(f"qtrain: taking over the stale lock {self.path} (left by pid {holder.get('pid')} on "
                       f"{holder.get('host')}, which has ended)", file=sys.stderr)
             self._remove_if_unchanged(holder_text)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qtrain.errors import CheckpointError
-from qtrain.io_utils import atomic_path, write_json_atomic
+from qtrain.io_utils import atomic_path, follow_umask, write_json_atomic
 from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import Qwen3ForCausalLM, build_model
 
@@ -50,8 +50,12 @@ def safetensors_files(path: str | Path) -> list[Path]:
     path = _require_dir(path)
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(map(str, weight_map.values())))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); re-export the "
+                                  f"model or remove the file") from None
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard files listed but missing: {', '.join(missing)}")
@@ -67,9 +71,13 @@ def safetensors_files(path: str | Path) -> list[Path]:
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of an HF dir, one at a time, each read from a memory map."""
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it is damaged or truncated: "
+                                  f"download or export it again") from None
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -139,6 +147,7 @@ def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]],
         if current:
             tmp = out_dir / f".shard-{len(shards):05d}.tmp"
             save_file(current, str(tmp), metadata={"format": "pt"})
+            follow_umask(tmp)  # safetensors creates its files 0600
             shards.append(list(current))
             tmp_files.append(tmp)
             current, size = {}, 0
