@@ -115,10 +115,13 @@ def read_train_state(folder: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({e}); resume from an earlier checkpoint, or take only "
                               f"the weights with --finetune") from None
-    ok = isinstance(state, dict) and all(isinstance(state.get(k), int) and state[k] >= 0
-                                         for k in ("iteration", "consumed_samples", "world_size"))
-    if not ok:
-        raise CheckpointError(f"{path}: expected non-negative integers iteration, consumed_samples and "
-                              f"world_size; resume from an earlier checkpoint, or take only the weights "
+    def count(key: str, required: bool) -> bool:
+        value = state.get(key)
+        return (value is None and not required) or (isinstance(value, int) and value >= 0)
+
+    if not (isinstance(state, dict) and count("iteration", True) and count("world_size", True)
+            and count("consumed_samples", False)):
+        raise CheckpointError(f"{path}: expected non-negative integers iteration and world_size (and "
+                              f"consumed_samples); resume from an earlier checkpoint, or take only the weights "
                               f"with --finetune")
     return state

@@ -212,6 +212,7 @@ def save_hf(model: Qwen3ForCausalLM, path: str | Path, tokenizer_dir: str | Path
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").unlink(missing_ok=True)  # an earlier export there no longer looks complete
     sd = hf_state_dict(model)
     out_dtype = dtype or next(iter(sd.values())).dtype
     write_safetensors_sharded(((k, v.to(out_dtype)) for k, v in sd.items()), path, max_shard_bytes)
