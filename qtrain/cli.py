@@ -6,7 +6,8 @@ into one line on stderr and the exit status (docs/promises.md):
     0    success (also a training run stopped by SIGTERM after saving)
     1    an error in the inputs, options, checkpoints or environment (QtrainError, or an OSError
          such as a full disk), printed as `qtrain <command>: error: <what, where, the fix>`
-    2    the command line cannot be parsed (argparse's usage error, as every Unix tool)
+    2    the command line itself is wrong (UsageError: an unknown option, a missing one, a value
+         of the wrong type), as argparse and Unix tools do, but in one line as well
     130  Ctrl-C (SIGINT);  143  SIGTERM when there was nothing to save
 
 `QTRAIN_TRACEBACK=1` shows the traceback instead (for bug reports).
@@ -14,6 +15,7 @@ into one line on stderr and the exit status (docs/promises.md):
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -33,6 +35,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("qtrain.parallel.plan", "estimate per-device memory for a model and parallel layout"),
     "demo": ("qtrain.demo", "the default job: preprocess, train, save, export, generate on CPU"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every command: a command-line error is raised as UsageError (one line, exit 2)
+    instead of printing the whole usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from qtrain.errors import UsageError
+
+        raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
 def _usage() -> str:
@@ -57,7 +69,7 @@ def _os_error(e: OSError) -> str:
 
 def run(name: str, fn: Callable[[], object]) -> int:
     """Run one command and turn how it ended into an exit status and at most one line on stderr."""
-    from qtrain.errors import Interrupted, QtrainError
+    from qtrain.errors import Interrupted, QtrainError, UsageError
 
     def say(message: str) -> None:
         print(f"qtrain {name}: {one_line(message)}", file=sys.stderr, flush=True)
@@ -74,7 +86,7 @@ def run(name: str, fn: Callable[[], object]) -> int:
             say(str(e))
             return e.exit_code
         say(f"error: {_os_error(e) if isinstance(e, OSError) else e}")
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     finally:
         from qtrain.checkpoint.lock import release_all
 
@@ -91,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"qtrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"qtrain: error: unknown command {name!r}; {hint}the commands are {', '.join(SUBCOMMANDS)} "
+              f"(`qtrain --help` says what each does)", file=sys.stderr)
         return 2
     return run(name, lambda: importlib.import_module(SUBCOMMANDS[name][0]).main(rest))
 

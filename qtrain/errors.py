@@ -21,6 +21,11 @@ class CheckpointError(QtrainError):
     """A checkpoint is missing, incomplete or incompatible."""
 
 
+class UsageError(ConfigError):
+    """The command line itself is wrong: an unknown or unsupported option, a missing one, a value
+    of the wrong type or not among the choices. Exit status 2, as argparse and Unix tools use."""
+
+
 class Interrupted(BaseException):
     """A signal stopped the run where there was nothing to finish (e.g. SIGTERM without --save).
 

@@ -28,6 +28,7 @@ from qtrain.checkpoint.megatron import save_megatron
 from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.targets import check_distinct, prepare_save_dir
 from qtrain.checkpoint.writers import save_hf_dir
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError
 from qtrain.io_utils import check_writable_dir
 from qtrain.models.hf import read_hf_config
@@ -37,7 +38,7 @@ PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain convert", description=__doc__,
+    p = ArgumentParser(prog="qtrain convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-model-type", required=True, choices=FORMATS, help="format of --load-dir")
     p.add_argument("--save-model-type", required=True, choices=FORMATS, help="format to write to --save-dir")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from qtrain.cli import ArgumentParser
 from qtrain.data.handlers import HANDLERS, Dropped, build_handler
 from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
 from qtrain.data.readers import FORMATS, Chunk, RecordError, blank_lines, decode_chunk, iter_chunks, list_inputs
@@ -43,7 +44,7 @@ _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qtrain preprocess",
         description="Tokenize a corpus (parquet, jsonl/json, csv, txt, arrow) into Megatron .bin/.idx datasets.",
         allow_abbrev=False,

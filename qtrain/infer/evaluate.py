@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError, DataError
 from qtrain.infer import limits
 from qtrain.io_utils import check_writable_file, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="qtrain evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="HF model dir, qtrain save dir (or iter_XXXXXXX) or Megatron dir")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the tracker's)")
     p.add_argument("--lora-load", default=None, help="PEFT LoRA adapter dir to merge into the weights")

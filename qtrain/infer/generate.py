@@ -24,11 +24,12 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError, DataError, QtrainError
-from qtrain.io_utils import atomic_path, check_writable_file
 from qtrain.infer import limits
 from qtrain.infer.kv_cache import KVCache, cached_forward, decode_mask, padded_positions
 from qtrain.infer.sampling import SamplingConfig, next_token
+from qtrain.io_utils import atomic_path, check_writable_file
 from qtrain.models.qwen3 import Qwen3ForCausalLM
 
 TokenCallback = Callable[[torch.Tensor, torch.Tensor], None]
@@ -119,7 +120,7 @@ class TextStream:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain generate", description=(
+    p = ArgumentParser(prog="qtrain generate", description=(
         "Generate text from an HF dir, a qtrain checkpoint or a Megatron dir. Without --prompt or "
         "--prompt-file, chat interactively (type /exit to leave, /reset to clear the history)."))
     p.add_argument("--load", required=True, help="HF model dir, qtrain save dir (or iter_XXXXXXX) or Megatron dir")

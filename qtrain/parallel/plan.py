@@ -40,10 +40,10 @@ tiny model on CPU; the GPU peak of Qwen3-1.7B is in benchmarks/results when it w
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError
 from qtrain.parallel.mesh import ParallelDims, parallel_args, stage_layers, validate_layout
 
@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     """qtrain plan [pretrain flags] --world-size N [--device-memory-gb G] [--suggest N]."""
     from qtrain.config import parse_args, resolve_model_config
 
-    own = argparse.ArgumentParser(prog="qtrain plan", add_help=False)
+    own = ArgumentParser(prog="qtrain plan", add_help=False)
     own.add_argument("--world-size", type=int, default=None, help="devices of the layout (default TP x PP x CP)")
     own.add_argument("--device-memory-gb", type=float, default=None, help="memory of one device, GB")
     own.add_argument("--suggest", type=int, default=None, help="list layouts of this many devices that fit")

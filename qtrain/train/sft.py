@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError
 from qtrain.train.step import autocast_context
 
@@ -35,7 +36,7 @@ SFT_FLAGS_HELP = "SFT options (qtrain sft only); every `qtrain pretrain` option 
 
 
 def sft_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain sft", add_help=False, allow_abbrev=False)
+    p = ArgumentParser(prog="qtrain sft", add_help=False, allow_abbrev=False)
     g = p.add_argument_group("sft", SFT_FLAGS_HELP)
     g.add_argument("--lora-r", type=int, default=None, help="LoRA rank; without it all weights are trained")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (delta = B A alpha / r)")

@@ -218,10 +218,11 @@ def _err(capsys, *argv) -> str:
 
 
 def test_error_unknown_format(hf_tied, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    from qtrain.errors import UsageError
+
+    with pytest.raises(UsageError, match="invalid choice: 'gguf'"):
         convert(["--load-model-type", "gguf", "--save-model-type", "hf", "--load-dir", str(hf_tied),
                  "--save-dir", str(tmp_path)])
-    assert "invalid choice: 'gguf'" in capsys.readouterr().err
     err = _err(capsys, "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", hf_tied,
                "--save-dir", tmp_path / "x")
     assert "latest_checkpointed_iteration.txt" in err and "tracker file not found" in err

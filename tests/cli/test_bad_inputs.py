@@ -295,9 +295,11 @@ def test_convert_and_plan_errors_exit_1_usage_errors_exit_2(ws, tmp_path, capsys
     assert_one_line_error(rc, err, "convert", "tracker file not found")
     rc, _, err = run(capsys, "plan", "--model-preset", "1.7B", "--tensor-model-parallel-size", "3")
     assert_one_line_error(rc, err, "plan", "--num-attention-heads")
-    with pytest.raises(SystemExit) as e:
-        run(capsys, "convert", "--load-model-type", "gguf")
-    assert e.value.code == 2  # the command line itself cannot be parsed: argparse's usage error
+    rc, _, err = run(capsys, "convert", "--load-model-type", "gguf")  # the command line itself is wrong
+    assert_one_line_error(rc, err, "convert", "argument --load-model-type: invalid choice: 'gguf'",
+                          "see `qtrain convert --help`", code=2)
+    rc, _, err = run(capsys, "pretrain", "--fp16")
+    assert_one_line_error(rc, err, "pretrain", "unsupported flag --fp16", code=2)
 
 
 def test_os_errors_are_one_line(ws, tmp_path, capsys, monkeypatch):
