@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -145,7 +146,9 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
     # Before dcp.save: rank 0 finishes it only after every rank has written, so its rename below
     # never races another rank's RNG file.
     run_state.write_rng(tmp, _rank())
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # torch's notice that a single process saves is noise in every save
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if _rank() == 0:
         run_state.write_train_state(tmp, {**train_state, "world_size": _world()})
         write_json_atomic(tmp / CONFIG_FILE, model_config_json)

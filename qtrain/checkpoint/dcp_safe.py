@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ def load(state: dict[str, Any], folder: str | Path, no_dist: bool, hint: str = "
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
+        with warnings.catch_warnings():  # single-process loads are meant: torch's notice about it is noise
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
     except CheckpointException as e:
         reason, ours = describe_failure(e)
         raise CheckpointError(f"{folder}: {reason}" + ("" if ours or not hint else f"; {hint}")) from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -156,9 +155,7 @@ class QtrainSource:
     def get(self, name: str) -> torch.Tensor:
         meta = self._meta[name]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with warnings.catch_warnings():  # single-process load is the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            self._dcp_safe.load({"model": {name: tensor}}, self.folder, no_dist=True)
+        self._dcp_safe.load({"model": {name: tensor}}, self.folder, no_dist=True)
         return tensor
 
     def close(self) -> None:
