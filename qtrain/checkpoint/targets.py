@@ -65,8 +65,9 @@ def prepare_save_dir(save_dir: str | Path, overwrite: bool) -> None:
 
 
 def check_distinct(load_dir: str | Path, save_dir: str | Path) -> None:
-    """A conversion never writes into (or around) the checkpoint it reads."""
+    """A conversion never writes into the checkpoint it reads, nor into a dir that holds it (where
+    --overwrite would remove its files); a new dir inside it is fine (e.g. `--save-hf ckpt/hf`)."""
     a, b = Path(load_dir).resolve(), Path(save_dir).resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise ConfigError(f"--save-dir {save_dir}: overlaps --load-dir {load_dir}; write the conversion to "
+    if a == b or b in a.parents:
+        raise ConfigError(f"--save-dir {save_dir}: is --load-dir {load_dir} or holds it; write the conversion to "
                           f"another dir")

@@ -210,7 +210,9 @@ def test_convert_refuses_unwritable_or_overlapping_save_dir(ws, tmp_path, capsys
     rc, _, err = run(capsys, *base, "--save-dir", bad)
     assert_one_line_error(rc, err, "convert", f"--save-dir {bad}", "is a file")
     rc, _, err = run(capsys, *base, "--save-dir", ws["ckpt"], "--overwrite")
-    assert_one_line_error(rc, err, "convert", "overlaps --load-dir")
+    assert_one_line_error(rc, err, "convert", f"is --load-dir {ws['ckpt']} or holds it")
+    rc, _, err = run(capsys, *base, "--save-dir", ws["ckpt"].parent, "--overwrite")
+    assert_one_line_error(rc, err, "convert", "or holds it")
     assert (ws["ckpt"] / TRACKER).read_text() == "2"
 
 

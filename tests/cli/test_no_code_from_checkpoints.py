@@ -188,3 +188,18 @@ def test_megatron_rank_file_that_runs_code_is_refused(good, tmp_path, capsys):
         assert not marker.exists(), argv[0]
         assert_one_line_error(rc, err, argv[0], f"{rank_file}: refusing to unpickle it", "--trust-pickle")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_qtrain_checkpoint_holds_no_pickled_state(good):
+    """qtrain's own state is JSON; the only non-tensor DCP entries are the optimizer's hyperparameters."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from qtrain.checkpoint.dcp_safe import read_metadata
+
+    folder = good[0] / "iter_0000002"
+    entries = read_metadata(folder).state_dict_metadata
+    non_tensor = sorted(k for k, v in entries.items() if isinstance(v, BytesStorageMetadata))
+    assert non_tensor and all(k.startswith("optim.param_groups.") for k in non_tensor), non_tensor
+    state = json.loads((folder / "train_state.json").read_text())
+    assert (state["format"], state["iteration"], state["world_size"]) == (2, 2, 1)
+    assert set(json.loads((folder / "rng" / "rank_0.json").read_text())) == {"python", "numpy", "torch"}
