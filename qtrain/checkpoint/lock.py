@@ -6,10 +6,13 @@ the first, instead of both overwriting each other's checkpoints. The file is cre
 (written under a temporary name, then hard-linked into place, which fails if it exists) and
 removed when the run ends, also on errors and Ctrl-C.
 
-A lock whose process is gone (killed, crashed machine) is *stale*: when it names this host (and
-this PID namespace), qtrain checks whether that PID still runs the same process (its start time)
-and takes the lock over with a note. A lock of another host cannot be checked from here; the
-message says which file to delete once that run is known to be gone.
+A lock whose process is gone (killed, OOM-killed, a crashed node) is *stale* and taken over with
+a note. When it names this host (and PID namespace), qtrain checks whether that PID still runs
+the same process (its start time): an answer at once. A holder elsewhere (another node, a
+restarted pod of the same name) cannot be asked; instead every holder touches its lock file every
+HEARTBEAT_S seconds, and a newcomer watches the file for WATCH_S seconds: if it changes, its run is
+alive and the newcomer stops; if not, the run is gone (so a platform restarting a killed job
+resumes after at most WATCH_S). A lock untouched for STALE_S seconds is stale at once.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +30,9 @@ from typing import Any, Optional
 from qtrain.errors import CheckpointError
 
 LOCK_FILE = ".qtrain.lock"
+HEARTBEAT_S = 20.0  # a holder touches its lock this often
+WATCH_S = 70.0  # a newcomer watches a lock of another machine this long for a heartbeat
+STALE_S = 300.0  # a lock untouched this long (by this machine's clock) is stale at once
 
 _held: list["DirLock"] = []
 
@@ -63,11 +70,12 @@ def me() -> dict[str, Any]:
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]}
 
 
-def is_stale(holder: dict[str, Any]) -> bool:
-    """True when the holder is a process of this machine that no longer runs (or is this process)."""
+def is_stale(holder: dict[str, Any]) -> Optional[bool]:
+    """Whether the holder is a process of this machine that no longer runs (or is this process);
+    None for a holder elsewhere, which cannot be asked (see `DirLock._watch`)."""
     mine = me()
     if holder.get("host") != mine["host"] or holder.get("pid_namespace") != mine["pid_namespace"]:
-        return False  # another machine or container: cannot tell
+        return None  # another machine or container
     pid = holder.get("pid")
     if not isinstance(pid, int):
         return True
@@ -86,6 +94,7 @@ class DirLock:
         self.directory, self.option = Path(directory), option
         self.path = self.directory / LOCK_FILE
         self._text: Optional[str] = None
+        self._stop = threading.Event()
 
     def acquire(self) -> "DirLock":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -94,21 +103,28 @@ class DirLock:
             if self._create(text):
                 self._text = text
                 _held.append(self)
+                self._stop.clear()
+                threading.Thread(target=self._beat, name="qtrain-lock-heartbeat", daemon=True).start()
                 return self
             holder_text, holder = self._read()
             if holder_text is None:
                 continue  # released meanwhile: try again
+            age = self._age()
             if holder is None:
-                age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0
                 if age < 60:  # being written through the fallback path: let its writer finish
                     raise CheckpointError(f"{self.option} {self.directory}: another qtrain run is starting to use it "
                                           f"({self.path}); wait for it, or choose another {self.option}")
-            elif not is_stale(holder):
+                stale: Optional[bool] = True
+            else:
+                stale = is_stale(holder)
+                if stale is None:
+                    stale = age > STALE_S or self._watch(holder)
+            if not stale:
                 raise CheckpointError(
                     f"{self.option} {self.directory}: in use by another qtrain run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}, since {holder.get('since')}: {holder.get('command')}); wait for it to end "
                     f"or choose another {self.option}. If that run is gone, delete {self.path}")
-            elif holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname():
+            if holder is not None and (holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname()):
                 print(f"qtrain: taking over the stale lock {self.path} (left by pid {holder.get('pid')} on "
                       f"{holder.get('host')}, which has ended)", file=sys.stderr)
             self._remove_if_unchanged(holder_text)
@@ -116,6 +132,7 @@ class DirLock:
                               f"is another qtrain run starting with this {self.option}?")
 
     def release(self) -> None:
+        self._stop.set()
         if self._text is None:
             return
         if self._read()[0] == self._text:  # still ours
@@ -129,6 +146,44 @@ class DirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    # -- heartbeat
+
+    def _beat(self) -> None:
+        """Touch the lock while it is ours, so that a newcomer on another machine sees this run live."""
+        while not self._stop.wait(HEARTBEAT_S):
+            if self._text is None or self._read()[0] != self._text:
+                return
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _watch(self, holder: dict[str, Any]) -> bool:
+        """Watch a lock of another machine for WATCH_S seconds: True (stale) if it neither changes
+        nor goes away."""
+        print(f"qtrain: {self.path} is held by pid {holder.get('pid')} on {holder.get('host')}; watching it for "
+              f"{WATCH_S:.0f} s to see whether that run is alive", file=sys.stderr, flush=True)
+        try:
+            first = self.path.stat()
+        except FileNotFoundError:
+            return True
+        deadline = time.monotonic() + WATCH_S
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, WATCH_S / 10))
+            try:
+                now = self.path.stat()
+            except FileNotFoundError:
+                return True  # released: the caller tries again
+            if (now.st_mtime_ns, now.st_ino) != (first.st_mtime_ns, first.st_ino):
+                return False
+        return True
 
     # -- file operations
 

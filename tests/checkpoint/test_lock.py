@@ -36,7 +36,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
     assert not (tmp_path / "save" / LOCK_FILE).exists()
 
 
-def test_live_holder_and_other_host_are_refused_by_name(tmp_path):
+def test_live_holder_is_refused_by_name(tmp_path):
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         (tmp_path / LOCK_FILE).write_text(json.dumps(_holder(pid=sleeper.pid, process_start=None)))
@@ -45,9 +45,48 @@ def test_live_holder_and_other_host_are_refused_by_name(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
-    (tmp_path / LOCK_FILE).write_text(json.dumps(_holder(host="node-7", pid=_dead_pid())))
-    with pytest.raises(CheckpointError, match=f"on node-7.*If that run is gone, delete {tmp_path / LOCK_FILE}"):
-        DirLock(tmp_path, "--save-dir").acquire()  # another machine: its process cannot be checked from here
+
+
+def test_other_machines_are_judged_by_their_heartbeat(tmp_path, monkeypatch, capsys):
+    """A holder on another node (or a restarted pod of the same name) cannot be asked: its heartbeat
+    (the lock file touched every HEARTBEAT_S) tells whether it runs."""
+    import threading
+
+    monkeypatch.setattr("qtrain.checkpoint.lock.WATCH_S", 0.6)
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_text(json.dumps(_holder(host="node-7", pid=1)))
+    stop = threading.Event()
+
+    def beat():  # the other run, alive
+        while not stop.wait(0.05):
+            os.utime(lock_file)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        with pytest.raises(CheckpointError, match=f"on node-7.*If that run is gone, delete {lock_file}"):
+            DirLock(tmp_path, "--save-dir").acquire()
+    finally:
+        stop.set()
+        beating.join()
+    assert "watching it for 1 s" in capsys.readouterr().err
+    DirLock(tmp_path, "--save").acquire().release()  # no heartbeat any more: that run is gone
+    assert "taking over the stale lock" in capsys.readouterr().err
+    lock_file.write_text(json.dumps(_holder(host="node-7", pid=1)))
+    old = time.time() - 3600
+    os.utime(lock_file, (old, old))
+    DirLock(tmp_path, "--save").acquire().release()  # untouched for an hour: stale without watching
+    assert "watching" not in capsys.readouterr().err
+
+
+def test_the_holder_beats(tmp_path, monkeypatch):
+    monkeypatch.setattr("qtrain.checkpoint.lock.HEARTBEAT_S", 0.05)
+    lock = DirLock(tmp_path, "--save").acquire()
+    old = time.time() - 3600
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    time.sleep(0.5)
+    assert time.time() - (tmp_path / LOCK_FILE).stat().st_mtime < 60
+    lock.release()
 
 
 def test_stale_locks_are_taken_over(tmp_path, capsys):
