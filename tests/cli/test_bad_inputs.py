@@ -79,11 +79,12 @@ def test_sharegpt_role_order_is_named(tmp_path, capsys, tokenizer_dir):
 
 # ----------------------------------------------------------------------------- pretrain
 
-@pytest.mark.parametrize("option", ["save", "save_hf", "log_dir"])
-def test_pretrain_unwritable_output_stops_before_training(ws, tmp_path, capsys, option):
+@pytest.mark.parametrize("command, option", [("pretrain", "save"), ("pretrain", "save_hf"),
+                                             ("pretrain", "log_dir"), ("sft", "save")])
+def test_unwritable_training_output_stops_before_training(ws, tmp_path, capsys, command, option):
     bad = a_file(tmp_path) / "out"
-    rc, out, err = run(capsys, "pretrain", *train_args(ws["data"], **{option: bad}))
-    assert_one_line_error(rc, err, "pretrain", f"--{option.replace('_', '-')} {bad}", "is a file")
+    rc, out, err = run(capsys, command, *train_args(ws["data"], **{option: bad}))
+    assert_one_line_error(rc, err, command, f"--{option.replace('_', '-')} {bad}", "is a file")
     assert "training" not in out
 
 
