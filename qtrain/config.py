@@ -22,7 +22,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from qtrain.errors import ConfigError
+from qtrain.cli import ArgumentParser
+from qtrain.errors import ConfigError, UsageError
 
 
 def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -135,6 +136,9 @@ class CheckpointArgs:
     no_load_optim: bool = opt(False, "do not restore optimizer and LR-scheduler state")
     no_load_rng: bool = opt(False, "do not restore random-number generator states")
     finetune: bool = opt(False, "load weights only, start at iteration 0 with fresh optimizer and data order")
+    override_data_order: bool = opt(
+        False, "resume although --data-path/--split/--seq-length/--seed differ from the checkpoint's (changes the "
+               "sample order; without it such a resume stops)")
     save_hf: Optional[str] = opt(None, "export the final model as an HF dir (config, safetensors, tokenizer)")
 
 
@@ -292,7 +296,7 @@ def _parse_bool(text: str) -> bool:
 
 def build_parser(prog: str = "qtrain pretrain") -> argparse.ArgumentParser:
     """argparse parser generated from the dataclasses (one argument group per dataclass)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, allow_abbrev=False, usage=f"{prog} [--config FILE.yaml] [--FLAG VALUE ...]  (table: docs/flags.md)",
         description="Train a Qwen3 model on Megatron .bin/.idx data. Flags follow Megatron / MindSpeed-LLM.",
     )
@@ -317,10 +321,10 @@ def build_parser(prog: str = "qtrain pretrain") -> argparse.ArgumentParser:
     return parser
 
 
-def _unknown_flag_error(unknown: list[str], parser: argparse.ArgumentParser) -> ConfigError:
+def _unknown_flag_error(unknown: list[str], parser: argparse.ArgumentParser) -> UsageError:
     flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
     if not flags:
-        return ConfigError(f"unexpected argument(s) {unknown}: every option is a --flag; see `qtrain pretrain --help`")
+        return UsageError(f"unexpected argument(s) {unknown}: every option is a --flag; see `qtrain pretrain --help`")
     name = flags[0]
     if name in UNSUPPORTED_HINTS:
         hint = UNSUPPORTED_HINTS[name]
@@ -328,7 +332,7 @@ def _unknown_flag_error(unknown: list[str], parser: argparse.ArgumentParser) -> 
         known = [o for a in parser._actions for o in a.option_strings]
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"did you mean {' or '.join(close)}?" if close else "see `qtrain pretrain --help` and docs/flags.md"
-    return ConfigError(f"unsupported flag {name}: {hint}")
+    return UsageError(f"unsupported flag {name}: {hint}")
 
 
 def _load_yaml(path: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import QtrainError
 
 CORPUS = Path(__file__).resolve().parent / "assets" / "sample_corpus.jsonl"
@@ -28,7 +29,7 @@ MODEL_FLAGS = ["--model-preset", "tiny", "--num-layers", "4", "--hidden-size", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain demo", allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="qtrain demo", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="runs/demo", help="where data, checkpoints, HF export and loss.png go")
     p.add_argument("--train-iters", type=int, default=400, help="training iterations")
     p.add_argument("--seq-length", type=int, default=32, help="tokens per sample")
@@ -43,11 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        summary = run(args)
-    except QtrainError as e:
-        print(f"qtrain demo: error: {e}", file=sys.stderr)
-        return 1
+    summary = run(args)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -5,7 +5,6 @@ This table is the one place that says what qtrain supports; README.md reproduces
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import json
 import os
@@ -14,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 import qtrain
+from qtrain.cli import ArgumentParser
 
 # package -> (minimum supported, reason). Versions below the minimum are a known-bad combination.
 SUPPORTED: dict[str, tuple[str, str]] = {
@@ -109,7 +109,7 @@ def collect() -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qtrain env", allow_abbrev=False,
+    parser = ArgumentParser(prog="qtrain env", allow_abbrev=False,
                                      description="Print versions and devices; exit 1 on a known-bad combination.")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for platform health checks)")
     args = parser.parse_args(argv)

@@ -7,24 +7,30 @@ Flag names follow MindSpeed-LLM's convert_ckpt_v2.py, e.g.
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --model-type-hf qwen3
 
 Tensors are read and written one at a time (Megatron output: one rank file at a time), so memory
-stays near one output file, not the whole model.
+stays near one output file, not the whole model. A non-empty --save-dir is refused unless
+--overwrite is given (targets.py); a second conversion into the same dir is refused while one
+runs (lock.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from qtrain.parallel.stages import parse_num_layer_list
+from qtrain.checkpoint.lock import DirLock
 from qtrain.checkpoint.megatron import save_megatron
 from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
+from qtrain.checkpoint.targets import check_distinct, prepare_save_dir
 from qtrain.checkpoint.writers import save_hf_dir
-from qtrain.errors import ConfigError, QtrainError
+from qtrain.cli import ArgumentParser
+from qtrain.errors import ConfigError
+from qtrain.io_utils import check_writable_dir
 from qtrain.models.hf import read_hf_config
 
 FORMATS = ("hf", "qtrain", "mg")
@@ -32,12 +38,15 @@ PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain convert", description=__doc__,
+    p = ArgumentParser(prog="qtrain convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-model-type", required=True, choices=FORMATS, help="format of --load-dir")
     p.add_argument("--save-model-type", required=True, choices=FORMATS, help="format to write to --save-dir")
     p.add_argument("--load-dir", required=True, help="checkpoint to read (HF dir, or the folder holding the tracker)")
-    p.add_argument("--save-dir", required=True, help="where to write the converted checkpoint")
+    p.add_argument("--save-dir", required=True, help="where to write the converted checkpoint (empty or new)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --save-dir: first remove the model files there (HF weights, index, "
+                        "configs, tokenizer; the tracker and iteration folders), keep every other file")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of mg output")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of mg output")
     p.add_argument("--num-layer-list", default=None, help="layers per PP stage for mg output, e.g. 14,14")
@@ -81,12 +90,20 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    _validate(args)
+    check_distinct(args.load_dir, args.save_dir)
+    check_writable_dir(args.save_dir, "--save-dir")
+    created = not Path(args.save_dir).exists()
+    lock = DirLock(args.save_dir, "--save-dir").acquire()
+    ok = False
     try:
-        _validate(args)
-        return _convert(args)
-    except QtrainError as e:
-        print(f"qtrain convert: error: {e}", file=sys.stderr)
-        return 2
+        rc = _convert(args)
+        ok = True
+        return rc
+    finally:
+        lock.release()
+        if created and not ok:  # a dir this run made (under its lock): leave nothing half-written behind
+            shutil.rmtree(args.save_dir, ignore_errors=True)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -102,6 +119,7 @@ def _convert(args: argparse.Namespace) -> int:
         config_dtype(source.hf_config) or getattr(source, "dtype", None))
     iteration = source.iteration if isinstance(source.iteration, int) else 1
     try:
+        prepare_save_dir(args.save_dir, args.overwrite)  # only once the source has opened
         if args.save_model_type == "mg":
             save_megatron(source.get, source.config, args.save_dir, tp=args.target_tensor_parallel_size,
                           pp=args.target_pipeline_parallel_size,

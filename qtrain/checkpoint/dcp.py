@@ -4,11 +4,14 @@ Layout (read by `qtrain convert`):
 
     <save>/latest_checkpointed_iteration.txt   the iteration, written LAST and atomically
     <save>/iter_0000100/                        a DCP directory:
-        {"model": {HF param name: fp32 tensor}, "optim": AdamW state,
-         "train_state": pickled dict (iteration, consumed samples, sampler, world size),
-         "rng": {"rank_<r>": pickled RNG states of rank r}}
+        {"model": {HF param name: fp32 tensor}, "optim": AdamW state}
+    <save>/iter_0000100/train_state.json        iteration, consumed samples, sampler, world size
+    <save>/iter_0000100/rng/rank_<r>.json       RNG states of rank r (see run_state.py)
     <save>/iter_0000100/config.json             HF-style model config
     <save>/iter_0000100/qtrain_args.json        the training options
+
+Loading never runs code from the checkpoint: DCP metadata and non-tensor entries are read
+through dcp_safe.py, qtrain's own state is JSON.
 
 Crash safety: every rank writes into `iter_0000100.tmp/`; once all have finished, rank 0 renames
 it to `iter_0000100/` and only then rewrites the tracker. A kill at any point leaves the tracker
@@ -20,14 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from qtrain.checkpoint import dcp_safe, run_state
 from qtrain.checkpoint.layout import TRACKER, iteration_dir_name, read_tracker, swap_into_place, write_tracker
 from qtrain.errors import CheckpointError
 from qtrain.io_utils import write_json_atomic
@@ -61,26 +63,6 @@ def _world() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-# ----------------------------------------------------------------------------- RNG
-
-def rng_state() -> dict[str, Any]:
-    """Every generator this rank draws from: python, numpy, torch CPU and the accelerator."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-    if acc is not None and acc.type != "cpu":
-        state["accelerator"] = (acc.type, getattr(torch, acc.type).get_rng_state())
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "accelerator" in state:
-        kind, s = state["accelerator"]
-        getattr(torch, kind).set_rng_state(s)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -159,12 +141,17 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=_SD_OPTIONS)
-    state = {"model": model_sd, "train_state": pickle.dumps(train_state),
-             "rng": {f"rank_{_rank()}": pickle.dumps(rng_state())}}
+    state = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    # Before dcp.save: rank 0 finishes it only after every rank has written, so its rename below
+    # never races another rank's RNG file.
+    run_state.write_rng(tmp, _rank())
+    with warnings.catch_warnings():  # torch's notice that a single process saves is noise in every save
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if _rank() == 0:
+        run_state.write_train_state(tmp, {**train_state, "world_size": _world()})
         write_json_atomic(tmp / CONFIG_FILE, model_config_json)
         write_json_atomic(tmp / ARGS_FILE, args_json)
         swap_into_place(tmp, final)  # saving the same iteration again replaces the old one
@@ -228,44 +215,37 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
 
     it = latest_iteration(path)
     folder = path if it is None else checkpoint_dir(path, it)
-    reader = dcp.FileSystemReader(str(folder))
-    try:
-        keys = set(reader.read_metadata().state_dict_metadata)
-    except Exception as e:  # a truncated or foreign .metadata
-        raise CheckpointError(f"--load {folder}: unreadable DCP metadata ({e})") from e
-    if "train_state" not in keys:
+    keys = set(dcp_safe.read_metadata(folder).state_dict_metadata)
+    resumable = (folder / run_state.TRAIN_STATE_FILE).is_file()
+    if not resumable and run_state.LEGACY_KEY in keys and not finetune:
+        raise CheckpointError(
+            f"--load {folder}: written by an earlier qtrain that pickled its train state and RNG, which qtrain "
+            f"no longer unpickles (a pickle can run code); resuming it is not possible: start from its weights "
+            f"with --finetune")
+    if not resumable:
         finetune = True  # weights only (e.g. written by `qtrain convert`): start at iteration 0
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not any(k.startswith("optim.") for k in keys):
         raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
+    train_state = None if finetune else run_state.read_train_state(folder)
     # Only ask for the optimizer's state dict when restoring it: asking initialises its state.
     model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [], options=_SD_OPTIONS)
     state: dict[str, Any] = {"model": model_sd}
     if with_optim:
         state["optim"] = optim_sd
-    rng_key = f"rng.rank_{_rank()}"
-    with_rng = load_rng and not finetune and rng_key in keys and _saved_world(keys) == _world()
-    if with_rng:
-        state["rng"] = {f"rank_{_rank()}": b""}
-    if not finetune:
-        state["train_state"] = b""
     try:
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-    except Exception as e:
-        raise CheckpointError(f"--load {folder}: cannot restore ({type(e).__name__}: {e}); the checkpoint's "
-                              f"model config is {folder / CONFIG_FILE}: does it match the model flags?") from e
+        dcp_safe.load(state, folder, no_dist=not dist.is_initialized(),
+                      hint=f"the checkpoint's model config is {folder / CONFIG_FILE}: does it match the model flags?")
+    except CheckpointError as e:
+        raise CheckpointError(f"--load {e}") from None
     set_state_dict(model, optimizer if with_optim else [], model_state_dict=state["model"],
                    optim_state_dict=state["optim"] if with_optim else {}, options=_SD_OPTIONS)
-    if with_rng:
-        set_rng_state(pickle.loads(state["rng"][f"rank_{_rank()}"]))
     if finetune:
         return Loaded(kind, folder)
-    train_state = pickle.loads(state["train_state"])
-    return Loaded(kind, folder, int(train_state["iteration"]), train_state, with_rng)
-
-
-def _saved_world(keys: set[str]) -> int:
-    return sum(1 for k in keys if k.startswith("rng.rank_"))
+    with_rng = load_rng and train_state["world_size"] == _world()
+    if with_rng:
+        run_state.restore_rng(folder, _rank())
+    return Loaded(kind, folder, train_state["iteration"], train_state, with_rng)
 
 
 def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:

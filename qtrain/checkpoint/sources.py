@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +53,28 @@ def config_dtype(hf_config: dict[str, Any] | None) -> torch.dtype | None:
     return _DTYPE_NAMES.get(hf_config.get("torch_dtype") or hf_config.get("dtype"))
 
 
+def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, the JSON header) of a safetensors file; CheckpointError naming the file if it
+    is damaged."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > file.stat().st_size:
+                raise ValueError(f"header of {n} bytes in a file of {file.stat().st_size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        for name, meta in header.items():
+            if name != "__metadata__":
+                begin, end = meta["data_offsets"]
+                if not 0 <= begin <= end or 8 + n + end > file.stat().st_size:
+                    raise ValueError(f"tensor {name} lies outside the file")
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); it is damaged "
+                              f"or truncated: download or export it again") from None
+    return n, header
+
+
 def _check_complete(where: str, have: set[str], cfg: Qwen3Config) -> None:
     missing = [n for n in hf_param_names(cfg) if n not in have]
     if missing:
@@ -73,9 +94,7 @@ class HFSource:
         self.tokenizer_dir = _has_tokenizer(self.path)
         self._index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
         for file in safetensors_files(self.path):
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            n, header = _safetensors_header(file)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
@@ -123,11 +142,10 @@ class QtrainSource:
         self.hf_config = json.loads(config_file.read_text())
         self.config = Qwen3Config.from_hf_dict(self.hf_config, source=str(config_file))
         self.tokenizer_dir = _has_tokenizer(self.folder)
-        import torch.distributed.checkpoint as dcp  # only here: importing DCP costs seconds
+        from qtrain.checkpoint import dcp_safe  # only here: importing DCP costs seconds
 
-        self._dcp = dcp
-        self._reader = dcp.FileSystemReader(str(self.folder))
-        meta = self._reader.read_metadata().state_dict_metadata
+        self._dcp_safe = dcp_safe
+        meta = dcp_safe.read_metadata(self.folder).state_dict_metadata
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
         _check_complete(str(self.folder), set(self._meta), self.config)
 
@@ -137,9 +155,7 @@ class QtrainSource:
     def get(self, name: str) -> torch.Tensor:
         meta = self._meta[name]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with warnings.catch_warnings():  # single-process load is the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            self._dcp.load({"model": {name: tensor}}, storage_reader=self._reader, no_dist=True)
+        self._dcp_safe.load({"model": {name: tensor}}, self.folder, no_dist=True)
         return tensor
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ def save_hf_dir(source: Source, out_dir: str | Path, dtype: torch.dtype | None =
     source has them). Weights first, config.json last, so a dir with a config is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # an earlier model there no longer looks complete
 
     def tensors():
         for name in source.names():

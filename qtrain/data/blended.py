@@ -274,3 +274,25 @@ def build_gpt_datasets(
             raise DataError(f"rank 0 failed to build the datasets: {outcome[0]}")
         result = _build_all(prefixes, weights, sizes, config, write_cache=False)
     return result
+
+
+def no_training_data(data_path: str | Sequence[str], split: str) -> str:
+    """Why `--data-path` / `--split` leave the train split without documents (an error message)."""
+    from qtrain.data.gpt_dataset import parse_split
+
+    if parse_split(split)[0] == 0:
+        return f"--split {split} gives the train part no weight; give it one, e.g. --split 98,2,0"
+    prefixes, _ = parse_data_path(data_path)
+    for prefix in prefixes:
+        if not IndexedDataset.exists(prefix):
+            continue  # an instruction dataset: its own builder names its files
+        docs = len(IndexedDataset(prefix).document_indices) - 1
+        if docs == 0:
+            return (f"--data-path {prefix}: the dataset holds no documents; preprocess a non-empty corpus "
+                    f"(`qtrain preprocess` stops on an empty input)")
+        train = split_ranges(split, docs)[0]
+        if train is None or train[0] == train[1]:
+            return (f"--data-path {prefix}: its train split (--split {split}) of {docs} document(s) holds none; "
+                    f"add documents or give the train part more weight")
+    return (f"--data-path {' '.join(map(str, prefixes))}: no training samples with --split {split}; "
+            f"check that the dataset holds documents and that the train part has a weight")

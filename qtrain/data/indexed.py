@@ -142,8 +142,31 @@ class IndexedDataset:
                 f"{bpath}: {state} ({have_bin} bytes, {ipath} describes {want_bin}); "
                 "the pair does not belong together or a write was interrupted: re-create the dataset"
             )
+        self._check_index(ipath, itemsize)
         # numpy cannot map an empty file; an empty dataset has nothing to read anyway.
         self._bin = np.memmap(bpath, mode="r", dtype=np.uint8) if have_bin else np.empty(0, np.uint8)
+
+    def _check_index(self, ipath: str, itemsize: int, chunk: int = 1 << 22) -> None:
+        """Sequences lie back to back in the .bin (as every Megatron writer puts them) and documents
+        start at increasing sequences: a corrupt index would read other bytes as tokens. Checked
+        in chunks, so memory stays small for any number of sequences."""
+        lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        offset = 0
+        for start in range(0, len(lengths), chunk):
+            part = lengths[start:start + chunk].astype(np.int64)
+            expect = offset + np.concatenate([[0], np.cumsum(part[:-1])]) * itemsize
+            bad = np.flatnonzero((pointers[start:start + chunk] != expect) | (part < 0))
+            if len(bad):
+                i = start + int(bad[0])
+                raise DataError(f"{ipath}: corrupt index: sequence {i} has length {int(lengths[i])} at byte "
+                                f"{int(pointers[i])}, expected a length >= 0 at byte {int(expect[bad[0]])}; "
+                                f"re-create the dataset with `qtrain preprocess`")
+            offset = int(expect[-1]) + int(part[-1]) * itemsize
+        for start in range(0, len(docs), chunk):
+            part = docs[max(start - 1, 0):start + chunk]
+            if int(docs[0]) != 0 or (np.diff(part) < 0).any():
+                raise DataError(f"{ipath}: corrupt index: document start sequences are not increasing from 0; "
+                                f"re-create the dataset with `qtrain preprocess`")
 
     def __getstate__(self) -> dict:
         return {"path_prefix": self.path_prefix}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from array import array
@@ -33,12 +34,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from qtrain.cli import ArgumentParser
 from qtrain.data.handlers import HANDLERS, build_handler
 from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
 from qtrain.data.instruction_handlers import DROPPED
 from qtrain.data.readers import FORMATS, Chunk, RecordError, blank_lines, decode_chunk, iter_chunks, list_inputs
 from qtrain.data.templates import PROMPT_TYPES
-from qtrain.errors import ConfigError, DataError, QtrainError
+from qtrain.errors import ConfigError, DataError
+from qtrain.io_utils import check_writable_dir
 
 _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}
 
@@ -52,7 +55,7 @@ def _thinking(value: str) -> bool | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qtrain preprocess",
         description="Tokenize a corpus (parquet, jsonl/json, csv, txt, arrow) into Megatron .bin/.idx datasets.",
         allow_abbrev=False,
@@ -159,6 +162,13 @@ def _init_worker(handler: Any, keys: list[str], skip_bad: bool) -> None:
     _STATE.update(handler=handler, keys=keys, skip_bad=skip_bad)
 
 
+def _init_pool_worker(*args: Any) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process alone reacts (it
+    # stops the pool and removes partial outputs); a worker would print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
+
+
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Decode and tokenize one chunk with the worker's handler, keeping the outputs `keys`."""
     handler, keys, skip_bad = _STATE["handler"], _STATE["keys"], _STATE["skip_bad"]
@@ -208,7 +218,7 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, in
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=initargs) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))
@@ -311,6 +321,7 @@ def run(args: argparse.Namespace, out=None) -> Progress:
     _validate(args)
     from qtrain.data.tokenizer import load_tokenizer
 
+    check_writable_dir(os.path.dirname(os.path.abspath(args.output_prefix)), "--output-prefix", args.output_prefix)
     files = list_inputs(args.input, args.input_format)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, fast=not args.no_fast_tokenizer)
     handler = build_handler(
@@ -345,6 +356,10 @@ def run(args: argparse.Namespace, out=None) -> Progress:
             if res.error:
                 raise DataError(f"{res.error} (or pass --skip-bad-records to skip and count such records)")
             progress.add(res, writers.write(res))
+        if progress.tokens == 0:  # an empty dataset only fails later, in training
+            raise DataError(f"--input {args.input}: no tokens to write ({progress.docs} document(s) without text, "
+                            f"{progress.blank} blank line(s), {sum(progress.skipped.values())} record(s) skipped); "
+                            f"nothing was written: check the input files and --json-keys")
         writers.finalize()
     except BaseException:
         writers.abort()
@@ -389,11 +404,7 @@ def summary(p: Progress) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        progress = run(args)
-    except QtrainError as exc:
-        print(f"qtrain preprocess: error: {exc}", file=sys.stderr)
-        return 1
+    progress = run(args)
     print(summary(progress), file=sys.stderr)
     return 0
 

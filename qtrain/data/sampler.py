@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from qtrain.errors import ConfigError
+from qtrain.errors import ConfigError, DataError
 
 
 class PretrainingSampler:
@@ -87,8 +87,10 @@ class ResumableLoader:
         data_parallel_size: int = 1,
         consumed_samples: int = 0,
         num_workers: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         self.dataset = dataset
+        self.vocab_size = vocab_size  # when given, every delivered token id is checked against it
         self.micro_batch_size = micro_batch_size
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
@@ -121,5 +123,20 @@ class ResumableLoader:
         if self._iter is None:
             self._iter = self._start()
         batch = next(self._iter)
+        if self.vocab_size is not None:
+            self._check_ids(batch)
         self.consumed_samples += self.micro_batch_size * self.data_parallel_size
         return batch
+
+    def _check_ids(self, batch: dict[str, torch.Tensor]) -> None:
+        """An id outside the embedding would crash the forward (or fault on a GPU) far from its cause."""
+        ids = batch["input_ids"]
+        labels = batch.get("labels")
+        high = max(int(ids.max()), int(labels.max()) if labels is not None else -1)
+        if high >= self.vocab_size or int(ids.min()) < 0:
+            bad = high if high >= self.vocab_size else int(ids.min())
+            first = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+            raise DataError(
+                f"--data-path: token id {bad} in samples {first}-{first + self.micro_batch_size - 1} is outside the "
+                f"model's vocabulary (0-{self.vocab_size - 1}); the data was tokenized with another tokenizer than "
+                f"the model's: preprocess it with the model's tokenizer, or size the embedding with --padded-vocab-size")

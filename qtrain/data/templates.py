@@ -61,7 +61,9 @@ def render_qwen3(messages: Sequence[dict], enable_thinking: bool = False) -> lis
         segs.append(("<|im_start|>system\n" + nfc(msgs[0]["content"]) + "<|im_end|>\n", False))
         msgs = msgs[1:]
     if not msgs or len(msgs) % 2:
-        raise RecordError("bad conversation", f"expected user/assistant turns ending with assistant, got {len(msgs)}")
+        roles = " -> ".join(m["role"] for m in msgs) or "none"
+        raise RecordError("bad conversation", f"expected alternating user/assistant turns ending with an assistant "
+                                               f"reply, got {len(msgs)} turn(s): {roles}")
     # The template renders think blocks only after the last real user query (tool responses
     # wrapped in <tool_response> tags do not count).
     last_query = len(msgs) - 1

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError, DataError
-from qtrain.io_utils import write_json_atomic
+from qtrain.infer import limits
+from qtrain.io_utils import check_writable_file, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="qtrain evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="HF model dir, qtrain save dir (or iter_XXXXXXX) or Megatron dir")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the tracker's)")
     p.add_argument("--lora-load", default=None, help="PEFT LoRA adapter dir to merge into the weights")
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: from the inputs given")
     p.add_argument("--data-path", default=None, help="perplexity: prefix of a .bin/.idx dataset")
     p.add_argument("--text-file", default=None, help="perplexity: a UTF-8 text file, tokenized whole")
-    p.add_argument("--seq-length", type=int, default=2048, help="perplexity: tokens predicted per window")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="perplexity: tokens predicted per window (default: 2048, or the model's positions if fewer)")
     p.add_argument("--max-sequences", type=int, default=None, help="perplexity: stop after this many sequences")
     p.add_argument("--data-dir", default=None, help="multiple choice: directory of <subject>_{dev,test,val}.csv")
     p.add_argument("--split", default="test", choices=["test", "val"], help="multiple choice: files scored")
@@ -39,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="multiple choice: solved dev examples in the prompt")
     p.add_argument("--mc-score", choices=["letter", "text"], default="letter",
                    help="multiple choice: log-likelihood of the answer letter or of the choice text")
-    p.add_argument("--max-length", type=int, default=4096, help="multiple choice: longest prompt (drops shots)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="multiple choice: longest prompt, drops shots to fit (default: 4096, or the model's positions "
+                        "if fewer)")
     p.add_argument("--batch-size", type=int, default=8, help="perplexity windows per forward")
     p.add_argument("--output-json", default=None, help="write the results here")
     p.add_argument("--device", default="auto", help="cpu, cuda, npu or auto")
@@ -66,8 +71,6 @@ def _tasks(args) -> list[str]:
 def run_ppl(args, model, tokenizer_loader, device) -> dict:
     from qtrain.infer.perplexity import perplexity
 
-    if args.seq_length <= 0:
-        raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
     if bool(args.data_path) == bool(args.text_file):
         raise ConfigError("perplexity needs exactly one of --data-path PREFIX or --text-file FILE")
     if args.data_path:
@@ -75,13 +78,18 @@ def run_ppl(args, model, tokenizer_loader, device) -> dict:
 
         ds = IndexedDataset(args.data_path)
         n = len(ds) if args.max_sequences is None else min(len(ds), args.max_sequences)
-        sequences = (ds[i] for i in range(n))
+        vocab = model.config.vocab_size
+        fix = "the data was tokenized for another model: preprocess it with this model's tokenizer"
+        sequences = (_checked(ds[i], vocab, f"--data-path {args.data_path} sequence {i}", fix) for i in range(n))
         source = args.data_path
     else:
         path = Path(args.text_file)
         if not path.is_file():
             raise DataError(f"--text-file {path}: no such file")
-        sequences = [tokenizer_loader()(path.read_text(encoding="utf-8")).input_ids]
+        tokenizer = tokenizer_loader()
+        ids = tokenizer(path.read_text(encoding="utf-8")).input_ids
+        limits.check_ids(ids, model.config.vocab_size, f"--text-file {path}", limits.tokenizer_fix(tokenizer))
+        sequences = [ids]
         source = str(path)
     res = perplexity(model, sequences, args.seq_length, args.batch_size, device)
     if res.tokens == 0:
@@ -90,6 +98,12 @@ def run_ppl(args, model, tokenizer_loader, device) -> dict:
     print(f"{source[-40:]:<40} {res.sequences:>10} {res.tokens:>12} {res.mean_nll:>10.4f} {res.perplexity:>12.4f}")
     return {"task": "ppl", "source": source, "seq_length": args.seq_length, "sequences": res.sequences,
             "tokens": res.tokens, "nll_sum": res.nll_sum, "mean_nll": res.mean_nll, "perplexity": res.perplexity}
+
+
+def _checked(seq, vocab_size: int, where: str, fix: str):
+    if len(seq):
+        limits.check_ids([int(seq.max()), int(seq.min())], vocab_size, where, fix)
+    return seq
 
 
 def run_multiple_choice(args, task, model, tokenizer, device) -> dict:
@@ -123,9 +137,14 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     tasks = _tasks(args)
+    if args.output_json:
+        check_writable_file(args.output_json, "--output-json")
     dev = torch.device(qdevice.device_type() if args.device == "auto" else args.device)
     dtype = (torch.float32 if dev.type == "cpu" else torch.bfloat16) if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tok_dir = load_model_for_inference(args.load, dtype, dev, args.iteration, args.lora_load)
+    positions = model.config.max_position_embeddings
+    args.seq_length = limits.resolve_length(args.seq_length, 2048, positions, "--seq-length")
+    args.max_length = limits.resolve_length(args.max_length, 4096, positions, "--max-length")
 
     def tokenizer():
         return load_hf_tokenizer(args.tokenizer_name_or_path or tok_dir or find_qwen3_tokenizer())

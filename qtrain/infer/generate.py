@@ -16,6 +16,7 @@ the reply as it is decoded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -23,9 +24,12 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 
-from qtrain.errors import ConfigError, DataError
+from qtrain.cli import ArgumentParser
+from qtrain.errors import ConfigError, DataError, QtrainError
+from qtrain.infer import limits
 from qtrain.infer.kv_cache import KVCache, cached_forward, decode_mask, padded_positions
 from qtrain.infer.sampling import SamplingConfig, next_token
+from qtrain.io_utils import atomic_path, check_writable_file
 from qtrain.models.qwen3 import Qwen3ForCausalLM
 
 TokenCallback = Callable[[torch.Tensor, torch.Tensor], None]
@@ -116,7 +120,7 @@ class TextStream:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain generate", description=(
+    p = ArgumentParser(prog="qtrain generate", description=(
         "Generate text from an HF dir, a qtrain checkpoint or a Megatron dir. Without --prompt or "
         "--prompt-file, chat interactively (type /exit to leave, /reset to clear the history)."))
     p.add_argument("--load", required=True, help="HF model dir, qtrain save dir (or iter_XXXXXXX) or Megatron dir")
@@ -233,10 +237,27 @@ class Session:
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
 
-    def run(self, batch: list[list[int]], on_tokens: TokenCallback | None = None) -> list[list[int]]:
+    def new_tokens(self, batch: list[list[int]], names: list[str]) -> int:
+        """Check each prompt against the model (ids, length); how many tokens may follow the longest."""
+        cfg = self.model.config
+        for ids, name in zip(batch, names):
+            limits.check_ids(ids, cfg.vocab_size, name, limits.tokenizer_fix(self.tokenizer))
+            limits.check_length(len(ids), cfg.max_position_embeddings - 1, name,
+                                "shorten it (one position is needed for the reply)")
+        longest = max(range(len(batch)), key=lambda i: len(batch[i]))
+        room = cfg.max_position_embeddings - len(batch[longest])
+        if self.args.max_new_tokens > room:
+            print(f"warning: {names[longest]}: generating at most {room} tokens, not --max-new-tokens "
+                  f"{self.args.max_new_tokens}: its {len(batch[longest])} tokens and the reply must fit the model's "
+                  f"{cfg.max_position_embeddings} positions", file=sys.stderr)
+        return min(self.args.max_new_tokens, room)
+
+    def run(self, batch: list[list[int]], on_tokens: TokenCallback | None = None,
+            names: list[str] | None = None) -> list[list[int]]:
         a = self.args
+        steps = self.new_tokens(batch, names or [f"prompt {i + 1}" for i in range(len(batch))])
         ids, mask = left_pad(batch, self.pad)
-        out = generate(self.model, ids.to(self.device), a.max_new_tokens, attention_mask=mask.to(self.device),
+        out = generate(self.model, ids.to(self.device), steps, attention_mask=mask.to(self.device),
                        do_sample=not a.greedy, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                        seed=a.seed, eos_token_ids=self.eos, pad_token_id=self.pad,
                        use_cache=not a.no_kv_cache, on_tokens=on_tokens)
@@ -250,29 +271,30 @@ class Session:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _batch_mode(sess: Session, prompts: list) -> None:
+def _batch_mode(sess: Session, prompts: list, names: list[str]) -> None:
     a = sess.args
-    out_file = open(a.output_file, "w", encoding="utf-8") if a.output_file else None  # noqa: SIM115
-    try:
+    with contextlib.ExitStack() as stack:
+        out_file = None
+        if a.output_file:  # written under a temporary name, renamed once every prompt is answered
+            tmp = stack.enter_context(atomic_path(a.output_file))
+            out_file = stack.enter_context(open(tmp, "w", encoding="utf-8"))
         for start in range(0, len(prompts), a.batch_size):
             chunk = prompts[start:start + a.batch_size]
+            where = names[start:start + a.batch_size]
             encoded = [format_prompt(sess.tokenizer, p, not a.no_chat_template, a.system, a.enable_thinking)
                        for p in chunk]
             if len(chunk) == 1 and out_file is None:  # one prompt: stream it
                 print(f">>> {chunk[0]}")
                 stream = TextStream(sess.tokenizer, skip_ids=sess.eos)
-                sess.run(encoded, stream)
+                sess.run(encoded, stream, where)
                 stream.flush()
                 print()
                 continue
-            for prompt, reply in zip(chunk, sess.run(encoded)):
+            for prompt, reply in zip(chunk, sess.run(encoded, names=where)):
                 text = sess.decode(reply)
                 if out_file is not None:
                     out_file.write(json.dumps({"prompt": prompt, "response": text}, ensure_ascii=False) + "\n")
                 print(f">>> {prompt}\n{text}\n")
-    finally:
-        if out_file is not None:
-            out_file.close()
 
 
 def _chat(sess: Session, stdin: TextIO | None = None) -> None:
@@ -294,9 +316,15 @@ def _chat(sess: Session, stdin: TextIO | None = None) -> None:
             continue
         history.append({"role": "user", "content": text})
         ids = format_prompt(sess.tokenizer, history, True, None, a.enable_thinking)
+        try:
+            sess.new_tokens([ids], ["the conversation"])
+        except QtrainError as e:  # too long for the model: keep the chat, say what to do
+            print(f"{e}; type /reset to start over", flush=True)
+            history.pop()
+            continue
         print("assistant> ", end="", flush=True)
         stream = TextStream(sess.tokenizer, skip_ids=sess.eos)
-        reply = sess.run([ids], stream)[0]
+        reply = sess.run([ids], stream, ["the conversation"])[0]
         stream.flush()
         print(flush=True)
         history.append({"role": "assistant", "content": sess.decode(reply)})
@@ -313,9 +341,13 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     prompts = list(args.prompt) + (read_prompts(args.prompt_file) if args.prompt_file else [])
+    names = [f"--prompt {i + 1}" for i in range(len(args.prompt))] + \
+        [f"--prompt-file {args.prompt_file} prompt {i + 1}" for i in range(len(prompts) - len(args.prompt))]
+    if args.output_file:
+        check_writable_file(args.output_file, "--output-file")
     sess = Session(args)
     if prompts:
-        _batch_mode(sess, prompts)
+        _batch_mode(sess, prompts, names)
     else:
         _chat(sess)
     return 0

@@ -54,11 +54,14 @@ def read_csv(path: Path) -> tuple[str, list[Question]]:
     body = rows[1:] if style == "ceval" else rows
     first = 1 if style == "ceval" else 0
     out = []
+    width = len(head) if style == "ceval" else 6
     for n, row in enumerate(body, start=first + 1):
         fields = row[1:7] if style == "ceval" else row[:6]
-        if len(fields) < 6:
-            raise DataError(f"{path}:{n}: expected question, A, B, C, D, answer "
-                            f"({'after an id column' if style == 'ceval' else 'MMLU layout'}), got {len(row)} fields")
+        if len(row) != width:  # a field too many is as wrong as one too few: the columns would shift
+            layout = (f"the {width} columns of its header ({','.join(head)})" if style == "ceval"
+                      else "6 fields: question, A, B, C, D, answer (MMLU layout, no header)")
+            raise DataError(f"{path}:{n}: expected {layout}, got {len(row)} fields; quote a field that "
+                            f"holds a comma")
         answer = fields[5].strip().upper()
         if answer and answer not in LETTERS:
             raise DataError(f"{path}:{n}: answer {fields[5]!r} is not one of A, B, C, D")
@@ -153,9 +156,11 @@ class SubjectResult:
 def evaluate_subject(model: Qwen3ForCausalLM, tokenizer, subject: Subject, shots: int = 0, score: str = "letter",
                      max_length: int = 4096, device: torch.device | str = "cpu") -> SubjectResult:
     """Accuracy on one subject; a prompt too long for `max_length` drops dev examples until it fits."""
+    from qtrain.infer import limits
+
     correct = total = 0
     preds = []
-    for q in subject.eval:
+    for n, q in enumerate(subject.eval, 1):
         k = min(shots, len(subject.dev))
         while True:
             context = tokenizer(build_prompt(subject, q, k)).input_ids
@@ -163,6 +168,11 @@ def evaluate_subject(model: Qwen3ForCausalLM, tokenizer, subject: Subject, shots
                 break
             k -= 1
         conts = [tokenizer(c).input_ids for c in continuations(q, subject.style, score)]
+        where = f"subject {subject.name}, question {n}"
+        limits.check_ids(context + [i for c in conts for i in c], model.config.vocab_size, where,
+                         limits.tokenizer_fix(tokenizer))
+        limits.check_length(len(context) + max(map(len, conts)), model.config.max_position_embeddings, where,
+                            "the question alone is longer than the model takes; leave that subject out with --subjects")
         scores = continuation_logprobs(model, context, conts, device)
         pred = LETTERS[max(range(len(LETTERS)), key=lambda i: scores[i])]
         preds.append(pred)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qtrain.errors import CheckpointError
-from qtrain.io_utils import atomic_path, write_json_atomic
+from qtrain.io_utils import atomic_path, follow_umask, write_json_atomic
 from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import Qwen3ForCausalLM, build_model
 
@@ -50,8 +50,12 @@ def safetensors_files(path: str | Path) -> list[Path]:
     path = _require_dir(path)
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(map(str, weight_map.values())))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); re-export the "
+                                  f"model or remove the file") from None
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard files listed but missing: {', '.join(missing)}")
@@ -67,9 +71,13 @@ def safetensors_files(path: str | Path) -> list[Path]:
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of an HF dir, one at a time, each read from a memory map."""
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it is damaged or truncated: "
+                                  f"download or export it again") from None
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -139,6 +147,7 @@ def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]],
         if current:
             tmp = out_dir / f".shard-{len(shards):05d}.tmp"
             save_file(current, str(tmp), metadata={"format": "pt"})
+            follow_umask(tmp)  # safetensors creates its files 0600
             shards.append(list(current))
             tmp_files.append(tmp)
             current, size = {}, 0
@@ -154,6 +163,7 @@ def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]],
     if len(shards) == 1:
         tmp_files[0].replace(out_dir / SINGLE_NAME)
         (out_dir / INDEX_NAME).unlink(missing_ok=True)
+        _remove_other_shards(out_dir, [])
         return [SINGLE_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
@@ -162,7 +172,15 @@ def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]],
         weight_map.update({k: file_name for k in keys})
     (out_dir / SINGLE_NAME).unlink(missing_ok=True)
     write_json_atomic(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _remove_other_shards(out_dir, names)
     return names
+
+
+def _remove_other_shards(out_dir: Path, keep: list[str]) -> None:
+    """Shards of a model written here before with another shard count (no index names them now)."""
+    for path in out_dir.glob("model-?????-of-?????.safetensors"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def generation_config(cfg: Qwen3Config) -> dict:
@@ -194,6 +212,7 @@ def save_hf(model: Qwen3ForCausalLM, path: str | Path, tokenizer_dir: str | Path
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").unlink(missing_ok=True)  # an earlier export there no longer looks complete
     sd = hf_state_dict(model)
     out_dtype = dtype or next(iter(sd.values())).dtype
     write_safetensors_sharded(((k, v.to(out_dtype)) for k, v in sd.items()), path, max_shard_bytes)

@@ -40,11 +40,11 @@ tiny model on CPU; the GPU peak of Qwen3-1.7B is in benchmarks/results when it w
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from qtrain.errors import ConfigError, QtrainError
+from qtrain.cli import ArgumentParser
+from qtrain.errors import ConfigError
 from qtrain.parallel.mesh import ParallelDims, parallel_args, stage_layers, validate_layout
 
 GIB = 1024 ** 3
@@ -233,7 +233,7 @@ def main(argv: list[str]) -> int:
     from qtrain.config import parse_args, resolve_model_config
     from qtrain.models.rope_scaling import describe
 
-    own = argparse.ArgumentParser(prog="qtrain plan", add_help=False)
+    own = ArgumentParser(prog="qtrain plan", add_help=False)
     own.add_argument("--world-size", type=int, default=None, help="devices of the layout (default TP x PP x CP)")
     own.add_argument("--device-memory-gb", type=float, default=None, help="memory of one device, GB")
     own.add_argument("--suggest", type=int, default=None, help="list layouts of this many devices that fit")
@@ -244,30 +244,26 @@ def main(argv: list[str]) -> int:
               "[--device-memory-gb G] [--suggest N]\n\nEstimates per-device memory (weights, grads, optimizer, "
               "activations by recompute setting) and whether it fits; --suggest lists layouts that fit.")
         return 0
-    try:
-        cfg = parse_args(rest)
-        model_cfg = resolve_model_config(cfg)
-        p = cfg.parallel
-        if ns.suggest is not None:
-            if ns.device_memory_gb is None:
-                raise ConfigError("--suggest needs --device-memory-gb")
-            found = suggest_layouts(model_cfg, cfg, ns.suggest, ns.device_memory_gb)
-            print(f"layouts of {ns.suggest} devices with {ns.device_memory_gb:g} GB that fit "
-                  f"(seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
-                  f"{'bf16' if cfg.training.bf16 else 'fp32'}):")
-            for layout, est in found[:20]:
-                print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB")
-            if not found:
-                print("  none: raise the device count or memory, or shorten --seq-length")
-            return 0 if found else 1
-        world = ns.world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
-            p.context_parallel_size
-        est = estimate_memory(model_cfg, cfg, world)
-        print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
-              f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
-              f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
-        print(format_estimate(est, ns.device_memory_gb))
-        return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1
-    except QtrainError as e:
-        print(f"qtrain plan: error: {e}")
-        return 2
+    cfg = parse_args(rest)
+    model_cfg = resolve_model_config(cfg)
+    p = cfg.parallel
+    if ns.suggest is not None:
+        if ns.device_memory_gb is None:
+            raise ConfigError("--suggest needs --device-memory-gb")
+        found = suggest_layouts(model_cfg, cfg, ns.suggest, ns.device_memory_gb)
+        print(f"layouts of {ns.suggest} devices with {ns.device_memory_gb:g} GB that fit "
+              f"(seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
+              f"{'bf16' if cfg.training.bf16 else 'fp32'}):")
+        for layout, est in found[:20]:
+            print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB")
+        if not found:
+            print("  none: raise the device count or memory, or shorten --seq-length")
+        return 0 if found else 1
+    world = ns.world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
+        p.context_parallel_size
+    est = estimate_memory(model_cfg, cfg, world)
+    print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
+          f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
+          f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
+    print(format_estimate(est, ns.device_memory_gb))
+    return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1

@@ -32,6 +32,8 @@ from qtrain.train import metrics as M
 from qtrain.train.export import ExportTransform, export_hf
 from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import check_model_fits, describe_plan
+from qtrain.train.preflight import claim_outputs, release_outputs
+from qtrain.train.resume_check import check_resume, data_order
 from qtrain.train.runtime import Runtime, StopFlag, apply_parallelism, init_runtime
 from qtrain.train.schedule import build_schedule
 from qtrain.train.step import LossWeight, mean_loss, train_step
@@ -120,6 +122,7 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     try:
         return Trainer(cfg, rt, hooks or LoopHooks(), log).run()
     finally:
+        release_outputs()
         rt.close()
 
 
@@ -140,7 +143,8 @@ class Trainer:
         from qtrain.data.sampler import ResumableLoader
 
         self.loader = ResumableLoader(self.train_ds, self.batch.micro_batch_size, self.state.dp_rank,
-                                      self.state.dp_size, consumed_samples=consumed, num_workers=cfg.data.num_workers)
+                                      self.state.dp_size, consumed_samples=consumed, num_workers=cfg.data.num_workers,
+                                      vocab_size=self.model_cfg.vocab_size)
         self.result = TrainResult(iteration=self.iteration, consumed_samples=consumed, start_iteration=self.iteration)
 
     # ------------------------------------------------------------------ setup
@@ -156,6 +160,7 @@ class Trainer:
         self.load_kind = ckpt.load_kind(cfg.checkpoint.load, cfg.checkpoint.save)
         if not cfg.data.data_path:
             raise ConfigError("--data-path is required: the prefix of a .bin/.idx dataset (from `qtrain preprocess`)")
+        claim_outputs(cfg, self.rt.is_main)  # writable outputs, the --save lock: before hours of work, not after
         return model_cfg, batch
 
     def _datasets(self):
@@ -172,7 +177,10 @@ class Trainer:
                                         cache_dir=cfg.data.data_cache_path)
             train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
         if train_ds is None:
-            raise ConfigError(f"--split {cfg.data.split} leaves no training data; give the train part a weight")
+            from qtrain.data.blended import no_training_data
+
+            raise ConfigError(no_training_data(cfg.data.data_path, cfg.data.split))
+        self.data_order = data_order(cfg)
         return train_ds, (valid_ds if t.eval_iters > 0 else None)
 
     def _model(self):
@@ -202,8 +210,12 @@ class Trainer:
             return 0, 0
         loaded = ckpt.load_checkpoint(c.load, self.model, self.optimizer, load_optim=not c.no_load_optim,
                                       load_rng=not c.no_load_rng, finetune=c.finetune)
-        iteration = loaded.iteration if loaded.train_state is not None else 0
-        consumed = int(loaded.train_state["consumed_samples"]) if loaded.train_state is not None else 0
+        if loaded.train_state is None:
+            iteration, consumed = 0, 0
+        else:
+            check_resume(loaded.train_state.get("data_order"), self.data_order, str(loaded.path),
+                         c.override_data_order, self.say)
+            iteration, consumed = loaded.iteration, int(loaded.train_state["consumed_samples"])
         self.say(f"loaded {loaded.kind} checkpoint {loaded.path} (iteration {iteration}"
                  f"{', rng restored' if loaded.rng_restored else ''})")
         return iteration, consumed
@@ -217,7 +229,7 @@ class Trainer:
         self.first_bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration, 0 = none
         self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)
         self.iters_since_log, self.t_log = 0, time.time()
-        stop = StopFlag().install()
+        stop = StopFlag().install(immediate=not cfg.checkpoint.save)  # nothing to save: stop mid-step
         qdevice.reset_peak_memory(dev)
         self.say(f"training {self.model_cfg.num_hidden_layers}-layer Qwen3 ({self.model_cfg.num_params:,} params) on "
                  f"{self.rt.world_size} x {dev.type}: GBS {b.global_batch_size} = MBS {b.micro_batch_size} x "
@@ -300,7 +312,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.cfg.checkpoint.save, it, self.model, self.optimizer,
             {"iteration": it, "consumed_samples": self.loader.consumed_samples, "sampler": self.loader.state_dict(),
-             "world_size": self.rt.world_size, "global_batch_size": self.batch.global_batch_size},
+             "world_size": self.rt.world_size, "global_batch_size": self.batch.global_batch_size,
+             "data_order": self.data_order},
             self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict())
         self.result.saved.append(str(path))
         if self.hooks.after_save is not None:

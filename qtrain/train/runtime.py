@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from qtrain import device as qdevice
-from qtrain.errors import QtrainError
+from qtrain.errors import Interrupted
 
 
 @dataclass
@@ -68,14 +67,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def run_command(name: str, fn: Callable[[], object]) -> int:
+def run_command(name: str, fn: Callable[[], object]) -> int:  # noqa: ARG001  (name: kept for callers)
     """Run a training command (`qtrain pretrain`, `qtrain sft`): exit status 0 on success (also after
-    SIGTERM + save), 1 on a user error printed without a traceback; the process group always ends."""
+    SIGTERM + save); errors propagate to qtrain.cli.run (one line, exit 1); the process group always ends."""
     try:
         fn()
-    except QtrainError as e:
-        print(f"qtrain {name}: error: {e}", file=sys.stderr)
-        return 1
     finally:
         shutdown()
     return 0
@@ -94,14 +90,17 @@ def apply_parallelism(model: torch.nn.Module, cfg, rt: Runtime):
 
 class StopFlag:
     """Set by SIGTERM (a platform stopping the job); the loop checks it after each step,
-    saves and returns normally, so the process exits 0."""
+    saves and returns normally, so the process exits 0. With nothing to save (`immediate`),
+    SIGTERM stops the run at once instead (exit 143, see qtrain.cli)."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
 
-    def install(self) -> "StopFlag":
+    def install(self, immediate: bool = False) -> "StopFlag":
         def handler(signum, frame):  # noqa: ARG001
+            if immediate:
+                raise Interrupted("stopped by SIGTERM; nothing was saved (no --save)", 128 + signal.SIGTERM)
             self.requested = True
 
         try:

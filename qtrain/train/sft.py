@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
+from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError
 
 SFT_FLAGS_HELP = "SFT options (qtrain sft only); every `qtrain pretrain` option is accepted too"
 
 
 def sft_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qtrain sft", add_help=False, allow_abbrev=False)
+    p = ArgumentParser(prog="qtrain sft", add_help=False, allow_abbrev=False)
     g = p.add_argument_group("sft", SFT_FLAGS_HELP)
     g.add_argument("--lora-r", type=int, default=None, help="LoRA rank; without it all weights are trained")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (delta = B A alpha / r)")

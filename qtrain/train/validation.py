@@ -22,7 +22,9 @@ def validation_loss(model: torch.nn.Module, state: ParallelState, valid_ds, eval
     """Mean token loss of `eval_iters` global batches, starting at block `eval_index`; every rank
     gets the same value."""
     start = eval_index * eval_iters * batch.global_batch_size
-    loader = ResumableLoader(valid_ds, batch.micro_batch_size, state.dp_rank, state.dp_size, consumed_samples=start)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    loader = ResumableLoader(valid_ds, batch.micro_batch_size, state.dp_rank, state.dp_size, consumed_samples=start,
+                             vocab_size=vocab)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)

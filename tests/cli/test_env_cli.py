@@ -23,7 +23,8 @@ def test_version_and_help():
 
 def test_unknown_command_is_named():
     out = _run("pretrian")
-    assert out.returncode == 2 and "pretrian" in out.stderr
+    assert out.returncode == 2 and "unknown command 'pretrian'; did you mean pretrain?" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
 
 
 def test_env_reports_cpu_and_passes_here():

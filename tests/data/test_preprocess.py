@@ -45,7 +45,9 @@ def _write_jsonl(path, records):
 
 
 def _run(argv, capsys):
-    rc = preprocess.main([str(a) for a in argv])
+    from qtrain import cli
+
+    rc = cli.main(["preprocess"] + [str(a) for a in argv])
     return rc, capsys.readouterr().err
 
 
@@ -289,12 +291,10 @@ def test_interrupted_run_leaves_no_complete_looking_outputs(tmp_path, tok, capsy
 
 def test_flags_are_refused_by_name(tmp_path, capsys):
     base = ["--input", "x.jsonl", "--output-prefix", "o"]
-    with pytest.raises(SystemExit) as e:
-        preprocess.main(base + ["--split-sentences"])
-    assert e.value.code == 2 and "unrecognized arguments: --split-sentences" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        preprocess.main(base + ["--output", "p"])  # no abbreviations of --output-prefix
-    assert "unrecognized arguments: --output" in capsys.readouterr().err
+    rc, err = _run(base + ["--split-sentences"], capsys)  # a usage error: one line, exit 2
+    assert rc == 2 and "error: unrecognized arguments: --split-sentences" in err and len(err.splitlines()) == 1
+    rc, err = _run(base + ["--output", "p"], capsys)  # no abbreviations of --output-prefix
+    assert rc == 2 and "unrecognized arguments: --output" in err
     for extra, msg in [
         (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer: only Hugging Face"),
         (["--pack", "--seq-length", "64"], "--pack applies to instruction handlers only"),

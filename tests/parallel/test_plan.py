@@ -127,8 +127,10 @@ def test_cli(capsys):
     assert "fits in 80 GB" in out and "activations" in out
     assert main(argv + ["--device-memory-gb", "8"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
-    assert main(argv + ["--tensor-model-parallel-size", "3"]) == 2
-    assert "--num-attention-heads" in capsys.readouterr().out
+    from qtrain import cli
+
+    assert cli.main(["plan"] + argv + ["--tensor-model-parallel-size", "3"]) == 1
+    assert "--num-attention-heads" in capsys.readouterr().err
     assert main(["--model-preset", "8B", "--seq-length", "4096", "--global-batch-size", "16", "--bf16",
                  "--suggest", "8", "--device-memory-gb", "80"]) == 0
     assert "tp=" in capsys.readouterr().out

@@ -56,10 +56,11 @@ def test_abbreviations_are_not_accepted():
 
 
 def test_bad_values(capsys):
-    with pytest.raises(SystemExit):
+    from qtrain.errors import UsageError
+
+    with pytest.raises(UsageError, match="--micro-batch-size"):
         parse_args(["--micro-batch-size", "two"])
-    assert "--micro-batch-size" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--lr-decay-style"):
         parse_args(["--lr-decay-style", "step"])
     with pytest.raises(ConfigError, match="--micro-batch-size must be a positive"):
         parse_args(["--micro-batch-size", "0"])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtrain import cli
 from qtrain.config import parse_args
-from qtrain.train import pretrain as cli
 from qtrain.train.loop import NonFiniteError, pretrain
 from trainutil import read_metrics, tiny_args
 
@@ -21,7 +21,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def _main(argv, capsys):
-    rc = cli.main([str(a) for a in argv])
+    rc = cli.main(["pretrain"] + [str(a) for a in argv])
     return rc, capsys.readouterr()
 
 
@@ -40,7 +40,7 @@ def test_bad_input_stops_before_training(tiny_data, tmp_path, capsys, over, mess
 
 def test_unknown_flag_and_unreadable_checkpoint(tiny_data, tmp_path, capsys):
     rc, out = _main(tiny_args(tiny_data) + ["--use-magic-kernels"], capsys)
-    assert rc == 1 and "unsupported flag --use-magic-kernels" in out.err
+    assert rc == 2 and "unsupported flag --use-magic-kernels" in out.err  # a usage error
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "model.pt").write_bytes(b"garbage")
