@@ -11,7 +11,7 @@ import pytest
 import torch
 from ckpt_helpers import make_hf
 
-from qtrain.checkpoint.convert import main as convert
+from qtrain import cli
 from qtrain.checkpoint.megatron import MegatronReader
 from qtrain.models.config import Qwen3Config
 
@@ -19,7 +19,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 
 def run(*argv) -> int:
-    return convert([str(a) for a in argv])
+    return cli.main(["convert", *[str(a) for a in argv]])
 
 
 def strip_qtrain_config(mg: Path) -> None:
