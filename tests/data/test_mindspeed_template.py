@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from qtrain import cli
 from qtrain.data import preprocess
 from qtrain.data.handlers import build_handler
 from qtrain.data.indexed import IndexedDataset
@@ -184,8 +185,7 @@ def test_enable_thinking_spellings(tmp_path, tokenizer_dir, capsys):
                         (("--enable-thinking", "False"), M), (("--enable-thinking", "none"), M)]:
         out, _ = _preprocess(tmp_path, rec, *flags, "--tokenizer-name-or-path", tokenizer_dir)
         assert out["labels"][0].tolist()[9] == want, flags
-    with pytest.raises(SystemExit):
-        preprocess.main(["--input", "x", "--output-prefix", "o", "--enable-thinking", "maybe"])
+    assert cli.main(["preprocess", "--input", "x", "--output-prefix", "o", "--enable-thinking", "maybe"]) == 2
     assert "expected true or false" in capsys.readouterr().err
 
 
@@ -224,13 +224,13 @@ def test_pairwise_bad_records_name_their_line(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     base = ["--input", str(tmp_path / "p.jsonl"), "--handler-name", "AlpacaStylePairwiseHandler",
             "--output-prefix", str(tmp_path / "o"), "--tokenizer-name-or-path", str(tokenizer_dir), "--workers", "0"]
-    assert preprocess.main(base) == 1
+    assert cli.main(["preprocess", *base]) == 1
     assert "p.jsonl:2: no key 'rejected' (the record has 'instruction', 'chosen'); set --map-keys rejected" in \
         capsys.readouterr().err
     assert preprocess.main(base + ["--skip-bad-records"]) == 0  # MindSpeed-LLM drops such records silently
     assert len(IndexedDataset(str(tmp_path / "o_packed_chosen_input_ids_document"))) == 1
     for flag in ("--pack", "--append-eod"):
-        assert preprocess.main(base + [flag, "--seq-length", "64"]) == 1
+        assert cli.main(["preprocess", *base, flag, "--seq-length", "64"]) == 1
         assert f"{flag}: AlpacaStylePairwiseHandler writes one unpacked pair" in capsys.readouterr().err
     sg = {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "x"},
           "rejected": {"from": "human", "value": "y"}}
@@ -240,7 +240,7 @@ def test_pairwise_bad_records_name_their_line(tmp_path, tokenizer_dir, capsys):
 
 
 def test_neat_pack_needs_pack(capsys):
-    rc = preprocess.main(["--input", "x.jsonl", "--output-prefix", "o", "--handler-name",
+    rc = cli.main(["preprocess", "--input", "x.jsonl", "--output-prefix", "o", "--handler-name",
                           "AlpacaStyleInstructionHandler", "--neat-pack", "--seq-length", "8"])
     assert rc == 1 and "--neat-pack needs --pack (as in MindSpeed-LLM)" in capsys.readouterr().err
 
