@@ -31,8 +31,8 @@ import torch
 from qtrain.checkpoint import safe_pickle
 from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_name, resolve_iteration,
                                       split_layers, swap_into_place, write_tracker)
-from qtrain.checkpoint.megatron_map import (ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard,
-                                            with_extra_state)
+from qtrain.checkpoint.megatron_map import (ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key,
+                                            shard, with_extra_state)
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
 from qtrain.models.presets import PRESETS

@@ -12,7 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from qtrain.checkpoint.convert import main as convert
-from qtrain.checkpoint.megatron import load_megatron_state_dict
+from qtrain.checkpoint.megatron import RopeThetaWarning, load_megatron_state_dict
+from qtrain.checkpoint.sources import open_source
 from qtrain.models.hf import read_hf_config
 from ckpt_helpers import assert_byte_identical, hf_tensors, make_hf
 
@@ -167,6 +168,8 @@ def test_rope_theta_from_megatron_args_is_said(tmp_path, capsys):
     obj["args"].rotary_base = 10000
     torch.save(obj, path)
 
+    with pytest.warns(RopeThetaWarning, match="rope_theta=10000 comes from the checkpoint args"):
+        open_source("mg", mg).close()  # what generate / evaluate --load see
     run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "a")
     err = capsys.readouterr().err
     assert "warning:" in err and "rope_theta=10000 comes from the checkpoint args (rotary_base=10000)" in err

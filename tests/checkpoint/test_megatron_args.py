@@ -104,13 +104,23 @@ def test_convert_ckpt_v2_fails_without(written, field, where):
         read_like_convert_ckpt_v2(args)
 
 
-def test_convert_ckpt_v2_optional_fields_are_listed(written):
-    """The optional fields qtrain writes are the ones listed (with the reader's defaults)."""
-    args = written[0][0]
-    listed = {f for f, _ in V2_OPTIONAL}
-    assert {f for f in listed if hasattr(args, f)} == {
-        "expert_tensor_parallel_size", "num_layer_list", "num_layers_per_virtual_pipeline_stage", "num_query_groups",
-        "qkv_type"}
+@pytest.mark.parametrize("field,where", V2_OPTIONAL, ids=[f for f, _ in V2_OPTIONAL])
+def test_convert_ckpt_v2_reads_the_same_model_with_its_default(written, field, where):
+    """Where the reader has a default (or a second spelling: num_key_value_heads), what qtrain writes agrees with it."""
+    args = copy.deepcopy(written[0][0])
+    if hasattr(args, field):
+        delattr(args, field)
+    assert read_like_convert_ckpt_v2(args) == read_like_convert_ckpt_v2(written[0][0])
+
+
+def test_fields_the_readers_would_misread_are_not_written(written):
+    """post_attention selects another norm layout in Mg2HfConvert; first_k_dense_replace = num_layers (what
+    convert_ckpt_v2 writes) is refused by MindSpeed-LLM's TransformerBlockFeature.validate_args; num_experts
+    makes layers MoE; spec would make a Megatron-LM job import MindSpeed-LLM's module; sequence_parallel
+    would override the job's own choice under --use-checkpoint-args."""
+    for args in written[0]:
+        for name in ("post_attention", "first_k_dense_replace", "num_experts", "spec", "sequence_parallel"):
+            assert getattr(args, name, None) is None, name
 
 
 # ----------------------------------------------------------------------------- Megatron-LM load_args + validate_args

@@ -1,4 +1,4 @@
-"""qtrain's restricted unpickler: the containers Megatron and MindSpeed-LLM files use load; nothing that runs code does."""
+"""qtrain's restricted unpickler: what Megatron and MindSpeed-LLM files hold loads; nothing that runs code does."""
 
 from __future__ import annotations
 
