@@ -18,15 +18,16 @@ import argparse
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from qtrain.parallel.stages import parse_num_layer_list
 from qtrain.checkpoint.lock import DirLock
-from qtrain.checkpoint.megatron import save_megatron
-from qtrain.checkpoint.sources import Source, TrimmedVocab, config_dtype, open_source
+from qtrain.checkpoint.megatron import RopeThetaWarning, save_megatron
+from qtrain.checkpoint.sources import MegatronSource, QtrainSource, Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.targets import check_distinct, prepare_save_dir
+from qtrain.parallel.stages import parse_num_layer_list
 from qtrain.checkpoint.writers import save_hf_dir
 from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError
@@ -34,6 +35,7 @@ from qtrain.io_utils import check_writable_dir
 from qtrain.models.hf import read_hf_config
 
 FORMATS = ("hf", "qtrain", "mg")
+QTRAIN_ARGS_FILE = "qtrain_args.json"  # dcp.ARGS_FILE; not imported from there: importing DCP costs seconds
 PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -81,6 +83,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model-type {args.model_type}: only GPT (decoder-only) models are supported")
     if args.target_expert_parallel_size != 1:
         raise ConfigError("--target-expert-parallel-size: dense Qwen3 has no experts; leave it at 1")
+    if args.save_model_type == "mg" and args.transformer_impl != "local":
+        raise ConfigError(f"--transformer-impl {args.transformer_impl}: qtrain writes Megatron files with the local "
+                          f"layer spec names (MindSpeed-LLM's qwen3_spec); Transformer Engine names are read, not "
+                          f"written. Drop the flag (or pass local)")
     if args.save_model_type != "mg" and (args.target_tensor_parallel_size != 1 or
                                          args.target_pipeline_parallel_size != 1 or args.num_layer_list or
                                          args.num_layers_per_virtual_pipeline_stage):
@@ -106,9 +112,21 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(args.save_dir, ignore_errors=True)
 
 
+def _warn(message: str) -> None:
+    print(f"qtrain convert: warning: {message}", file=sys.stderr)
+
+
 def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    source = open_source(args.load_model_type, args.load_dir, args.iteration, weights_only=not args.trust_pickle)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RopeThetaWarning)
+        source = open_source(args.load_model_type, args.load_dir, args.iteration, weights_only=not args.trust_pickle)
+    for w in caught:
+        if not issubclass(w.category, RopeThetaWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not args.hf_cfg_dir:  # with it, _use_hf_cfg_dir says whether config.json and the args disagree
+            _warn(str(w.message))
+    seq_length = _trained_seq_length(source)
     if args.hf_cfg_dir:
         source = _use_hf_cfg_dir(source, args.hf_cfg_dir)
     if args.lora_load:
@@ -121,11 +139,16 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         prepare_save_dir(args.save_dir, args.overwrite)  # only once the source has opened
         if args.save_model_type == "mg":
+            max_len = source.config.max_position_embeddings
+            if seq_length is None or seq_length > max_len:
+                print(f"recording seq_length {max_len} (the model's max_position_embeddings) in the Megatron args"
+                      + ("" if seq_length is None else f"; the source's {seq_length} exceeds it"))
+                seq_length = max_len
             save_megatron(source.get, source.config, args.save_dir, tp=args.target_tensor_parallel_size,
                           pp=args.target_pipeline_parallel_size,
                           num_layer_list=parse_num_layer_list(args.num_layer_list),
                           vpp_layers=args.num_layers_per_virtual_pipeline_stage, dtype=dtype,
-                          iteration=iteration, hf_config=source.hf_config, log=print)
+                          iteration=iteration, seq_length=seq_length, hf_config=source.hf_config, log=print)
         elif args.save_model_type == "hf":
             save_hf_dir(source, args.save_dir, dtype, generation_config_dir=getattr(source, "gen_dir", None))
         else:
@@ -137,6 +160,20 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"converted {args.load_model_type} {args.load_dir} -> {args.save_model_type} {args.save_dir} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _trained_seq_length(source: Source) -> int | None:
+    """The sequence length the source was trained with, where it records one: a Megatron checkpoint's
+    args, or the qtrain_args.json of a qtrain training checkpoint (an HF dir records none)."""
+    if isinstance(source, MegatronSource):
+        return source.seq_length
+    args_file = Path(getattr(source, "folder", "")) / QTRAIN_ARGS_FILE
+    if isinstance(source, QtrainSource) and args_file.is_file():
+        try:
+            return json.loads(args_file.read_text()).get("data", {}).get("seq_length")
+        except (json.JSONDecodeError, AttributeError):
+            raise ConfigError(f"{args_file}: not the JSON object qtrain writes") from None
+    return None
 
 
 def _use_hf_cfg_dir(source: Source, hf_cfg_dir: str) -> Source:
@@ -151,6 +188,12 @@ def _use_hf_cfg_dir(source: Source, hf_cfg_dir: str) -> Source:
         ours, theirs = getattr(mine, field), getattr(cfg, field)
         if theirs != ours and not (field == "vocab_size" and theirs < ours):
             raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} in the checkpoint")
+    for field, megatron_name in (("rope_theta", "rotary_base"), ("rms_norm_eps", "norm_epsilon"),
+                                 ("max_position_embeddings", "max_position_embeddings")):
+        ours, theirs = getattr(mine, field), getattr(cfg, field)
+        if float(ours) != float(theirs):  # these change the logits (or the usable length), not the shapes
+            where = "the checkpoint args' " + megatron_name if source.hf_config is None else "the checkpoint's"
+            _warn(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} from {where}; using {theirs}")
     if cfg.vocab_size < mine.vocab_size:
         print(f"dropping {mine.vocab_size - cfg.vocab_size} padded vocabulary rows ({mine.vocab_size} -> "
               f"{cfg.vocab_size}, as {folder / 'config.json'} says)")

@@ -4,9 +4,10 @@ MindSpeed-LLM (convert_ckpt_v2.py, training with --ckpt-format torch) lay them o
 Each rank file `iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt` is a dict with `args` (an
 argparse.Namespace), `checkpoint_version` 3.0, `iteration` and `model` (`model0`, `model1`, ...
 with virtual pipeline stages), the model being megatron-core GPTModel's state dict for that
-rank's slice (local layer spec names, layer numbers local to the chunk). Files written here
-carry no optimizer or RNG state: load them in Megatron with `--finetune` or
-`--no-load-optim --no-load-rng`.
+rank's slice (local layer spec names, layer numbers local to the chunk, the empty `_extra_state`
+of each linear layer). Files written here carry no optimizer or RNG state: load them in Megatron
+with `--finetune` or `--no-load-optim --no-load-rng`. MindSpeed-LLM 2.2.0's convert_ckpt.py and
+convert_ckpt_v2.py read them as their own (docs/megatron.md says how that was checked).
 
 Public API:
 - `save_megatron(get_tensor, cfg, save_dir, tp=..., pp=...)` writes one (tp, pp) file at a time;
@@ -30,39 +31,63 @@ import torch
 from qtrain.checkpoint import safe_pickle
 from qtrain.checkpoint.layout import (MODEL_FILE, iteration_dir_name, rank_dir_name, resolve_iteration,
                                       swap_into_place, write_tracker)
-from qtrain.checkpoint.megatron_map import ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key, shard
+from qtrain.checkpoint.megatron_map import (ParamSpec, check_tp, chunk_specs, hf_param_names, merge, normalize_key,
+                                            shard, with_extra_state)
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.config import Qwen3Config
+from qtrain.models.presets import PRESETS
 from qtrain.models.rope_scaling import megatron_rope_args, read_megatron_rope
 from qtrain.parallel.stages import split_layers
 
 CHECKPOINT_VERSION = 3.0
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_DTYPE_NAME = {getattr(torch, n): n for n in _DTYPE_NAMES}
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 def megatron_args(cfg: Qwen3Config, *, tp: int, pp: int, num_layer_list: list[int] | None,
-                  vpp_layers: int | None, dtype: torch.dtype, iteration: int,
+                  vpp_layers: int | None, dtype: torch.dtype, iteration: int, seq_length: int | None = None,
                   hf_config: dict[str, Any] | None = None) -> argparse.Namespace:
-    """The `args` Megatron's load_args_from_checkpoint / check_checkpoint_args read, for Qwen3."""
+    """The `args` of a rank file, set from the model and the layout.
+
+    It holds every field that Megatron-LM's load_args_from_checkpoint / check_checkpoint_args /
+    validate_args (core_v0.12.1) and MindSpeed-LLM 2.2.0 (its load_args wrapper, convert_ckpt.py,
+    convert_ckpt_v2.py's MegatronModel) read from a checkpoint, plus the model fields
+    convert_ckpt_v2 writes under HF names. docs/megatron.md lists who reads what;
+    tests/checkpoint/test_megatron_args.py checks it. `seq_length` defaults to the model's
+    max_position_embeddings (what MindSpeed-LLM's convert_ckpt.py records for an HF source).
+    """
     chunks = None if vpp_layers is None else cfg.num_hidden_layers // pp // vpp_layers
+    theta = cfg.rope_theta
     args = argparse.Namespace(
+        # shape, in Megatron's names ...
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
         num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim,
         vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=1,
         max_position_embeddings=cfg.max_position_embeddings,
+        seq_length=cfg.max_position_embeddings if seq_length is None else seq_length,
+        # ... and in the HF names MindSpeed-LLM's convert_ckpt_v2 writes beside them
+        num_key_value_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size,
+        tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype=_DTYPE_NAME.get(dtype),
         # add_position_embedding: Megatron's default, which MindSpeed-LLM's Qwen3 scripts keep; it is checked
         # against the running job's value on load, and unused with rope.
         position_embedding_type="rope", add_position_embedding=True, use_rotary_position_embeddings=True,
-        rotary_percent=1.0, rotary_interleaved=False, rotary_base=int(cfg.rope_theta),
+        rotary_percent=1.0, rotary_interleaved=False,
+        rotary_base=int(theta) if float(theta).is_integer() else float(theta),  # Megatron's --rotary-base is an int
         normalization="RMSNorm", norm_epsilon=cfg.rms_norm_eps, apply_layernorm_1p=False, qk_layernorm=True,
-        swiglu=True, add_bias_linear=False, add_qkv_bias=False,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        swiglu=True, squared_relu=False, add_bias_linear=False, add_qkv_bias=False, post_norm=False,
+        apply_query_key_layer_scaling=False, untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
         init_method_std=cfg.initializer_range, hidden_dropout=0.0, attention_dropout=0.0,
+        # how MindSpeed-LLM's converters lay out attention and MLP; a dense model (no experts, no MTP layers).
+        # Not first_k_dense_replace: convert_ckpt_v2 writes num_layers there, which MindSpeed-LLM's own
+        # validate_args (transformer_block.py) then refuses; left unset, both read the model as dense.
+        qkv_type="unpack", fc_type="gate_up_down", moe_grouped_gemm=False, mtp_num_layers=0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=chunks, num_layers_per_virtual_pipeline_stage=vpp_layers,
-        num_layer_list=None if num_layer_list is None else ",".join(map(str, num_layer_list)),
+        # MindSpeed-LLM refuses a layer list without pipeline stages to spread it over
+        num_layer_list=None if num_layer_list is None or pp == 1 else ",".join(map(str, num_layer_list)),
+        expert_model_parallel_size=1, expert_tensor_parallel_size=tp,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_mcore_models=True, transformer_impl="local", ckpt_format="torch", model_type_hf="qwen3",
         tokenizer_type="PretrainedFromHF", iteration=iteration, consumed_train_samples=0,
@@ -140,15 +165,51 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
     return cfg, None
 
 
+class RopeThetaWarning(UserWarning):
+    """rope_theta was taken from a Megatron checkpoint's args (rotary_base), which may not be the model's."""
+
+
+def _plain(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def rope_theta_note(args: argparse.Namespace, cfg: Qwen3Config, source: str) -> str | None:
+    """What to tell the user about a rope_theta that comes from a foreign checkpoint's args; None when
+    the model has the shape of a published Qwen3 and the same theta.
+
+    Megatron records --rotary-base, default 10000, and MindSpeed-LLM's convert_ckpt.py records that
+    default whatever the HF model's rope_theta when its command line has no --rotary-base (its
+    Qwen3 example has none). A model run with another theta than it was trained with gives wrong
+    logits without any error, so this is said every time it cannot be ruled out.
+    """
+    base = _arg(args, "rotary_base")
+    said = f"rotary_base={_plain(base)}" if base is not None else "no rotary_base, so Megatron's default 10000"
+    fix = "convert with --hf-cfg-dir <the original HF model dir> to take rope_theta from its config.json"
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim")
+    for name, preset in PRESETS.items():
+        if name != "tiny" and all(getattr(preset, f) == getattr(cfg, f) for f in shape):
+            if preset.rope_theta == cfg.rope_theta:
+                return None
+            return (f"{source}: the checkpoint args say {said}, but this is the shape of Qwen3-{name}, whose "
+                    f"rope_theta is {_plain(preset.rope_theta)}; MindSpeed-LLM's convert_ckpt.py records Megatron's "
+                    f"default 10000 when its command line has no --rotary-base. Using rope_theta="
+                    f"{_plain(cfg.rope_theta)} as the args say; if the model was not trained with it, {fix}")
+    return (f"{source}: rope_theta={_plain(cfg.rope_theta)} comes from the checkpoint args ({said}); Megatron "
+            f"records its default 10000 when the command line that wrote the checkpoint had no --rotary-base. "
+            f"If the model was trained with another theta, {fix}")
+
+
 def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, save_dir: str | Path, *,
                   tp: int = 1, pp: int = 1, num_layer_list: list[int] | None = None,
                   vpp_layers: int | None = None, dtype: torch.dtype | None = None, iteration: int = 1,
-                  hf_config: dict[str, Any] | None = None,
+                  seq_length: int | None = None, hf_config: dict[str, Any] | None = None,
                   log: Callable[[str], None] | None = None) -> list[Path]:
     """Write a Megatron checkpoint for TP x PP ranks, one rank file at a time.
 
     `get_tensor(hf_name)` returns a full HF tensor; it is called again for every TP rank, so only
     one rank's shard is ever held. `dtype` casts every tensor (default: keep each tensor's dtype).
+    `seq_length` is recorded in args (default: the model's max_position_embeddings).
     Files go to `iter_XXXXXXX.tmp/`, which replaces `iter_XXXXXXX/` (and any stale rank folders
     in it) once complete; the tracker file is written last.
     """
@@ -164,17 +225,20 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
         for t in range(tp):
             obj: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
             for v, layers in enumerate(chunks):
-                specs = chunk_specs(cfg, layers, pre_process=p == 0 and v == 0,
-                                    post_process=p == pp - 1 and v == len(chunks) - 1, pp_size=pp)
+                post_process = p == pp - 1 and v == len(chunks) - 1
+                specs = chunk_specs(cfg, layers, pre_process=p == 0 and v == 0, post_process=post_process,
+                                    pp_size=pp)
                 state = {}
                 for spec in specs:
                     tensors = [get_tensor(n) for n in spec.hf_names]
                     out_dtype = out_dtype or tensors[0].dtype  # default: the source's own dtype
                     state[spec.mg_name] = shard(spec, [x.to(out_dtype) for x in tensors], cfg, tp, t)
                     del tensors
-                obj["model" if len(chunks) == 1 else f"model{v}"] = state
+                obj["model" if len(chunks) == 1 else f"model{v}"] = with_extra_state(state, post_process)
             obj = {"args": megatron_args(cfg, tp=tp, pp=pp, num_layer_list=num_layer_list, vpp_layers=vpp_layers,
-                                         dtype=out_dtype, iteration=iteration, hf_config=hf_config), **obj}
+                                         dtype=out_dtype, iteration=iteration, seq_length=seq_length,
+                                         hf_config=hf_config),
+                   **obj, "num_floating_point_operations_so_far": 0}
             path = root / rank_dir_name(t, p, pp) / MODEL_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(obj, path)
@@ -231,6 +295,10 @@ class MegatronReader:
                                       f"cannot map back to layer order; re-save without it in MindSpeed-LLM")
         shapes = {k: tuple(t.shape) for k, t in self._chunks(head, self._path(0, 0))[0].items()}
         self.config, self.hf_config = config_from_args(self.args, str(self._path(0, 0)), shapes, self.tp)
+        # qtrain's own files carry the HF config; for others, what to say about their rope_theta
+        self.rope_theta_note = None if self.hf_config is not None else rope_theta_note(
+            self.args, self.config, str(self._path(0, 0)))
+        self.seq_length: int | None = _arg(self.args, "seq_length", "encoder_seq_length")  # trained with, if recorded
         dtype = _arg(self.args, "params_dtype", "torch_dtype")  # MindSpeed-LLM keeps HF's "bfloat16" string
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype in _DTYPE_NAMES else dtype
         self._owner: dict[str, tuple[int, int, ParamSpec]] = {}  # HF name -> (stage, chunk, spec)

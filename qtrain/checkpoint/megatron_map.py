@@ -86,6 +86,26 @@ def chunk_specs(cfg: Qwen3Config, layers: list[int], pre_process: bool, post_pro
     return specs
 
 
+# megatron-core's ColumnParallelLinear / RowParallelLinear keep an empty `_extra_state` (None) in their
+# state dict, where Transformer Engine layers keep fp8 metadata: GPTModel.state_dict() (MindSpeed-LLM's
+# qwen3_spec, megatron-core's local spec) lists one after each linear weight, and one for output_layer on
+# the last stage even when that layer borrows the embedding's weight. Megatron's own files carry them.
+_LINEARS = (".self_attention.linear_qkv.weight", ".self_attention.linear_proj.weight", ".mlp.linear_fc1.weight",
+            ".mlp.linear_fc2.weight")
+
+
+def with_extra_state(state: dict[str, torch.Tensor], post_process: bool) -> dict[str, torch.Tensor | None]:
+    """A chunk's state dict with the `_extra_state` entries GPTModel.state_dict() has, in its places."""
+    out: dict[str, torch.Tensor | None] = {}
+    for name, tensor in state.items():
+        out[name] = tensor
+        if name.endswith(_LINEARS) or name == "output_layer.weight":
+            out[name[: -len("weight")] + "_extra_state"] = None
+    if post_process:
+        out.setdefault("output_layer._extra_state", None)
+    return out
+
+
 def check_tp(cfg: Qwen3Config, tp: int) -> None:
     """TP must divide query heads, KV groups, the MLP width and the vocabulary."""
     if tp < 1:

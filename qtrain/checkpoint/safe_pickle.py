@@ -5,6 +5,11 @@ MindSpeed-LLM's converter uses (`torch.save(..., pickle_protocol=4)`). This modu
 `torch.load(pickle_module=...)`: it resolves only an allowlist of globals; classes from Megatron or
 MindSpeed packages (enums in `args`, say) become inert placeholders, so the file loads even where
 those packages are not installed. Anything else is refused with its name.
+
+Every allowed global is a plain container or value type, or torch's tensor rebuilders: calling
+one (as the pickle's REDUCE does, or a defaultdict's default_factory later) builds data and runs
+no other code. MindSpeed-LLM's convert_ckpt_v2 stores each model as `defaultdict(dict)`; a
+defaultdict's factory is itself a global, so one naming anything outside this list is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 import torch
 
 _ALLOWED = {
-    ("collections", "OrderedDict"), ("argparse", "Namespace"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("argparse", "Namespace"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "set"), ("builtins", "frozenset"),
     ("builtins", "slice"), ("builtins", "complex"), ("builtins", "bytearray"), ("_codecs", "encode"),
     ("_io", "BytesIO"),  # Transformer Engine's `_extra_state` (fp8 metadata), dropped by the reader
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from qtrain.checkpoint.layout import iteration_dir_name, resolve_iteration
-from qtrain.checkpoint.megatron import MegatronReader
+from qtrain.checkpoint.megatron import MegatronReader, RopeThetaWarning
 from qtrain.checkpoint.megatron_map import hf_param_names
 from qtrain.errors import CheckpointError
 from qtrain.models.config import Qwen3Config
@@ -170,6 +170,9 @@ class MegatronSource:
         self.config = self._reader.config
         self.hf_config = self._reader.hf_config
         self.iteration = self._reader.iteration
+        self.seq_length = self._reader.seq_length
+        if self._reader.rope_theta_note:  # the config is taken from here: say where its rope_theta came from
+            warnings.warn(self._reader.rope_theta_note, RopeThetaWarning, stacklevel=2)
         self.tokenizer_dir = None
         tokenizer = getattr(self._reader.args, "tokenizer_name_or_path", None) or getattr(
             self._reader.args, "tokenizer_model", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from qtrain.checkpoint.convert import main as convert
-from qtrain.checkpoint.megatron import load_megatron_state_dict
+from qtrain.checkpoint.megatron import RopeThetaWarning, load_megatron_state_dict
+from qtrain.checkpoint.sources import open_source
+from qtrain.models.hf import read_hf_config
 from ckpt_helpers import assert_byte_identical, hf_tensors, make_hf
 
 
@@ -150,32 +153,101 @@ def test_hf_cfg_dir_for_foreign_megatron(hf_tied, tmp_path):
     assert (tmp_path / "b" / "tokenizer.json").is_file()
 
 
-def mindspeed_args(tp: int, pp: int) -> argparse.Namespace:
-    """`args` as MindSpeed-LLM's convert_ckpt_v2.py writes them for qwen3 (model_cfg.json's base +
-    qwen3 entries, the HF config values under its names, the converter's own attributes)."""
-    return argparse.Namespace(
+def test_rope_theta_from_megatron_args_is_said(tmp_path, capsys):
+    """MindSpeed-LLM's convert_ckpt.py records rotary_base 10000 when its command line lacks --rotary-base,
+    whatever the model's rope_theta: qtrain says where rope_theta comes from, and with --hf-cfg-dir
+    uses config.json's, saying that the two disagree."""
+    src = make_hf(tmp_path / "hf", tied=True, dtype=torch.float32, rope_theta=1e6)
+    mg = tmp_path / "mg"
+    run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", mg)
+    capsys.readouterr()
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "own")
+    assert "rope_theta" not in capsys.readouterr().err  # qtrain's own files carry the HF config
+    path = mg / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    obj = torch.load(path, weights_only=False)
+    del obj["args"].qtrain_hf_config
+    obj["args"].rotary_base = 10000
+    torch.save(obj, path)
+
+    with pytest.warns(RopeThetaWarning, match="rope_theta=10000 comes from the checkpoint args"):
+        open_source("mg", mg).close()  # what generate / evaluate --load see
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "a")
+    err = capsys.readouterr().err
+    assert "warning:" in err and "rope_theta=10000 comes from the checkpoint args (rotary_base=10000)" in err
+    assert "--hf-cfg-dir" in err
+    assert read_hf_config(tmp_path / "a").rope_theta == 10000
+
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "b",
+        "--hf-cfg-dir", src)
+    err = capsys.readouterr().err
+    assert f"--hf-cfg-dir {src}: rope_theta is 1000000.0 there but 10000.0 from the checkpoint args' rotary_base; " \
+           f"using 1000000.0" in err
+    assert "comes from the checkpoint args" not in err
+    assert read_hf_config(tmp_path / "b").rope_theta == 1e6
+
+    obj["args"].rotary_base = 1000000
+    torch.save(obj, path)
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "c",
+        "--hf-cfg-dir", src)
+    assert "rope_theta" not in capsys.readouterr().err  # they agree
+
+
+def test_rope_theta_note_knows_the_published_shapes():
+    """A foreign checkpoint with a published Qwen3 shape: silent when its rotary_base is that model's,
+    named when not; any other shape is told that rope_theta comes from the args."""
+    from qtrain.checkpoint.megatron import rope_theta_note
+    from qtrain.models.presets import get_preset
+
+    cfg = get_preset("1.7B")
+    assert rope_theta_note(argparse.Namespace(rotary_base=1000000), cfg, "f") is None
+    cfg.rope_theta = 10000.0
+    note = rope_theta_note(argparse.Namespace(rotary_base=10000), cfg, "f")
+    assert note.startswith("f: the checkpoint args say rotary_base=10000, but this is the shape of Qwen3-1.7B, "
+                           "whose rope_theta is 1000000")
+    assert "Using rope_theta=10000 as the args say" in note and "--hf-cfg-dir" in note
+    note = rope_theta_note(argparse.Namespace(), cfg, "f")
+    assert "say no rotary_base, so Megatron's default 10000" in note
+    cfg.hidden_size = 1536
+    assert "rope_theta=10000 comes from the checkpoint args" in rope_theta_note(argparse.Namespace(), cfg, "f")
+
+
+def mindspeed_args(tp: int, pp: int, hf_dir: Path, save_dir: Path) -> argparse.Namespace:
+    """`args` as MindSpeed-LLM 2.2.0's convert_ckpt_v2.py writes them for qwen3 (model_cfg.json's base +
+    qwen3 entries, the HF config values under its names, the converter's own attributes), field for
+    field as it wrote them for this tiny model."""
+    args = argparse.Namespace(
         seq_length=4096, global_batch_size=64, add_position_embedding=True, use_rotary_position_embeddings=True,
         add_bias_linear=False, gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True,
         tokenizer_type="Llama2Tokenizer", group_query_attention=False, qkv_type="unpack", fc_type="gate_up_down",
         qk_layernorm=True, max_position_embeddings=128, hidden_size=64, num_attention_heads=4, num_layers=4,
         num_key_value_heads=2, vocab_size=256, intermediate_size=96, norm_epsilon=1e-6, tie_word_embeddings=False,
         torch_dtype="bfloat16", rotary_base=10000.0, kv_channels=32, untie_embeddings_and_output_weights=True,
-        model_type_hf="qwen3", load_model_type="hf", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        model_type_hf="qwen3", load_model_type="hf", hf_path=str(hf_dir), load_dir=str(hf_dir),
+        save_dir=str(save_dir / "iter_0000001"), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         expert_model_parallel_size=1, moe_grouped_gemm=False, moe_tp_extend_ep=False, mla_mm_split=False,
-        mtp_num_layers=0, first_k_dense_replace=4, expert_tensor_parallel_size=1, transformer_impl="local")
+        mtp_num_layers=0, first_k_dense_replace=4, expert_tensor_parallel_size=tp)
+    if tp == 1:  # its (tp, ep) pairs, listed when expert_tensor_parallel_size is 1
+        args.etp_valid_ckpts_list = [(0, 0)]
+    return args
 
 
-def test_reads_mindspeed_converted_checkpoint(hf_untied, tmp_path):
-    """A checkpoint whose args are MindSpeed-LLM's (group_query_attention False with
-    num_key_value_heads set, intermediate_size, vocab_size) converts back exactly."""
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_reads_mindspeed_converted_checkpoint(hf_untied, tmp_path, capsys, tp, pp):
+    """A checkpoint as convert_ckpt_v2 writes it (models in defaultdict(dict), pickle protocol 4, its
+    args: group_query_attention False with num_key_value_heads set, intermediate_size, vocab_size)
+    converts back exactly without --trust-pickle; rope_theta comes from its args, which is said."""
     mg = tmp_path / "mg"
     run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_untied, "--save-dir", mg,
-        "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+        "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp))
     for path in (mg / "iter_0000001").glob("*/model_optim_rng.pt"):
         obj = torch.load(path, weights_only=False)
-        obj["args"] = mindspeed_args(2, 2)
-        torch.save(obj, path, pickle_protocol=4)
+        model = collections.defaultdict(dict)
+        model.update((k, v) for k, v in obj["model"].items() if not k.endswith("._extra_state"))  # it writes none
+        torch.save({"args": mindspeed_args(tp, pp, hf_untied, mg), "checkpoint_version": 3.0, "iteration": 1,
+                    "model": model}, path, pickle_protocol=4)
+    capsys.readouterr()
     run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "hf")
+    assert "rope_theta=10000 comes from the checkpoint args (rotary_base=10000)" in capsys.readouterr().err
     assert_byte_identical(hf_tensors(hf_untied), hf_tensors(tmp_path / "hf"))
     got = json.loads((tmp_path / "hf" / "config.json").read_text())
     want = json.loads((hf_untied / "config.json").read_text())
@@ -244,6 +316,14 @@ def test_error_parallel_sizes_must_divide(hf_tied, tmp_path, capsys):
     assert "summing to the model's 4 layers" in _err(capsys, *base, "--target-pipeline-parallel-size", "2",
                                                      "--num-layer-list", "1,2")
     assert not (tmp_path / "x").exists()  # checked before anything is written
+
+
+def test_error_transformer_engine_names_for_mg_output(hf_tied, tmp_path, capsys):
+    """Megatron files are written with local-spec names; asking for Transformer Engine ones is refused by name."""
+    err = _err(capsys, "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_tied,
+               "--save-dir", tmp_path / "x", "--transformer-impl", "transformer_engine")
+    assert "--transformer-impl transformer_engine" in err and "local" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_error_vocab_not_divisible(tmp_path, capsys):
