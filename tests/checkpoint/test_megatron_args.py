@@ -265,7 +265,7 @@ def test_layer_list_and_virtual_stages_as_mindspeed_validates_them(tmp_path):
     src = make_hf(tmp_path / "hf", tied=True, dtype=torch.float32)
 
     def args_of(*flags: str) -> argparse.Namespace:
-        out = tmp_path / "mg"
+        out = tmp_path / f"mg{len(list(tmp_path.glob('mg*')))}"
         assert convert(["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(src),
                         "--save-dir", str(out), *flags]) == 0
         return torch.load(next((out / "iter_0000001").glob("mp_rank_*/model_optim_rng.pt")), weights_only=False)["args"]
