@@ -71,3 +71,14 @@ def assert_close_scaled(actual, expected, *, terms: Iterable[int] = (), rel: flo
     tol = rel if rel is not None else fp32_tol(*terms)
     err = scaled_error(actual, expected)
     assert err <= tol, f"{what or 'values'}: max error {err:.3g} x max|expected| exceeds {tol:.3g}"
+
+
+def assert_bf16_close(fused: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """A bf16 result `fused` is within bf16 rounding: measured against a float32 evaluation `exact` of
+    the same inputs, it is as close as the bf16 reference `ref` is (mean error within 1.25x, max
+    error within 2x, plus half a bf16 ulp of the typical magnitude)."""
+    e_fused = (fused.float() - exact.float()).abs()
+    e_ref = (ref.float() - exact.float()).abs()
+    hair = 2**-9 * exact.float().abs().mean()  # half a bf16 ulp of the typical magnitude
+    assert e_fused.mean() <= 1.25 * e_ref.mean() + hair, f"{what}: mean err {e_fused.mean():.3g} vs {e_ref.mean():.3g}"
+    assert e_fused.max() <= 2.0 * e_ref.max() + hair, f"{what}: max err {e_fused.max():.3g} vs {e_ref.max():.3g}"
