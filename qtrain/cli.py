@@ -25,7 +25,7 @@ import qtrain
 
 # subcommand -> (module exposing `main(argv) -> int`, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("qtrain.env", "print versions and devices; fail on a known-bad combination"),
+    "env": ("qtrain.env", "print versions, devices and the preprocessing tokenizer path; fail on a known-bad combination"),
     "preprocess": ("qtrain.data.preprocess", "corpus (parquet/jsonl/csv/txt/arrow) -> Megatron .bin/.idx"),
     "pretrain": ("qtrain.train.pretrain", "train a Qwen3 model on .bin/.idx data (torchrun)"),
     "sft": ("qtrain.train.sft", "supervised fine-tuning on instruction datasets (torchrun)"),

@@ -1,4 +1,5 @@
-"""`qtrain env`: versions and devices, checked against the supported-versions table below.
+"""`qtrain env`: versions and devices, checked against the supported-versions table below, and the
+tokenizer path `qtrain preprocess` would take.
 
 This table is the one place that says what qtrain supports; README.md reproduces it.
 """
@@ -23,10 +24,11 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "safetensors": ("0.4", "safe_open streaming reads"),
     "numpy": ("1.24", "memory-mapped dataset indices"),
     "pyarrow": ("14", "streaming parquet/arrow readers"),
+    "tiktoken": ("0.7", "the preprocessing tokenizer's fast path (without it preprocessing runs ~7x slower)"),
 }
 # torch_npu must be built for the same torch major.minor (Ascend's rule); these pairs are tested upstream.
 NPU_PAIRS = {"2.7.1": "7.2.0", "2.6.0": "7.1.0", "2.5.1": "7.0.0"}
-OPTIONAL = ("tiktoken", "tensorboard", "matplotlib", "peft", "liger-kernel", "megatron-core", "torch_npu")
+OPTIONAL = ("tensorboard", "matplotlib", "peft", "liger-kernel", "megatron-core", "torch_npu")
 
 
 def _version(package: str) -> str | None:
@@ -55,6 +57,7 @@ class Report:
     device_type: str
     cann: str | None
     problems: list[str]
+    tokenizer: dict[str, str | None]
 
     @property
     def ok(self) -> bool:
@@ -72,7 +75,31 @@ def _cann_version() -> str | None:
     return None
 
 
-def collect() -> Report:
+def preprocess_tokenizer(folder: str | None = None) -> tuple[dict[str, str | None], str | None]:
+    """The tokenizer path `qtrain preprocess` takes with `folder` (default: the pip-installed Qwen3
+    tokenizer, if any): ({"path": "fast" | "hf" | "unchecked", "tokenizer": dir, "reason": why not
+    fast}, problem). "unchecked": tiktoken is there but no tokenizer to run the fast path's self-check on.
+    """
+    from qtrain.data.tokenizer import find_qwen3_tokenizer, load_tokenizer
+    from qtrain.errors import QtrainError
+
+    if folder is None:
+        try:
+            folder = str(find_qwen3_tokenizer())
+        except QtrainError:
+            if _version("tiktoken") is None:
+                return {"path": "hf", "tokenizer": None, "reason": "tiktoken is not installed"}, None
+            return {"path": "unchecked", "tokenizer": None,
+                    "reason": "no tokenizer to check here (qtrain env --tokenizer-name-or-path DIR checks one)"}, None
+    try:
+        tokenizer = load_tokenizer(folder)
+    except QtrainError as e:
+        return {"path": "hf", "tokenizer": folder, "reason": str(e)}, str(e)
+    path = "fast" if tokenizer.is_fast else "hf"
+    return {"path": path, "tokenizer": str(tokenizer.path), "reason": tokenizer.fast_reason}, None
+
+
+def collect(tokenizer: str | None = None) -> Report:
     versions = {name: _version(name) for name in SUPPORTED}
     versions.update({name: _version(name) for name in OPTIONAL})
     problems = []
@@ -105,19 +132,34 @@ def collect() -> Report:
             devices = [f"cpu ({os.cpu_count()} cores)"]
     except Exception as e:  # a broken torch install is exactly what env must report, not crash on
         problems.append(f"torch failed to import or query devices: {e}")
-    return Report(versions, devices, dev_type, _cann_version() if versions.get("torch_npu") else None, problems)
+    tokenizer_path, problem = preprocess_tokenizer(tokenizer)
+    if problem:
+        problems.append(problem)
+    return Report(versions, devices, dev_type, _cann_version() if versions.get("torch_npu") else None, problems,
+                  tokenizer_path)
+
+
+def _describe(tok: dict[str, str | None]) -> str:
+    if tok["path"] == "fast":
+        return f"tiktoken fast path (self-check passed on {tok['tokenizer']})"
+    if tok["path"] == "unchecked":
+        return f"tiktoken fast path if the tokenizer passes its self-check; {tok['reason']}"
+    return f"HF tokenizer, the slow path ({tok['reason']})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="qtrain env", allow_abbrev=False,
                                      description="Print versions and devices; exit 1 on a known-bad combination.")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for platform health checks)")
+    parser.add_argument("--tokenizer-name-or-path", metavar="DIR", default=None,
+                        help="tokenizer dir whose preprocessing path to report (default: the pip-installed Qwen3 "
+                             "tokenizer, if any)")
     args = parser.parse_args(argv)
-    report = collect()
+    report = collect(args.tokenizer_name_or_path)
     if args.json:
         print(json.dumps({"qtrain": qtrain.__version__, "ok": report.ok, "device_type": report.device_type,
                           "devices": report.devices, "versions": report.versions, "cann": report.cann,
-                          "problems": report.problems}, indent=2))
+                          "preprocess_tokenizer": report.tokenizer, "problems": report.problems}, indent=2))
         return 0 if report.ok else 1
     print(f"qtrain       {qtrain.__version__}")
     print(f"platform     {platform.platform()} ({sys.executable})")
@@ -129,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device type  {report.device_type}")
     for d in report.devices:
         print(f"  {d}")
+    print(f"preprocess   {_describe(report.tokenizer)}")
     for p in report.problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
     print("status       " + ("ok" if report.ok else f"{len(report.problems)} problem(s), see above"))

@@ -340,9 +340,11 @@ def run(args: argparse.Namespace, out=None) -> Progress:
     final = {k: handler.output_prefix(args.output_prefix, k) for k in handler.output_keys}
     # Packing goes through unpacked temporary datasets of ids and labels (see qtrain/data/packing.py).
     stage = {k: p + ".unpacked-tmp" for k, p in final.items() if k != "attention_mask"} if args.pack else final
+    # The first line names the tokenizer path: the slow one is ~7x slower and must never be silent.
+    route = "tiktoken fast path" if tokenizer.is_fast else f"HF tokenizer, the slow path: {tokenizer.fast_reason}"
     print(
         f"qtrain preprocess: {len(files)} file(s), {sum(f.size for f in files) / 1e6:.1f} MB; tokenizer "
-        f"{tokenizer.path} ({'fast path' if tokenizer.is_fast else 'HF: ' + str(tokenizer.fast_reason)}); "
+        f"{tokenizer.path} ({route}); "
         f"{args.handler_name} -> {args.output_prefix}*; {args.workers} worker(s)",
         file=out,
         flush=True,

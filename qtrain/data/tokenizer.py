@@ -179,7 +179,7 @@ class FastBPE:
         """Build from a tokenizer description (see `backend_spec`) and its BPE vocabulary;
         (None, reason) if its shape is not one we reproduce exactly."""
         try:
-            import tiktoken  # noqa: F401  (optional dependency: qtrain[fast])
+            import tiktoken  # noqa: F401  (a core dependency; a hand-made environment may lack it)
         except ImportError:
             return None, "tiktoken is not installed (pip install tiktoken)"
         reason, pattern = _fast_path_blockers(spec)

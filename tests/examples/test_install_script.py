@@ -67,9 +67,9 @@ def test_an_images_torch_npu_pair_is_never_replaced(tmp_path):
 
 def test_image_build_is_a_regular_install_without_the_device_check(tmp_path):
     out, pip = install(tmp_path, FAKE_TORCH="2.7.1", FAKE_TORCH_NPU="2.7.1", QTRAIN_TORCH_NPU_SPEC="torch-npu==2.7.1",
-                       QTRAIN_EDITABLE=0, QTRAIN_EXTRAS="fast,viz", QTRAIN_SKIP_CHECK=1)
+                       QTRAIN_EDITABLE=0, QTRAIN_EXTRAS="viz", QTRAIN_SKIP_CHECK=1)
     assert out.returncode == 0, out.stderr
-    assert pip == ["-m pip install -q --disable-pip-version-check .[fast,viz]"]
+    assert pip == ["-m pip install -q --disable-pip-version-check .[viz]"]
     assert "keeping the installed torch 2.7.1" in out.stdout and "torch_npu 2.7.1 already installed" in out.stdout
 
 

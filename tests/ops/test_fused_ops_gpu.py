@@ -16,6 +16,7 @@ from qtrain.ops.linear_cross_entropy import linear_cross_entropy
 from qtrain.ops.rmsnorm import rms_norm
 from qtrain.ops.rope import apply_rope_qk, rope_cos_sin
 from qtrain.ops.swiglu import swiglu
+from tolerances import assert_bf16_close
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -26,14 +27,6 @@ def need_liger():
     pytest.importorskip("liger_kernel.ops")
     yield
     dispatch.configure()
-
-
-def assert_bf16_close(fused: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, what: str) -> None:
-    e_fused = (fused.float() - exact.float()).abs()
-    e_ref = (ref.float() - exact.float()).abs()
-    hair = 2**-9 * exact.float().abs().mean()  # half a bf16 ulp of the typical magnitude
-    assert e_fused.mean() <= 1.25 * e_ref.mean() + hair, f"{what}: mean err {e_fused.mean():.3g} vs {e_ref.mean():.3g}"
-    assert e_fused.max() <= 2.0 * e_ref.max() + hair, f"{what}: max err {e_fused.max():.3g} vs {e_ref.max():.3g}"
 
 
 def run(fn, spec: str, inputs: list[torch.Tensor], grad_out: list[torch.Tensor] | torch.Tensor, n_grad: int):

@@ -5,6 +5,11 @@ import torch
 
 from qtrain.ops.cross_entropy import cross_entropy
 from qtrain.ops.linear_cross_entropy import linear_cross_entropy
+from tolerances import assert_close_scaled, fp32_tol, scaled_error
+
+# float32 rounding: logits sum over the hidden size (16), the softmax over the vocabulary (97),
+# the weight gradient over the tokens (63).
+TERMS = (16, 97, 63)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -21,14 +26,30 @@ def test_matches_reference_in_float32(chunk, reduction):
     h.grad = w.grad = None
     got = linear_cross_entropy(h.float().detach().requires_grad_(), w.float().detach().requires_grad_(), y,
                                reduction=reduction, chunk_size=chunk)
-    assert torch.allclose(got.double(), ref.double(), rtol=1e-5)
+    assert_close_scaled(got, ref, terms=TERMS, what="loss")
     h32 = h.detach().float().requires_grad_()
     w32 = w.detach().float().requires_grad_()
     loss = linear_cross_entropy(h32, w32, y, reduction=reduction, chunk_size=chunk)
     (2.5 * loss).backward()  # a non-unit upstream gradient is applied
-    assert torch.allclose(h32.grad.double(), 2.5 * gh.double(), rtol=1e-4, atol=1e-6)
-    assert torch.allclose(w32.grad.double(), 2.5 * gw.double(), rtol=1e-4, atol=1e-6)
+    assert_close_scaled(h32.grad, 2.5 * gh, terms=TERMS, what="grad h")
+    assert_close_scaled(w32.grad, 2.5 * gw, terms=TERMS, what="grad w")
     assert h32.grad[0, :5].abs().max() == 0  # ignored tokens get no gradient
+
+
+def test_the_tolerance_catches_a_small_bug():
+    """One weight off by 1e-3 moves both gradients past the float32 tolerance above (the summed loss
+    moves by ~1e-6 of itself, as much as float32 rounding: it cannot show a bug this small)."""
+    torch.manual_seed(1)
+    h = torch.randn(63, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 97, (63,))
+    cross_entropy(h @ w.t(), y, reduction="sum").backward()
+    w_bad = w.detach().clone()
+    w_bad[int(y[0]), 3] += 1e-3  # a weight the loss depends on
+    h32, w32 = h.detach().float().requires_grad_(), w_bad.float().requires_grad_()
+    linear_cross_entropy(h32, w32, y, reduction="sum", chunk_size=7).backward()
+    for got, want in ((h32.grad, h.grad), (w32.grad, w.grad)):
+        assert scaled_error(got, want) > 3 * fp32_tol(*TERMS)
 
 
 def test_all_ignored_gives_zero_loss_and_grad():
@@ -46,4 +67,4 @@ def test_bf16_close_to_float32():
     y = torch.randint(0, 301, (64,))
     ref = cross_entropy(h @ w.t(), y)
     got = linear_cross_entropy(h.bfloat16(), w.bfloat16(), y)
-    assert abs(got.item() - ref.item()) / ref.item() < 1e-2
+    assert_close_scaled(got, ref, rel=1e-2, what="bf16 loss")  # bf16 inputs: 2^-8 per rounded value
