@@ -73,36 +73,14 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if sequence_sharded and ranks > 1:
             hidden = hidden.new_empty((hidden.shape[0] * ranks, hidden.shape[1]))
             dist.all_gather_single(hidden, local_hidden.contiguous(), group=group)
-        n, vocab_shard = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else None
         grad_weight = torch.zeros_like(weight) if need_grad_weight else None
         for start in range(0, n, chunk_size):
-            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-            logits = (h @ weight.t()).float()
-            valid = y != ignore_index
-            local = y - vocab_start
-            owned = valid & (local >= 0) & (local < vocab_shard)
-            index = torch.where(owned, local, 0)[:, None]
-            picked = logits.gather(1, index).squeeze(1) * owned
-            shard_max = logits.amax(1)
-            exp = logits.sub_(shard_max[:, None]).exp_()  # in place: no second chunk-sized buffer
-            shard_lse = shard_max + exp.sum(1).log()
-            if ranks > 1:
-                lse, picked = _combine_over_shards(shard_lse, picked, group, ranks)
-            else:
-                lse = shard_lse
-            loss += ((lse - picked) * valid).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d loss / d logits = softmax - one_hot (rows of ignored labels: 0), over the shard
-            grad = exp.mul_(((shard_max - lse).exp() * valid)[:, None])
-            grad.scatter_add_(1, index, -owned[:, None].to(grad.dtype))
-            grad = grad.to(weight.dtype)
-            if grad_hidden is not None:
-                torch.mm(grad, weight, out=grad_hidden[start:start + chunk_size])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h)
+            end = min(start + chunk_size, n)
+            loss += _chunk(hidden[start:end], weight, labels[start:end], group, ranks, vocab_start, ignore_index,
+                           grad_hidden[start:end] if grad_hidden is not None else None, grad_weight)
         if grad_hidden is not None and ranks > 1:
             grad_hidden = _sum_over_shards(grad_hidden, local_hidden, group, sequence_sharded)
         ctx.grads = (grad_hidden, grad_weight)
@@ -116,6 +94,37 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             if g is not None:
                 g.mul_(grad_out.to(g.dtype))
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _chunk(h, weight, y, group, ranks: int, vocab_start: int, ignore_index: int,
+           grad_hidden: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Loss sum of one chunk of tokens; writes its grad hidden rows and adds to grad weight. (A
+    function of its own so that the chunk's logits are freed before the next chunk's exist.)"""
+    vocab_shard = weight.shape[0]
+    logits = (h @ weight.t()).float()
+    valid = y != ignore_index
+    local = y - vocab_start
+    owned = valid & (local >= 0) & (local < vocab_shard)
+    index = torch.where(owned, local, 0)[:, None]
+    picked = logits.gather(1, index).squeeze(1) * owned
+    shard_max = logits.amax(1)
+    exp = logits.sub_(shard_max[:, None]).exp_()  # in place: no second chunk-sized buffer
+    del logits
+    shard_lse = shard_max + exp.sum(1).log()
+    lse, picked = _combine_over_shards(shard_lse, picked, group, ranks) if ranks > 1 else (shard_lse, picked)
+    loss = ((lse - picked) * valid).sum()
+    if grad_hidden is None and grad_weight is None:
+        return loss
+    # d loss / d logits = softmax - one_hot (rows of ignored labels: 0), over the shard, in place
+    grad = exp.mul_(((shard_max - lse).exp() * valid)[:, None])
+    del exp
+    grad.scatter_add_(1, index, -owned[:, None].to(grad.dtype))
+    grad = grad.to(weight.dtype)  # frees the fp32 buffer when it is a copy
+    if grad_hidden is not None:
+        torch.mm(grad, weight, out=grad_hidden)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.t(), h)
+    return loss
 
 
 def _combine_over_shards(shard_lse: torch.Tensor, picked: torch.Tensor, group, ranks: int):
