@@ -32,8 +32,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.13's names of all_gather_into_tensor / reduce_scatter_tensor (older releases: only those)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 # fp32 logits elements per chunk (512 MiB): Qwen3's 151,936-word vocabulary gives 768 tokens
-# per chunk on one device, 1,792 per rank under TP 2.
+# per chunk on one device, 1,664 per rank under TP 2.
 CHUNK_LOGITS = 2 ** 27
 
 
@@ -72,7 +76,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         local_hidden = hidden
         if sequence_sharded and ranks > 1:
             hidden = hidden.new_empty((hidden.shape[0] * ranks, hidden.shape[1]))
-            dist.all_gather_single(hidden, local_hidden.contiguous(), group=group)
+            _all_gather(hidden, local_hidden.contiguous(), group=group)
         n = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else None
@@ -131,7 +135,7 @@ def _combine_over_shards(shard_lse: torch.Tensor, picked: torch.Tensor, group, r
     """Full log-sum-exp and target logit per token from every shard's: one all-gather of [2, C]."""
     mine = torch.stack([shard_lse, picked])
     every = mine.new_empty((ranks * 2, mine.shape[1]))  # concatenated along dim 0 (what every backend takes)
-    dist.all_gather_single(every, mine, group=group)
+    _all_gather(every, mine, group=group)
     every = every.view(ranks, 2, -1)
     return torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(0)
 
@@ -143,5 +147,5 @@ def _sum_over_shards(grad_hidden: torch.Tensor, local_hidden: torch.Tensor, grou
         dist.all_reduce(grad_hidden, group=group)
         return grad_hidden
     mine = local_hidden.new_empty(local_hidden.shape)
-    dist.reduce_scatter_single(mine, grad_hidden, group=group)
+    _reduce_scatter(mine, grad_hidden, group=group)
     return mine

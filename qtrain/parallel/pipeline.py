@@ -7,7 +7,7 @@ other layout. The first stage keeps the embedding, the last the final norm and L
 computes the loss there, from its hidden states: the labels reach the last stage as a keyword
 argument and the model's chunked LM-head loss returns the micro-batch's summed token loss
 (qtrain.ops.linear_cross_entropy; vocab-parallel under TP), so the logits never exist and the
-stage's output is a scalar. Schedules: 1F1B, or interleaved 1F1B with virtual stages
+stage's output is one number per micro-batch. Schedules: 1F1B, or interleaved 1F1B with virtual stages
 (--num-layers-per-virtual-pipeline-stage; chunk v of rank p is stage v*PP + p, as Megatron).
 
 Tied embeddings: the first stage's embedding and the last stage's LM head are two copies of
@@ -63,12 +63,10 @@ def stage_view(chunks: list[nn.Module]) -> nn.Module:
     return view
 
 
-def _stage_loss(loss_sum: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The schedule's loss_fn: the last stage's output (its micro-batch's summed token loss) ->
-    the mean over the micro-batch's trained tokens (0, not NaN, without any), or the sum itself."""
-    if reduction == "sum":
-        return loss_sum
-    return loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
+def _loss_as_vector(module, args, output):  # noqa: ARG001
+    """Forward hook of the last chunk: its loss sum as shape [1], so that the schedule, which
+    concatenates the last stage's outputs along dim 0 after the step, can."""
+    return output.reshape(1)
 
 
 class Pipeline:
@@ -84,19 +82,29 @@ class Pipeline:
         self.is_first, self.is_last = pp_rank == 0, pp_rank == pp - 1
         self.pp_group, self.tied_group = pp_group, tied_group
         self.num_microbatches = num_microbatches
+        self._sum_losses = False  # eval_loss wants each micro-batch's loss sum, training its mean
+        if self.is_last:
+            chunks[-1].register_forward_hook(_loss_as_vector)
         if num_chunks == 1:
-            self.schedule = Schedule1F1B(self.stages[0], num_microbatches, loss_fn=_stage_loss)
+            self.schedule = Schedule1F1B(self.stages[0], num_microbatches, loss_fn=self._loss)
         else:
-            self.schedule = ScheduleInterleaved1F1B(self.stages, num_microbatches, loss_fn=_stage_loss)
+            self.schedule = ScheduleInterleaved1F1B(self.stages, num_microbatches, loss_fn=self._loss)
 
-    def _run(self, run, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    def _loss(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss_fn: the last stage's output (its micro-batch's summed token loss) ->
+        the mean over the micro-batch's trained tokens (0, not NaN, without any), or the sum."""
+        if self._sum_losses:
+            return loss_sum.sum()
+        return loss_sum.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _run(self, run, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         """schedule.step or .eval over [num_microbatches * mbs, S] samples; the last stage's losses.
         The labels go to the model as well as to the loss: every chunk of the last rank receives
         them (chunks without the LM head ignore them) and the last stage returns the loss sum."""
         losses: list[torch.Tensor] = []
         model_kwargs = {"labels": labels, "loss_reduction": "sum"} if self.is_last else {}
         run(input_ids if self.is_first else None, target=labels if self.is_last else None, losses=losses,
-            return_outputs=False, **kwargs, **model_kwargs)
+            **model_kwargs)
         return losses
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -114,7 +122,11 @@ class Pipeline:
                   ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward only: (sum of token losses, number of trained tokens) of [num_microbatches * mbs, S]
         samples, on every pipeline rank (for validation)."""
-        losses = self._run(self.schedule.eval, input_ids, labels, loss_kwargs={"reduction": "sum"})
+        self._sum_losses = True
+        try:
+            losses = self._run(self.schedule.eval, input_ids, labels)
+        finally:
+            self._sum_losses = False
         total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         if self.is_last:
             total = torch.stack([x.detach().float() for x in losses]).sum().to(total.device)
