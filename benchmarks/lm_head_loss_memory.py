@@ -15,7 +15,8 @@ Memory is the CPU allocator's own count (benchmarks/cpu_peak_memory.py: the prof
 events; tracemalloc does not see tensors), from just before the forward to after the backward;
 inputs and weights, made before, are not in it. "loss term" is that peak less the LM-head weight
 gradient, which both paths return (`qtrain plan` counts it under "transient"); the growth of the
-process's peak RSS over its RSS before the loss (after a small warm-up) is shown as a cross-check. Prints a Markdown report (and writes it to --out).
+process's peak RSS over its RSS before the loss (after a small warm-up) is shown as a
+cross-check. Prints a Markdown report (and writes it to --out).
 """
 
 from __future__ import annotations
