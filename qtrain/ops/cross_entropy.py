@@ -1,4 +1,7 @@
-"""Next-token cross-entropy in float32, averaged over the tokens whose label is not ignored."""
+"""Next-token cross-entropy of logits in float32, averaged over the tokens whose label is not ignored.
+
+Training never makes logits (the model's loss is qtrain.ops.linear_cross_entropy); this is the
+full-logits reference the tests compare it with."""
 
 import torch
 import torch.nn.functional as F

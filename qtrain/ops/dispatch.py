@@ -30,7 +30,9 @@ OPS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
 IMPLS = ("reference", "liger", "npu")
 _NATIVE = {"cuda": "liger", "npu": "npu"}  # the fused library of each device type
 _ELEMENTWISE = ("rms_norm", "rope", "swiglu")  # what inductor fuses as well as a library kernel
-_SUPPORTED = {"liger": OPS, "npu": _ELEMENTWISE}  # torch_npu has no fused linear cross-entropy
+# torch_npu has no drop-in fused linear cross-entropy: Ascend runs the chunked reference (see
+# linear_cross_entropy.py; op-plugin's newer fused_linear_online_max_sum family is unverified here)
+_SUPPORTED = {"liger": OPS, "npu": _ELEMENTWISE}
 
 log = logging.getLogger("qtrain.ops")
 

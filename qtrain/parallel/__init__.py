@@ -6,15 +6,16 @@
 mesh of one rank); `parallelize(model, mesh, cfg)` transforms a meta-device Qwen3ForCausalLM and
 returns the module this rank trains (HF parameter names; materialise it afterwards with
 parallel.weights.materialize) together with its `ParallelState`, which tells the training step
-what it must do: run the pipeline schedule, shard the batch for context parallel, compute the
-loss vocab-parallel, and over which ranks the losses differ.
+what it must do: run the pipeline schedule, shard the batch for context parallel, and over
+which ranks the losses differ. The loss itself needs nothing from it: on every layout the model
+computes it from its hidden states and its LM-head weight, a vocab-sharded DTensor under TP
+(qtrain.ops.linear_cross_entropy), without logits.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,6 @@ class ParallelState:
     dims: ParallelDims
     pipeline: Any = None  # qtrain.parallel.pipeline.Pipeline when PP > 1
     cp_group: Optional[dist.ProcessGroup] = None
-
-    @property
-    def vocab_parallel(self) -> bool:
-        """The LM head is column-parallel: the logits are vocab-sharded DTensors (see loss_scope)."""
-        return self.dims.tp > 1
 
     @property
     def dp_rank(self) -> int:
@@ -62,14 +58,6 @@ class ParallelState:
 
         return shard_batch(batch, self.cp_group)
 
-    def loss_scope(self):
-        """Context for the loss and its backward: `loss_parallel()` when the logits are vocab-sharded."""
-        if self.vocab_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
-
 
 def _positions_hook(seq_scale: int):
     """Default position_ids 0..S-1 of the full sequence. Under sequence parallel a stage that
@@ -90,15 +78,13 @@ def _layers(chunk: nn.Module) -> list[nn.Module]:
     return list(chunk.model.layers.values())
 
 
-def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.device] = None,
-                loss_fn: Optional[Callable] = None) -> tuple[nn.Module, ParallelState]:
+def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.device] = None
+                ) -> tuple[nn.Module, ParallelState]:
     """Apply the layout of `mesh` (from build_mesh) to a meta-device Qwen3ForCausalLM.
 
     cfg: a PretrainConfig (ParallelArgs alone work too: then fp32 compute, no compile and one
     micro-batch per step). With `--bf16`, FSDP2 computes in bf16 over fp32 master weights and
     reduces gradients in fp32; with `--compile`, each decoder layer is torch.compile'd.
-    loss_fn(logits, labels) -> scalar is the pipeline's last-stage loss per micro-batch (default:
-    the mean over the micro-batch's trained tokens, as train.step.mean_loss).
     Returns (the module to materialise, optimise and checkpoint on this rank, its ParallelState).
     """
     from qtrain.parallel.fsdp import apply_fsdp, data_parallel_mesh
@@ -137,21 +123,11 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     apply_fsdp(chunks, _layers(view), data_parallel_mesh(mesh), bf16, reshard_after_forward=dims.pp == 1)
 
     if dims.pp > 1:
-        state.pipeline = _build_pipeline(chunks, stages, mesh, cfg, dims, device, loss_fn)
+        state.pipeline = _build_pipeline(chunks, stages, mesh, cfg, dims, device)
     return view, state
 
 
-def _mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the trained tokens of a micro-batch; 0 (not NaN) when it has none."""
-    from qtrain.labels import IGNORE_INDEX
-    from qtrain.ops.cross_entropy import cross_entropy
-    from qtrain.parallel.full_tensors import full_tensor
-
-    total = full_tensor(cross_entropy(logits, labels, reduction="sum"))  # vocab-parallel: a DTensor
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def _build_pipeline(chunks, stages, mesh, cfg, dims: ParallelDims, device, loss_fn):
+def _build_pipeline(chunks, stages, mesh, cfg, dims: ParallelDims, device):
     from qtrain.parallel.batch import batch_plan
     from qtrain.parallel.pipeline import Pipeline, tied_embedding_group
 
@@ -162,5 +138,4 @@ def _build_pipeline(chunks, stages, mesh, cfg, dims: ParallelDims, device, loss_
         device = torch.device("cpu") if acc is None or mesh.device_type == "cpu" else \
             torch.device(acc.type, torch.accelerator.current_device_index())
     return Pipeline(chunks, stages, mesh["pp"].get_group(), device, num_microbatches=num_microbatches,
-                    loss_fn=loss_fn or _mean_token_loss, vocab_parallel=dims.tp > 1,
                     tied_group=tied_embedding_group(mesh) if tied else None)

@@ -4,7 +4,10 @@ The meta-device model is copied once per local (virtual) stage and each copy kee
 layers, in a ModuleDict keyed by the global layer index: parameter names stay HF names
 (`model.layers.17.mlp.up_proj.weight`), so a checkpoint written under PP loads under any
 other layout. The first stage keeps the embedding, the last the final norm and LM head and
-computes the loss there. Schedules: 1F1B, or interleaved 1F1B with virtual stages
+computes the loss there, from its hidden states: the labels reach the last stage as a keyword
+argument and the model's chunked LM-head loss returns the micro-batch's summed token loss
+(qtrain.ops.linear_cross_entropy; vocab-parallel under TP), so the logits never exist and the
+stage's output is one number per micro-batch. Schedules: 1F1B, or interleaved 1F1B with virtual stages
 (--num-layers-per-virtual-pipeline-stage; chunk v of rank p is stage v*PP + p, as Megatron).
 
 Tied embeddings: the first stage's embedding and the last stage's LM head are two copies of
@@ -15,18 +18,15 @@ equal, as Megatron's embedding group does.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
-from torch.distributed.tensor.parallel import loss_parallel
 
 from qtrain.labels import IGNORE_INDEX
-from qtrain.parallel.full_tensors import full_tensor
 
 
 def split_into_chunks(model: nn.Module, stages: list[list[list[int]]], pp_rank: int) -> list[nn.Module]:
@@ -63,12 +63,17 @@ def stage_view(chunks: list[nn.Module]) -> nn.Module:
     return view
 
 
+def _loss_as_vector(module, args, output):  # noqa: ARG001
+    """Forward hook of the last chunk: its loss sum as shape [1], so that the schedule, which
+    concatenates the last stage's outputs along dim 0 after the step, can."""
+    return output.reshape(1)
+
+
 class Pipeline:
     """Runs one optimizer step's micro-batches through the schedule on this rank."""
 
     def __init__(self, chunks: list[nn.Module], stages: list[list[list[int]]], pp_group, device: torch.device,
-                 num_microbatches: int, loss_fn: Callable, vocab_parallel: bool,
-                 tied_group: Optional[dist.ProcessGroup]) -> None:
+                 num_microbatches: int, tied_group: Optional[dist.ProcessGroup]) -> None:
         pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
         num_chunks = len(stages[0])
         self.chunks = chunks
@@ -77,24 +82,35 @@ class Pipeline:
         self.is_first, self.is_last = pp_rank == 0, pp_rank == pp - 1
         self.pp_group, self.tied_group = pp_group, tied_group
         self.num_microbatches = num_microbatches
-        self.vocab_parallel = vocab_parallel
-
-        def loss(output, labels):  # the last stage's output (today the logits) -> the micro-batch's loss
-            return full_tensor(loss_fn(output, labels))
-
+        self._sum_losses = False  # eval_loss wants each micro-batch's loss sum, training its mean
+        if self.is_last:
+            chunks[-1].register_forward_hook(_loss_as_vector)
         if num_chunks == 1:
-            self.schedule = Schedule1F1B(self.stages[0], num_microbatches, loss_fn=loss)
+            self.schedule = Schedule1F1B(self.stages[0], num_microbatches, loss_fn=self._loss)
         else:
-            self.schedule = ScheduleInterleaved1F1B(self.stages, num_microbatches, loss_fn=loss)
+            self.schedule = ScheduleInterleaved1F1B(self.stages, num_microbatches, loss_fn=self._loss)
+
+    def _loss(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss_fn: the last stage's output (its micro-batch's summed token loss) ->
+        the mean over the micro-batch's trained tokens (0, not NaN, without any), or the sum."""
+        if self._sum_losses:
+            return loss_sum.sum()
+        return loss_sum.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _run(self, run, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """schedule.step or .eval over [num_microbatches * mbs, S] samples; the last stage's losses.
+        The labels go to the model as well as to the loss: every chunk of the last rank receives
+        them (chunks without the LM head ignore them) and the last stage returns the loss sum."""
+        losses: list[torch.Tensor] = []
+        model_kwargs = {"labels": labels, "loss_reduction": "sum"} if self.is_last else {}
+        run(input_ids if self.is_first else None, target=labels if self.is_last else None, losses=losses,
+            **model_kwargs)
+        return losses
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward of [num_microbatches * mbs, S] samples; returns the mean micro-batch
         loss (fp32, detached) on every pipeline rank. Gradients are the mean over micro-batches."""
-        losses: list[torch.Tensor] = []
-        # The vocab-parallel loss's backward runs inside the schedule: keep loss_parallel on throughout.
-        with loss_parallel() if self.vocab_parallel else contextlib.nullcontext():
-            self.schedule.step(input_ids if self.is_first else None,
-                               target=labels if self.is_last else None, losses=losses)
+        losses = self._run(self.schedule.step, input_ids, labels)
         self.sync_tied_grads()
         mean = torch.stack([x.detach().float() for x in losses]).mean() if self.is_last else \
             torch.zeros((), dtype=torch.float32, device=input_ids.device)
@@ -106,17 +122,16 @@ class Pipeline:
                   ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward only: (sum of token losses, number of trained tokens) of [num_microbatches * mbs, S]
         samples, on every pipeline rank (for validation)."""
-        losses: list[torch.Tensor] = []
-        with loss_parallel() if self.vocab_parallel else contextlib.nullcontext():
-            self.schedule.eval(input_ids if self.is_first else None,
-                               target=labels if self.is_last else None, losses=losses)
-        counts = (labels != ignore_index).reshape(self.num_microbatches, -1).sum(1).to(torch.float32)
+        self._sum_losses = True
+        try:
+            losses = self._run(self.schedule.eval, input_ids, labels)
+        finally:
+            self._sum_losses = False
         total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-        if self.is_last:  # each micro-batch's loss is its mean over trained tokens
-            means = torch.stack([x.detach().float() for x in losses]).to(counts.device)
-            total = torch.where(counts > 0, means * counts, torch.zeros_like(means)).sum().to(total.device)
+        if self.is_last:
+            total = torch.stack([x.detach().float() for x in losses]).sum().to(total.device)
         dist.broadcast(total, group=self.pp_group, group_src=dist.get_world_size(self.pp_group) - 1)
-        return total, counts.sum().to(torch.int64)
+        return total, (labels != ignore_index).sum().to(torch.int64)
 
     def sync_tied_grads(self) -> None:
         """Sum the gradients of the embedding (first stage) and the tied LM head (last stage)."""

@@ -10,10 +10,16 @@ without --use-distributed-optimizer; b = 2 with --bf16 else 4; per token of a mi
   transient    b x (the root unit + 2 decoder layers) gathered by FSDP (current and prefetched),
                plus the unsharded LM-head gradient (FSDP2 wraps the model on every layout, one
                device included)
-  activations  tokens x (sum over the stage's layers of A) x micro-batches in flight
-  loss         logits path (train.step): tokens x V/TP x (4 saved log-softmax + 4 its gradient
-               + b logits [+ b their gradient]); fused chunked loss (`fused_loss=True`, the model's
-               `labels=` path): 4 V H / TP fp32 head gradient + 4 tokens H + 8 x 1024 x V / TP chunk
+  activations  tokens x (sum over the stage's layers of A) x micro-batches in flight; the last
+               stage adds its final RMSNorm (4H + bH + 4 per token, / TP under SP)
+  loss         the chunked LM-head loss, as `qtrain.ops.linear_cross_entropy` runs it on every
+               layout (no logits; `loss_working_bytes`): one chunk of fp32 logits over the
+               vocabulary shard (4 + b bytes per element with bf16, for its gradient's copy;
+               chunks of at most 2^27 elements, Qwen3: 768 tokens on one device) and the
+               gradient of the hidden states (b x tokens x H; twice under SP, with the gathered
+               hidden states); with Liger on CUDA (TP = 1) instead its fp32 head-gradient
+               accumulator (4 V H) and a chunk of tokens x H elements. Which path is the one
+               the loop takes on `device_type` (default: this machine's)
 
 Per decoder layer and token, with H hidden, Q = heads x head_dim, K = kv heads x head_dim, n / m
 query / kv heads, I = FFN size; everything after "|" is divided by TP (the norm terms too under
@@ -61,6 +67,8 @@ class MemoryEstimate:
     activations: float
     loss: float
     dims: ParallelDims = field(default_factory=ParallelDims)
+    loss_path: str = ""  # how the loop computes the loss on this layout and device
+    stage: int = 0  # the pipeline stage (rank) described
 
     @property
     def total(self) -> float:
@@ -106,12 +114,23 @@ def layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, 
             + (4 * q + b * q + 4 * k + b * k + 4 * (n + kv_heads) + 2 * b * q + kv_sdpa + 4 * n + 4 * b * i) / tp)
 
 
+def final_norm_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False) -> float:
+    """Bytes the last stage's final RMSNorm keeps for the backward, per local token (its output, the
+    loss's input, is not kept: the chunked loss stores gradients, not inputs)."""
+    return (4 * m.hidden_size + bytes_per_el * m.hidden_size + 4) / (tp if sp else 1)
+
+
 def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: Optional[int] = None,
                     seq_length: Optional[int] = None, bf16: Optional[bool] = None,
-                    num_microbatches: Optional[int] = None, fused_loss: bool = False) -> MemoryEstimate:
+                    num_microbatches: Optional[int] = None, device_type: Optional[str] = None,
+                    stage: Optional[int] = None) -> MemoryEstimate:
     """Per-device memory of `model_cfg` trained under the layout of `cfg` (a PretrainConfig, or
-    ParallelArgs with the keyword arguments) on `world_size` devices. Raises ConfigError for an
-    invalid layout. The busiest pipeline stage is reported."""
+    ParallelArgs with the keyword arguments) on `world_size` devices of `device_type` ("cuda",
+    "npu", "cpu"; default: this machine's, which decides the loss path). Raises ConfigError for
+    an invalid layout. The busiest pipeline stage is reported, or pipeline rank `stage` (-1: the
+    last, which computes the loss)."""
+    from qtrain.ops.linear_cross_entropy import loss_working_bytes
+
     t = getattr(cfg, "training", None)
     mbs = micro_batch_size or (t.micro_batch_size if t else 1)
     seq = seq_length or (cfg.data.seq_length if hasattr(cfg, "data") else None)
@@ -124,6 +143,10 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         gbs = (t.global_batch_size if t else None) or mbs * dims.dp
         num_microbatches = max(1, gbs // (mbs * dims.dp))
     b = 2 if bf16 else 4
+    if device_type is None:
+        from qtrain.device import device_type as this_machine
+
+        device_type = this_machine()
     m, tp = model_cfg, dims.tp
     stages = stage_layers(p, m.num_hidden_layers)
     fsdp_ways = dims.dp_shard * dims.cp
@@ -139,17 +162,15 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         params = n_layers * (lay_sharded + lay_repl) + root
         transient = b * (root + 2 * (lay_sharded + lay_repl)) + (b * embed if last else 0)
         acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches) * tokens
+        loss, loss_path = 0.0, ""
         if last:
-            acts += tokens * (2 * (4 * m.hidden_size + b * m.hidden_size) / (tp if p.sequence_parallel else 1)
-                              + b * m.hidden_size)
-        if not last:
-            loss = 0.0
-        elif fused_loss:
-            loss = 4 * embed + 4 * tokens * m.hidden_size + 8 * min(tokens, 1024) * m.vocab_size / tp
-        else:
-            loss = tokens * m.vocab_size / tp * (8 + b + (b if b != 4 else 0))
+            acts += tokens * final_norm_bytes(m, b, tp, p.sequence_parallel)
+            loss, loss_path = loss_working_bytes(tokens, m.vocab_size, m.hidden_size, b, tp, p.sequence_parallel,
+                                                 device_type)
         est = MemoryEstimate(4 * params / fsdp_ways, 4 * params / fsdp_ways, 8 * params / fsdp_ways,
-                             transient, acts, loss, dims)
+                             transient, acts, loss, dims, loss_path, rank)
+        if stage is not None and rank == stage % len(stages):
+            return est
         if best is None or est.total > best.total:
             best = est
     assert best is not None
@@ -219,9 +240,19 @@ def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float) 
     return out
 
 
-def format_estimate(est: MemoryEstimate, device_memory_gb: Optional[float]) -> str:
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in est.gib().items())
-    line = f"memory per device (GiB, busiest stage): {parts}"
+def format_estimate(est: MemoryEstimate, device_memory_gb: Optional[float],
+                    last: Optional[MemoryEstimate] = None) -> str:
+    """The estimate's lines; `last`: the last pipeline stage's, shown too when it is not the busiest."""
+    def parts(e: MemoryEstimate) -> str:
+        return ", ".join(f"{k} {v:.2f}" for k, v in e.gib().items())
+
+    where = f" {est.stage} of {est.dims.pp}" if est.dims.pp > 1 else ""
+    line = f"memory per device (GiB, busiest stage{where}): {parts(est)}"
+    if last is not None and last.stage != est.stage:
+        line += f"\nlast stage ({last.stage}, computes the loss): {parts(last)}"
+    loss_path = est.loss_path or (last.loss_path if last is not None else "")
+    if loss_path:
+        line += f"\nloss: LM head + cross-entropy {loss_path} (no logits)"
     if device_memory_gb is not None:
         verdict = "fits" if est.fits(device_memory_gb) else "does NOT fit"
         line += f"\n{verdict} in {device_memory_gb:g} GB per device (5% kept free)"
@@ -262,8 +293,9 @@ def main(argv: list[str]) -> int:
     world = ns.world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
     est = estimate_memory(model_cfg, cfg, world)
+    last = estimate_memory(model_cfg, cfg, world, stage=-1)
     print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
           f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
           f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
-    print(format_estimate(est, ns.device_memory_gb))
+    print(format_estimate(est, ns.device_memory_gb, last))
     return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1

@@ -3,8 +3,11 @@
 Megatron's layout: q/k/v and gate/up projections split by output (column parallel), o/down by
 input (row parallel), so each rank owns whole heads and one all-reduce (or, with
 --sequence-parallel, one reduce-scatter + all-gather pair) per block suffices. The embedding and
-LM head are split by vocabulary; logits stay vocab-sharded and the loss runs under
-`loss_parallel()` (qtrain.parallel.loss_scope), so the full [tokens, vocab] logits never exist on one rank.
+LM head are split by vocabulary. Training never calls the LM head module: the model's loss
+reads its weight shard and runs the chunked vocab-parallel cross-entropy on it
+(qtrain/ops/vocab_parallel_linear_cross_entropy.py), which gathers sequence-parallel hidden
+states itself, so no logits exist at all (the module, called without labels, still returns
+vocab-sharded logits).
 
 q_norm / k_norm act on each head's vector with one weight shared by all heads. A rank sees only
 its heads, so their weight gradient is a partial sum: they are marked as sharded along the head

@@ -2,13 +2,14 @@
 pipeline schedule over all of them), gradient clipping and the optimizer step.
 
 The loss of a micro-batch is (sum of its token losses, its number of trained tokens), computed
-by `loss_sum`: the LM head and cross-entropy fused in chunks without materialising the logits,
-or, with a vocab-parallel LM head (TP > 1), cross-entropy of the sharded logits under
-`loss_parallel()`. A `LossWeight` turns that pair into the value whose gradient the micro-batch
-contributes: by default the mean over its trained tokens (`mean_loss`, Megatron's pretraining
-loss and MindSpeed-LLM's SFT loss); `qtrain sft --calculate-per-token-loss` divides by the
-tokens of the whole global batch instead. Under pipeline parallelism the schedule computes the
-last stage's loss itself (the mean, `Pipeline.train_step`), so only `mean_loss` runs there.
+by `loss_sum`: the model's LM head and cross-entropy fused in chunks without materialising the
+logits, on every layout (vocab-parallel under TP; the last pipeline stage runs the same loss
+inside the schedule). A `LossWeight` turns that pair into the value whose gradient the
+micro-batch contributes: by default the mean over its trained tokens (`mean_loss`, Megatron's
+pretraining loss and MindSpeed-LLM's SFT loss); `qtrain sft --calculate-per-token-loss` divides
+by the tokens of the whole global batch instead. Under pipeline parallelism the schedule turns
+the last stage's loss sum into the mean itself (`Pipeline.train_step`), so only `mean_loss`
+runs there.
 
 Loss and gradient norm stay on the device: the loop reads them only when it logs.
 """
@@ -21,9 +22,7 @@ import torch
 
 from qtrain.errors import ConfigError
 from qtrain.labels import IGNORE_INDEX
-from qtrain.ops.cross_entropy import cross_entropy
 from qtrain.parallel import ParallelState
-from qtrain.parallel.full_tensors import full_tensor
 from qtrain.parallel.grads import clip_grad_norm_
 
 Batch = dict[str, torch.Tensor]
@@ -51,13 +50,11 @@ def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
-def loss_sum(model: torch.nn.Module, state: ParallelState, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Sum of the token losses of one (already context-sharded) micro-batch, float32. Under a
-    vocab-parallel LM head it is a DTensor: call inside `state.loss_scope()`, with its backward."""
+def loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Sum of the token losses of one (already context-sharded) micro-batch, float32: the model's
+    chunked LM-head loss, computed inside its forward (where FSDP has gathered the LM head)."""
     labels = batch["labels"].to(device, non_blocking=True)
-    if not state.vocab_parallel:
-        return model(**model_inputs(batch, device), labels=labels, loss_reduction="sum").float()
-    return cross_entropy(model(**model_inputs(batch, device)), labels, reduction="sum")
+    return model(**model_inputs(batch, device), labels=labels, loss_reduction="sum").float()
 
 
 def forward_backward(model: torch.nn.Module, state: ParallelState, batch: Batch, device: torch.device,
@@ -65,10 +62,9 @@ def forward_backward(model: torch.nn.Module, state: ParallelState, batch: Batch,
     """Forward and backward of one micro-batch; gradients accumulate scaled by 1/num_microbatches,
     so the step sees the mean over the micro-batches. Returns the weighted loss (fp32, detached)."""
     batch = state.prepare_batch(batch)  # this rank's context-parallel slice, if any
-    with state.loss_scope():
-        loss = loss_weight(loss_sum(model, state, batch, device), trained_tokens(batch), batch)
-        (loss / num_microbatches).backward()
-    return full_tensor(loss.detach())
+    loss = loss_weight(loss_sum(model, batch, device), trained_tokens(batch), batch)
+    (loss / num_microbatches).backward()
+    return loss.detach()
 
 
 def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.optim.Optimizer,
@@ -115,7 +111,6 @@ def eval_step(model: torch.nn.Module, state: ParallelState, micro_batches: Seque
         return total + s.double(), count + c.double()
     for batch in micro_batches:
         batch = state.prepare_batch(batch)
-        with state.loss_scope():
-            total += full_tensor(loss_sum(model, state, batch, device)).double()
+        total += loss_sum(model, batch, device).double()
         count += trained_tokens(batch)
     return total, count

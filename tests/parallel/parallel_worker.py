@@ -9,6 +9,10 @@ checkpoint.dcp save/load and `train.step.eval_step` for validation. Only data an
 are made here: a global batch of GBS samples per step, split over data-parallel ranks and
 micro-batches. The data of step i depends only on i, so every layout sees the same samples and
 the same losses up to float rounding.
+
+The LM-head loss runs chunked on every layout, as in training, with chunks small enough here that
+each micro-batch's 32 tokens take several (7 per chunk on one device, 14 per vocabulary shard under
+TP 2: uneven tails). A run's "model" entry changes the tiny model (e.g. untied embeddings).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from qtrain.checkpoint.dcp import load_checkpoint, save_checkpoint
 from qtrain.config import PretrainConfig
 from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import build_model
+from qtrain.ops import vocab_parallel_linear_cross_entropy
 from qtrain.parallel import build_mesh, parallelize
 from qtrain.parallel.weights import materialize
 from qtrain.train.optim import build_optimizer
@@ -36,6 +41,7 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0,
             tie_word_embeddings=True)
 SEQ, GBS, MBS, LR = 16, 8, 2, 3e-3
+CHUNK_LOGITS = 7 * TINY["vocab_size"]  # fp32 logits per chunk: 7 tokens of the whole vocabulary
 
 
 def full_weights(cfg: Qwen3Config) -> dict[str, torch.Tensor]:
@@ -91,10 +97,11 @@ def main(spec_path: str) -> int:
     rt = init_runtime("cpu")  # torchrun's gloo group, or an in-process world of one
     world = rt.world_size
     torch.manual_seed(0)
-    cfg = Qwen3Config(**TINY)
+    vocab_parallel_linear_cross_entropy.CHUNK_LOGITS = CHUNK_LOGITS
     results = {}
     for run in spec["runs"]:
         t0 = time.time()
+        cfg = Qwen3Config(**{**TINY, **run.get("model", {})})
         model, state = make_model(run, world, cfg)
         optimizer = build_optimizer(model, LR, 0.01, (0.9, 0.95), 1e-8)
         start = 0

@@ -1,7 +1,10 @@
 """Every layout trains like one process: the loss of each of 10 iterations within 1e-5 relative
 (tiny Qwen3, float32, CPU, gloo), and a checkpoint saved under TP2xPP2 resumes under DP4 and
 under one process. The gradient norm, far more sensitive to a wrong gradient than the loss
-(Adam normalises updates), is checked too."""
+(Adam normalises updates), is checked too. The LM-head loss is the chunked one on every layout
+(several chunks per micro-batch, see parallel_worker.py): on the last pipeline stage, and
+vocab-parallel under TP (with SP: from sequence-sharded hidden states); tied embeddings, and
+untied ones against an untied one-process run."""
 
 import pytest
 
@@ -24,6 +27,14 @@ WORLD2 = {
     "tp2_recompute_selective": {"tensor_model_parallel_size": 2, "recompute_granularity": "selective"},
 }
 
+# Untied embeddings (a separate LM-head weight on the last stage / vocab shard), against "single_untied".
+UNTIED = {"tie_word_embeddings": False}
+WORLD2_UNTIED = {
+    "pp2_1f1b_untied": {"pipeline_model_parallel_size": 2},
+    "pp2_virtual_untied": {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1},
+    "tp2_sp_untied": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+}
+
 # Beyond the acceptance list: the combinations big recipes use (TP+SP inside pipeline stages, CP with TP).
 WORLD4_EXTRA = {
     "pp2_tp2_sp": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "sequence_parallel": True},
@@ -35,8 +46,9 @@ WORLD4_EXTRA = {
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     ckpt = str(tmp / "ckpt_tp2pp2")
-    out = run_worker(tmp, "single", 1, [{"name": "single"}])
-    out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()])
+    out = run_worker(tmp, "single", 1, [{"name": "single"}, {"name": "single_untied", "model": UNTIED}])
+    out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()]
+                      + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()])
     out |= run_worker(tmp, "world4", 4, [
         {"name": "dp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}},
         {"name": "pp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
@@ -49,9 +61,9 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", [*WORLD2, "dp2_tp2", "pp2_tp2", *WORLD4_EXTRA])
+@pytest.mark.parametrize("layout", [*WORLD2, *WORLD2_UNTIED, "dp2_tp2", "pp2_tp2", *WORLD4_EXTRA])
 def test_layout_matches_single_process(results, layout):
-    ref, got = results["single"], results[layout]
+    ref, got = results["single_untied" if layout in WORLD2_UNTIED else "single"], results[layout]
     assert len(got["losses"]) == 10
     assert max_rel_diff(got["losses"], ref["losses"]) < LOSS_RTOL, (got["losses"], ref["losses"])
     assert max_rel_diff(got["grad_norms"], ref["grad_norms"]) < NORM_RTOL, (got["grad_norms"], ref["grad_norms"])
@@ -73,3 +85,5 @@ def test_training_moves_the_loss(results):
     """Guard against a vacuous comparison: the reference run's loss does change."""
     losses = results["single"]["losses"]
     assert max(losses) - min(losses) > 1e-3
+    untied = results["single_untied"]["losses"]
+    assert max_rel_diff(untied, losses) > 1e-4  # the untied run is another model

@@ -1,7 +1,9 @@
-"""qtrain plan: the activation formulas against the bytes a real layer keeps, the estimate's
-arithmetic, layout suggestions and the CLI."""
+"""qtrain plan: the activation and loss formulas against the bytes a real layer and the real loss
+keep and allocate (CPU), the estimate's arithmetic, layout suggestions and the CLI."""
 
 import gc
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +14,15 @@ from qtrain.config import PretrainConfig
 from qtrain.models.config import Qwen3Config
 from qtrain.models.presets import get_preset
 from qtrain.models.qwen3 import build_model
+from qtrain.ops import dispatch
+from qtrain.ops import vocab_parallel_linear_cross_entropy as vocab_parallel
+from qtrain.ops.linear_cross_entropy import linear_cross_entropy, loss_working_bytes
 from qtrain.ops.rope import rope_cos_sin
-from qtrain.parallel.plan import estimate_memory, layer_activation_bytes, main, suggest_layouts
+from qtrain.parallel.plan import GIB, estimate_memory, final_norm_bytes, layer_activation_bytes, main, suggest_layouts
 from qtrain.parallel.recompute import apply_recompute
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from cpu_peak_memory import cpu_peak_bytes  # noqa: E402
 
 CFG = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16)
@@ -68,6 +76,69 @@ def test_recompute_keeps_less():
                              saved_bytes_per_token("full", "uniform", 1))
     assert full == pytest.approx(layer_activation_bytes(CFG, 4, mode="full"), rel=0.01)
     assert full < selective < none
+
+
+def test_last_stage_keeps_the_final_norm_and_the_loss_gradients_only():
+    """Between forward and backward the last stage's final RMSNorm keeps what final_norm_bytes says
+    and the chunked loss only its two gradients (not its input, not logits)."""
+    model = build_model(CFG, "cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    batch, seq = 2, 64
+    x = torch.randn(batch, seq, CFG.hidden_size, requires_grad=True)
+    labels = torch.randint(0, CFG.vocab_size, (batch, seq))
+    existing = {t.untyped_storage().data_ptr() for t in [x, *model.parameters()]}
+    mode = _Storages()
+    with mode:
+        loss = linear_cross_entropy(model.model.norm(x), model.lm_head.weight, labels, reduction="sum")
+    gc.collect()
+    existing.add(loss.untyped_storage().data_ptr())
+    alive = {ptr: nbytes for ref, ptr, nbytes in mode.refs if not ref.expired() and ptr not in existing}
+    loss.backward()
+    tokens = batch * seq
+    expected = (tokens * final_norm_bytes(CFG, 4) + 4 * tokens * CFG.hidden_size  # + grad hidden
+                + 4 * CFG.vocab_size * CFG.hidden_size)  # + the LM-head gradient
+    assert sum(alive.values()) + x.numel() * 4 == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_term_is_the_peak_the_chunked_loss_allocates(monkeypatch, dtype):
+    """The plan's loss term plus the LM-head gradient is the peak the loss's forward and backward
+    allocate (the CPU allocator's own count, via the profiler): several chunks with an uneven tail
+    and ignored labels. Its two gradients become .grad without a copy: exactly they remain."""
+    vocab, hidden, batch, seq = 4096, 64, 2, 128
+    monkeypatch.setattr(vocab_parallel, "CHUNK_LOGITS", 40 * vocab)  # 256 tokens: 6 chunks of 40 + 16
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.1).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[0, :50] = -100
+
+    def loss_forward_backward():
+        linear_cross_entropy(h, w, labels, reduction="sum").backward()
+
+    _, peak, end = cpu_peak_bytes(loss_forward_backward)
+    b = h.element_size()
+    loss_term, path = loss_working_bytes(batch * seq, vocab, hidden, b, device_type="cpu")
+    assert path.startswith("chunked, 40 tokens per chunk")
+    assert peak == pytest.approx(loss_term + vocab * hidden * b, rel=0.01)
+    assert end - (h.grad.nbytes + w.grad.nbytes) in range(0, 64)  # the loss scalar
+
+
+def test_seed_layout_loss_term_is_under_1_gib(monkeypatch):
+    """Qwen3-1.7B, seq 4096, PP2, bf16 (the seed's layout): the last stage's loss was 6.96 GiB of
+    logits; the chunked loss needs well under 1 GiB on every device, Liger's path on CUDA its fp32
+    head-gradient accumulator more."""
+    m = get_preset("1.7B")
+    cfg = plan_cfg(gbs=32, pipeline_model_parallel_size=2, use_distributed_optimizer=True)
+    for device in ("cpu", "npu", "cuda"):  # no Liger on this machine: the reference everywhere
+        last = estimate_memory(m, cfg, 2, device_type=device, stage=-1)
+        assert last.stage == 1 and 0.5 * GIB < last.loss < GIB and last.loss_path.startswith("chunked")
+    assert estimate_memory(m, cfg, 2, device_type="cpu").total >= last.total  # the busiest stage
+    monkeypatch.setitem(dispatch._TABLE, "cuda", {**dispatch.backend("cpu"), "linear_cross_entropy": "liger"})
+    liger = estimate_memory(m, cfg, 2, device_type="cuda", stage=-1)
+    assert liger.loss > 4 * m.vocab_size * m.hidden_size and liger.loss_path.startswith("Liger")
+    tp2 = estimate_memory(m, plan_cfg(tensor_model_parallel_size=2, sequence_parallel=True), 2, device_type="cuda")
+    assert tp2.loss < GIB and "vocab-parallel" in tp2.loss_path  # TP > 1: the reference, also on CUDA
 
 
 def plan_cfg(seq=4096, mbs=1, gbs=None, bf16=True, **parallel) -> PretrainConfig:
@@ -134,3 +205,6 @@ def test_cli(capsys):
     assert main(["--model-preset", "8B", "--seq-length", "4096", "--global-batch-size", "16", "--bf16",
                  "--suggest", "8", "--device-memory-gb", "80"]) == 0
     assert "tp=" in capsys.readouterr().out
+    assert main(argv + ["--global-batch-size", "32", "--pipeline-model-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "busiest stage 0 of 2" in out and "last stage (1, computes the loss)" in out and "no logits" in out
