@@ -138,8 +138,9 @@ class PreferenceObjective:
     # ---------------------------------------------------------------- the pair loss
 
     def pair_loss(self, sums: torch.Tensor, counts: torch.Tensor,
-                  ref_sums: Optional[torch.Tensor]) -> torch.Tensor:
-        """Mean pair loss of 2P rows' summed log-probs (chosen rows first); records the metrics."""
+                  ref_sums: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean pair loss, the metrics' per-pair sums to `record`) of 2P rows' summed log-probs
+        (chosen rows first)."""
         if self.loss.needs_reference and ref_sums is None:
             raise ValueError(f"--pref-loss {self.loss.kind} needs the reference model's log-probs")
         mean = self.loss.mean_logps
@@ -150,12 +151,11 @@ class PreferenceObjective:
         if ref_sums is not None:
             ref_c, ref_r = sequence_logps(ref_sums.to(sums.dtype), counts, mean).chunk(2)
         losses, metrics = pair_losses(self.loss, chosen, rejected, ref_c, ref_r, chosen_mean)
-        self._record(losses.detach(), metrics)
-        return losses.mean()
-
-    def _record(self, losses: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-        values = torch.stack([torch.tensor(float(len(losses)), device=losses.device), losses.sum()]
+        values = torch.stack([torch.tensor(float(len(losses)), device=losses.device), losses.detach().sum()]
                              + [metrics[n].sum() for n in self.names[2:]]).double()
+        return losses.mean(), values
+
+    def _record(self, values: torch.Tensor) -> None:
         acc = self._sums.get(self.mode)
         self._sums[self.mode] = values if acc is None else acc + values
 
@@ -169,7 +169,9 @@ class PreferenceObjective:
         labels = rows["labels"].to(device, non_blocking=True)
         per_token = model(**model_inputs(rows, device), labels=labels, loss_reduction="none")
         sums, counts = row_logps(per_token, labels, state)
-        return self.pair_loss(sums, counts, ref)
+        loss, values = self.pair_loss(sums, counts, ref)
+        self._record(values)
+        return loss
 
     def pipeline_loss(self, state: ParallelState, micro_batches: Sequence[Batch], device: torch.device,
                       train: bool = True) -> torch.Tensor:
@@ -183,15 +185,22 @@ class PreferenceObjective:
         if pipeline.is_last:
             counts = (labels != IGNORE_INDEX).sum(-1).float()
             target = torch.stack([ref if ref is not None else torch.zeros_like(counts), counts], dim=1)
+        self._pipeline_values: list[torch.Tensor] = []
         losses = pipeline.run_objective(input_ids, labels, target, self._pipeline_pair_loss, train=train)
         mean = torch.zeros((), dtype=torch.float32, device=device)
         if pipeline.is_last:
             mean = torch.stack([x.detach().float() for x in losses]).mean().to(device)
+            # The schedule's own micro-batches are the last calls (torch may call the loss once before
+            # them, to infer gradient shapes).
+            for values in self._pipeline_values[-len(micro_batches):]:
+                self._record(values)
         return pipeline.from_last_stage(mean)
 
     def _pipeline_pair_loss(self, per_token_loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ref = target[:, 0] if self.loss.needs_reference else None
-        return self.pair_loss(-per_token_loss.sum(-1), target[:, 1], ref)
+        loss, values = self.pair_loss(-per_token_loss.sum(-1), target[:, 1], ref)
+        self._pipeline_values.append(values)
+        return loss
 
     @torch.no_grad()
     def validation(self, model: torch.nn.Module, state: ParallelState, valid_ds, eval_index: int, eval_iters: int,
