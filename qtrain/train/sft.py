@@ -42,7 +42,8 @@ def sft_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     g.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"],
-                   help="HF (q_proj ...) or Megatron (linear_qkv linear_proj linear_fc1 linear_fc2) names")
+                   help="HF (q_proj ...) or Megatron (linear_qkv linear_proj linear_fc1 linear_fc2) names; "
+                        "lm_head (output_layer) only by name")
     g.add_argument("--no-shuffle", action="store_true", help="read samples in dataset order every epoch")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="average the loss over the response tokens of the global batch (default: per micro-batch, "

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from qtrain.assets import SAMPLE_PREFERENCE
 from qtrain.data.indexed import IndexedDataset, IndexedDatasetBuilder, bin_path, idx_path
 from qtrain.data.instruction_dataset import dataset_prefixes
 from qtrain.data.pairwise_dataset import pairwise_prefixes
 
-ASSET = Path(__file__).resolve().parents[2] / "qtrain" / "assets" / "sample_preference.jsonl"
+ASSET = SAMPLE_PREFERENCE
 PAIRS, SEQ, BETA = 48, 96, 0.1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
