@@ -116,7 +116,9 @@ def _chunk(h, weight, y, group, ranks: int, vocab_start: int, ignore_index: int,
     loss = ((lse - picked) * valid).sum()
     if grad_hidden is None and grad_weight is None:
         return loss
-    _chunk_backward(exp, shard_max, lse, valid, owned, index, h, weight, grad_hidden, grad_weight)
+    buffer = [exp]
+    del exp  # _chunk_backward frees it once its low-precision copy exists
+    _chunk_backward(buffer, shard_max, lse, valid, owned, index, h, weight, grad_hidden, grad_weight)
     return loss
 
 
@@ -147,13 +149,13 @@ def _chunk_forward(h, weight, y, group, ranks: int, vocab_start: int, ignore_ind
     return exp, shard_max, lse, picked, valid, owned, index
 
 
-def _chunk_backward(exp, shard_max, lse, scale, owned, index, h, weight,
+def _chunk_backward(buffer: list, shard_max, lse, scale, owned, index, h, weight,
                     grad_hidden: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor]) -> None:
     """d loss / d logits = (softmax - one_hot) x each token's upstream gradient `scale` (0 on ignored
-    labels), over the shard, written over `exp`; then grad hidden rows = g @ W_shard (written) and
-    grad W_shard += g.T @ h."""
-    grad = exp.mul_(((shard_max - lse).exp() * scale)[:, None])
-    del exp
+    labels), over the shard, written over the chunk's exp(logits - shard max), handed over in
+    `buffer` (a list, so that no caller keeps the fp32 block alive during the matmuls); then grad
+    hidden rows = g @ W_shard (written) and grad W_shard += g.T @ h."""
+    grad = buffer.pop().mul_(((shard_max - lse).exp() * scale)[:, None])
     grad.scatter_add_(1, index, -(owned * scale)[:, None].to(grad.dtype))
     grad = grad.to(weight.dtype)  # frees the fp32 buffer when it is a copy
     if grad_hidden is not None:
@@ -219,7 +221,9 @@ def _token_chunk_backward(h, weight, y, lse, g, vocab_start: int, ignore_index: 
     the log-sum-exp kept by the forward (no collective: each shard's softmax needs only that)."""
     valid, owned, index = _targets(y, vocab_start, weight.shape[0], ignore_index)
     exp, shard_max = _shard_exp((h @ weight.t()).float())
-    _chunk_backward(exp, shard_max, lse, g * valid, owned, index, h, weight, grad_hidden, grad_weight)
+    buffer = [exp]
+    del exp
+    _chunk_backward(buffer, shard_max, lse, g * valid, owned, index, h, weight, grad_hidden, grad_weight)
 
 
 def _to_label_order(values: torch.Tensor, shape: tuple[int, ...], ranks: int) -> torch.Tensor:

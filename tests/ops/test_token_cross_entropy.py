@@ -42,3 +42,34 @@ def test_per_token_sum_is_the_summed_loss_and_no_grad_needs_no_backward():
     assert_close_scaled(tokens.sum(), total, terms=(16, 97, 40), what="sum")
     with torch.no_grad():
         assert not linear_cross_entropy(h.requires_grad_(), w, y, reduction="none").requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_peak_memory_is_the_plans_chunked_loss_term(monkeypatch, dtype):
+    """Forward + recomputing backward allocate at their peak what `qtrain plan` counts for the per-token
+    loss (one chunk's fp32 logits + its low-precision copy + grad hidden: working_bytes) plus the head
+    gradient; the per-token outputs and log-sum-exps (16 bytes a token) are within the 1%."""
+    import sys
+    from pathlib import Path
+
+    from qtrain.ops import vocab_parallel_linear_cross_entropy as vocab_parallel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from cpu_peak_memory import cpu_peak_bytes
+
+    vocab, hidden, batch, seq = 4096, 64, 2, 128
+    monkeypatch.setattr(vocab_parallel, "CHUNK_LOGITS", 40 * vocab)  # 6 chunks of 40 tokens + 16
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.1).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[0, :50] = -100
+    upstream = torch.randn(batch, seq, generator=g)
+
+    def forward_backward():
+        (linear_cross_entropy(h, w, labels, reduction="none") * upstream).sum().backward()
+
+    _, peak, _ = cpu_peak_bytes(forward_backward)
+    b = h.element_size()
+    expected = vocab_parallel.working_bytes(batch * seq, vocab, hidden, b) + vocab * hidden * b
+    assert peak == pytest.approx(expected, rel=0.01)

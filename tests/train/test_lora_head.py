@@ -68,3 +68,29 @@ def test_tied_head_and_head_dropout_are_refused():
         _lora_model(tied=True)
     with pytest.raises(ConfigError, match="needs --lora-dropout 0"):
         _lora_model(dropout=0.1)
+
+
+def test_head_adapter_loads_in_peft_and_merges(tmp_path):
+    """The head adapter is written under peft's names: peft applies it to its own model with the same
+    logits, and the merged export (W + B A alpha/r) computes what the adapted model computes."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from qtrain.checkpoint.adapter import merge_lora_state_dict
+    from qtrain.train.lora import save_adapter
+
+    model = _lora_model()
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**model.config.to_hf_dict("float32"))).eval()
+    base = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    hf.load_state_dict(base)
+    save_adapter(model, LoRAConfig(r=4, alpha=8, target_modules=["lm_head", "q_proj"]), tmp_path / "adapter")
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(4))
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).logits
+        got = model.eval()(ids)
+        merged = Qwen3ForCausalLM(model.config)
+        merged.load_state_dict(merge_lora_state_dict(model.state_dict(), 2.0))
+        again = merged.eval()(ids)
+    terms = qwen3_terms(model.config, 11) + (4,)
+    assert_close_scaled(got, ref, terms=terms, what="logits vs peft")
+    assert_close_scaled(again, got, terms=terms, what="merged logits")
