@@ -166,7 +166,8 @@ def build_frozen_reference(trainer, source: str):
     from qtrain.train.preference import FrozenCopy
 
     cfg = trainer.cfg
-    model, state = parallelize(build_model(trainer.model_cfg, "meta"), trainer.state.mesh, cfg, device=trainer.rt.device)
+    model, state = parallelize(build_model(trainer.model_cfg, "meta"), trainer.state.mesh, cfg,
+                               device=trainer.rt.device)
     dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
     materialize(model, trainer.rt.device, dtype=dtype, seed=cfg.training.seed)
     ckpt.load_checkpoint(source, model, None, finetune=True)
@@ -200,11 +201,12 @@ def build_hooks(cfg, sft: argparse.Namespace, pref: argparse.Namespace):
     objective = PreferenceObjective(loss, AdaptersOff() if adapters_off else None)  # a frozen copy: in setup
     hooks.objective = objective
 
+    reference = source if source else "the policy with its adapters off" if adapters_off else "none"
+
     def setup(trainer):
         if source is not None:
             objective.reference = build_frozen_reference(trainer, source)
-        trainer.say(f"preference loss: {describe(loss)}; reference: "
-                    f"{'none' if not loss.needs_reference else 'the policy with its adapters off' if adapters_off else source}")
+        trainer.say(f"preference loss: {describe(loss)}; reference: {reference}")
 
     hooks.train_state = {PREFERENCE_KEY: {
         "pref_loss": loss.kind, "loss_type": loss.loss_type, "beta": loss.beta, "label_smoothing": loss.label_smoothing,
@@ -261,20 +263,22 @@ def dry_run(cfg, loss, lora: bool) -> str:
 
     from qtrain.parallel.plan import estimate_memory
     from qtrain.train.loop import prepare
+    from qtrain.train.plan import describe_plan
 
-    p = cfg.parallel
+    p = cfg.parallel  # the world torchrun would give, else the smallest that fits (as the loop's dry run)
     world = int(os.environ.get("WORLD_SIZE", "0")) or \
         p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     model_cfg, batch = prepare(cfg, world)
-    from qtrain.train.plan import describe_plan
 
     copy = loss.needs_reference and not lora
+    reference = "frozen copy (weights only, compute dtype)" if copy else "adapters off" if loss.needs_reference \
+        else "none"
     mem = estimate_memory(model_cfg, cfg, world, micro_batch_size=2 * batch.micro_batch_size,
                           reference_copy=copy, per_token_loss=True)
     lines = describe_plan(cfg, model_cfg, batch, world).replace("qtrain pretrain plan", "qtrain dpo plan").splitlines()
     lines = [ln for ln in lines if not ln.startswith("  memory/device")]
     lines += [f"  preference   {describe(loss)}; each sample is a pair: 2 sequences of --seq-length per sample; "
-              f"reference: {'frozen copy (weights only, compute dtype)' if copy else 'adapters off' if loss.needs_reference else 'none'}",
+              f"reference: {reference}",
               "  memory/device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())]
     return "\n".join(lines)
 

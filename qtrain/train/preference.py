@@ -56,7 +56,8 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
-def row_logps(per_token_loss: torch.Tensor, labels: torch.Tensor, state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+def row_logps(per_token_loss: torch.Tensor, labels: torch.Tensor,
+              state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-probs [R], answer tokens [R]) of rows whose per-token losses (negative
     log-probs, 0 on ignored labels) are [R, S_local], summed over context-parallel ranks."""
     sums = -per_token_loss.sum(-1)

@@ -92,7 +92,7 @@ def test_resume_takes_the_recorded_reference_and_continues_exactly(setup, tmp_pa
     resumed = run_dpo(_args(data, tmp_path / "part", 6, load=str(tmp_path / "part")), log=QUIET)
     assert list(resumed.losses) == [4, 5, 6]
     for it in (4, 5, 6):
-        assert abs(resumed.losses[it] - whole.losses[it]) <= 1e-6 * abs(whole.losses[it]), (it, resumed.losses, whole.losses)
+        assert abs(resumed.losses[it] - whole.losses[it]) <= 1e-6 * abs(whole.losses[it]), (resumed.losses, whole.losses)
 
 
 def test_lora_dpo_uses_the_adapters_off_reference(setup, tmp_path):
