@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -241,6 +242,9 @@ def split_argv(argv: list[str], stage_default: str = "dpo"):
     if sft.stage not in STAGES:
         raise ConfigError(f"--stage {sft.stage}: qtrain dpo trains preference pairs (--stage dpo, simpo or orpo); "
                           f"supervised fine-tuning is `qtrain sft`")
+    if sft.variable_seq_lengths or sft.no_pad_to_seq_lengths:
+        warnings.warn("--variable-seq-lengths / --no-pad-to-seq-lengths: qtrain pads every sequence of a pair to "
+                      "--seq-length", stacklevel=2)
     return sft, pref, rest
 
 
