@@ -11,8 +11,9 @@ by newlines, read record by record since the shipped file is cut short). Each pa
 with the pass number so that repeated text is not byte-identical across passes.
 
 --assets writes qtrain/assets/sample_corpus.jsonl (a few plays cut into ~4 KB documents at blank
-lines) and qtrain/assets/sample_alpaca.jsonl (200 generated instruction records: arithmetic, word
-and list tasks, some with input, system prompt or history).
+lines), qtrain/assets/sample_alpaca.jsonl (200 generated instruction records: arithmetic, word
+and list tasks, some with input, system prompt or history) and qtrain/assets/sample_preference.jsonl
+(the same 200 as preference pairs: the computed answer chosen, a plausible wrong one rejected).
 """
 
 from __future__ import annotations
@@ -151,6 +152,38 @@ def alpaca_records(n: int = 200, seed: int = 1234) -> list[dict]:
     return records
 
 
+def preference_records(records: list[dict], seed: int = 4321) -> list[dict]:
+    """The Alpaca records as preference pairs (`chosen` the computed answer, `rejected` a plausible
+    wrong one: a result off by a few, a misspelt reversal, a wrong count, an unsorted list, the other
+    parity, the word not capitalised), for AlpacaStylePairwiseHandler."""
+    rng = random.Random(seed)
+    out = []
+    for i, rec in enumerate(records):
+        kind, good = i % 8, rec["output"]
+        if kind in (0, 1, 7):  # "a + b = c." -> another c
+            head, value = good.rstrip(".").rsplit(" = ", 1)
+            bad = f"{head} = {int(value) + rng.choice([-1, 1]) * rng.randint(1, 9)}."
+        elif kind == 2:
+            letters = list(rec["input"])
+            while "".join(letters) in (good, rec["input"]) and len(set(letters)) > 1:
+                rng.shuffle(letters)
+            bad = "".join(letters)
+        elif kind == 3:
+            n = len(rec["instruction"].split('"')[1])
+            bad = good.replace(f"has {n} letters", f"has {n + rng.choice([-2, -1, 1, 2])} letters")
+        elif kind == 4:
+            nums = rec["input"].split(", ")
+            bad = ", ".join(reversed(nums)) if nums != sorted(nums, key=int) else ", ".join(nums[1:] + nums[:1])
+        elif kind == 5:
+            bad = good.replace("even", "odd") if "even" in good else good.replace("odd", "even")
+        else:
+            bad = rec["input"].capitalize()
+        assert bad != good, rec
+        pair = {k: v for k, v in rec.items() if k != "output"}
+        out.append({**pair, "chosen": good, "rejected": bad})
+    return out
+
+
 def write_jsonl(path: str, records: list[dict]) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for r in records:
@@ -168,6 +201,7 @@ def main() -> None:
     if args.assets:
         write_jsonl(os.path.join(ASSETS, "sample_corpus.jsonl"), [{"text": t} for t in sample_corpus()])
         write_jsonl(os.path.join(ASSETS, "sample_alpaca.jsonl"), alpaca_records())
+        write_jsonl(os.path.join(ASSETS, "sample_preference.jsonl"), preference_records(alpaca_records()))
     else:
         write_benchmark_corpus(args.out, args.min_mb)
 

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("qtrain.data.preprocess", "corpus (parquet/jsonl/csv/txt/arrow) -> Megatron .bin/.idx"),
     "pretrain": ("qtrain.train.pretrain", "train a Qwen3 model on .bin/.idx data (torchrun)"),
     "sft": ("qtrain.train.sft", "supervised fine-tuning on instruction datasets (torchrun)"),
+    "dpo": ("qtrain.train.dpo", "preference training on chosen/rejected pairs: DPO, SimPO, ORPO (torchrun)"),
     "convert": ("qtrain.checkpoint.convert", "convert checkpoints between hf, qtrain and Megatron (mg)"),
     "generate": ("qtrain.infer.generate", "generate text from a checkpoint or HF dir"),
     "evaluate": ("qtrain.infer.evaluate", "perplexity and multiple-choice accuracy"),

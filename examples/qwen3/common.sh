@@ -1,7 +1,8 @@
 # examples/qwen3/common.sh: the launch logic shared by every script in this folder (sourced, not run).
 #
 # A script sets MODEL_SIZE (where the size matters), sources this file and calls one task function:
-# qtrain_pretrain, qtrain_sft full|lora, qtrain_generate, qtrain_evaluate, qtrain_convert, qtrain_preprocess.
+# qtrain_pretrain, qtrain_sft full|lora, qtrain_dpo full|lora, qtrain_generate, qtrain_evaluate,
+# qtrain_convert, qtrain_preprocess.
 # Every variable below can be set in the environment (or on the command line before `bash`);
 # what is unset takes the published recipe's default for the size and task (table below).
 #
@@ -45,7 +46,13 @@ _QWEN3_RECIPES="
 32B   pretrain  8 2 8 2 1 128
 32B   full      8 2 8 2 1 16
 32B   lora      8 1 4 1 4 16
+1.7B  dpo_full  8 1 1 1 1 32
+1.7B  dpo_lora  8 1 1 1 1 32
+8B    dpo_full  8 1 1 2 1 32
+8B    dpo_lora  8 1 1 1 1 32
 "
+# (The dpo rows are qtrain's: MindSpeed-LLM 2.2.0 publishes a Qwen3 DPO script for the 30B-A3B MoE only.
+# Its GBS 32 and MBS 1; layouts that fit 64 GB devices by `qtrain plan --stage dpo`.)
 
 _die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 
@@ -216,6 +223,28 @@ qtrain_sft() {
   _torchrun sft "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOAD_ARGS[@]}" "${lora[@]}" "$@"
 }
 
+# qtrain_dpo full|lora [extra qtrain dpo args]: preference training (DPO, sigmoid loss, beta DPO_BETA)
+# on DATA_PATH, the --output-prefix of data_convert_qwen3_pairwise.sh, from CKPT_LOAD_DIR (the SFT model,
+# also the frozen reference; with LoRA the reference is the base model with the adapters off).
+# Parameters, gradients, optimizer state and the reference copy are sharded over the data-parallel
+# ranks (--use-distributed-optimizer).
+qtrain_dpo() {
+  local kind=$1; shift
+  local lora=() targets
+  _qwen3_defaults "dpo_$kind"
+  case $kind in
+    full) : "${LR:=5e-7}" "${MIN_LR:=0}" ;;
+    lora) : "${LR:=5e-6}" "${MIN_LR:=0}"
+          read -ra targets <<<"${LORA_TARGET_MODULES:-q_proj k_proj v_proj o_proj gate_proj up_proj down_proj}"
+          lora=(--lora-r "${LORA_R:-16}" --lora-alpha "${LORA_ALPHA:-32}" --lora-target-modules "${targets[@]}") ;;
+    *) _die "qtrain_dpo takes full or lora, not '$kind'" ;;
+  esac
+  _require MODEL_SIZE DATA_PATH CKPT_SAVE_DIR
+  _model_args; _load_args; _train_args
+  _torchrun dpo "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOAD_ARGS[@]}" --use-distributed-optimizer \
+    --dpo-loss-type "${DPO_LOSS_TYPE:-sigmoid}" --dpo-beta "${DPO_BETA:-0.1}" "${lora[@]}" "$@"
+}
+
 # qtrain_convert FROM TO [extra qtrain convert args]: FROM/TO are hf, mg (Megatron / MindSpeed-LLM)
 # or qtrain. Writing mg uses the TP/PP of the size's pretrain recipe, as MindSpeed-LLM expects.
 qtrain_convert() {
@@ -228,8 +257,8 @@ qtrain_convert() {
     --load-dir "$CKPT_LOAD_DIR" --save-dir "$CKPT_SAVE_DIR" "${layout[@]}" "$@"
 }
 
-# qtrain_preprocess pretrain|instruction [extra qtrain preprocess args]: INPUT (file, directory or
-# glob of parquet/jsonl/json/csv/txt/arrow), OUTPUT_PREFIX, TOKENIZER_PATH, WORKERS.
+# qtrain_preprocess pretrain|instruction|pairwise [extra qtrain preprocess args]: INPUT (file, directory
+# or glob of parquet/jsonl/json/csv/txt/arrow), OUTPUT_PREFIX, TOKENIZER_PATH, WORKERS, MAP_KEYS.
 qtrain_preprocess() {
   local kind=$1; shift
   local handler=() keys
@@ -245,8 +274,14 @@ qtrain_preprocess() {
                --seq-length "$SEQ_LENGTH")
       [ "${PACK:-0}" = 1 ] && handler+=(--pack --neat-pack)
       [ "${ENABLE_THINKING:-0}" = 1 ] && handler+=(--enable-thinking true) ;;
-    *) _die "qtrain_preprocess takes pretrain or instruction, not '$kind'" ;;
+    pairwise)
+      # Preference pairs (prompt + chosen + rejected); a pair with a side of SEQ_LENGTH tokens or more is dropped.
+      handler=(--handler-name "${HANDLER_NAME:-AlpacaStylePairwiseHandler}" --prompt-type qwen3
+               --seq-length "$SEQ_LENGTH")
+      [ "${ENABLE_THINKING:-0}" = 1 ] && handler+=(--enable-thinking true) ;;
+    *) _die "qtrain_preprocess takes pretrain, instruction or pairwise, not '$kind'" ;;
   esac
+  [ -n "${MAP_KEYS:-}" ] && handler+=(--map-keys "$MAP_KEYS")
   [ "${QTRAIN_PRINT_ONLY:-0}" = 1 ] || mkdir -p "$(dirname "$OUTPUT_PREFIX")"
   _single preprocess --input "$INPUT" --tokenizer-name-or-path "$TOKENIZER_PATH" \
     --tokenizer-type PretrainedFromHF --output-prefix "$OUTPUT_PREFIX" "${handler[@]}" \

@@ -25,13 +25,17 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The output layer is a target only when named (peft's all-linear leaves it out too).
+HEAD_TARGET = "lm_head"
 # Megatron / MindSpeed-LLM module names -> the HF modules they fuse.
 MEGATRON_TARGETS = {
     "linear_qkv": ("q_proj", "k_proj", "v_proj"),
     "linear_proj": ("o_proj",),
     "linear_fc1": ("gate_proj", "up_proj"),
     "linear_fc2": ("down_proj",),
+    "output_layer": (HEAD_TARGET,),
 }
+_ORDER = HF_TARGETS + (HEAD_TARGET,)
 
 
 def parse_target_modules(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -39,7 +43,7 @@ def parse_target_modules(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     items = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
     out: set[str] = set()
     for item in items:
-        if item in HF_TARGETS:
+        if item in _ORDER:
             out.add(item)
         elif item in MEGATRON_TARGETS:
             out.update(MEGATRON_TARGETS[item])
@@ -47,11 +51,11 @@ def parse_target_modules(spec: str | list[str] | tuple[str, ...]) -> list[str]:
             out.update(HF_TARGETS)
         else:
             raise ConfigError(f"--lora-target-modules: unknown module {item!r}; use HF names "
-                              f"({','.join(HF_TARGETS)}), Megatron names ({','.join(MEGATRON_TARGETS)}) "
+                              f"({','.join(_ORDER)}), Megatron names ({','.join(MEGATRON_TARGETS)}) "
                               "or all-linear")
     if not out:
         raise ConfigError("--lora-target-modules: no module given")
-    return sorted(out, key=HF_TARGETS.index)
+    return sorted(out, key=_ORDER.index)
 
 
 @dataclass
@@ -96,7 +100,7 @@ class LoRAConfig:
             raise CheckpointError(f"{source}: adapter options {unsupported} are not supported by qtrain")
         targets = d.get("target_modules")
         if isinstance(targets, str):  # peft allows a regex; keep only our module names found in it
-            targets = [t for t in HF_TARGETS if re.search(t, targets)]
+            targets = [t for t in _ORDER if re.search(t, targets)]
         return cls(r=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
                    target_modules=targets)
 

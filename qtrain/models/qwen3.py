@@ -138,15 +138,22 @@ class Qwen3ForCausalLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 loss_reduction: str = "mean") -> torch.Tensor:
         """Logits [B, S, V]; or, given `labels` [B, S] aligned with the inputs (labels[i] is the
-        token after input i, -100 = ignore), the cross-entropy loss ("mean" over counted tokens, or
-        "sum"), computed chunk by chunk without materialising the logits. The loss is computed here,
-        inside forward, so that a sharded (FSDP) LM head is gathered while it is used."""
+        token after input i, -100 = ignore), the cross-entropy loss ("mean" over counted tokens,
+        "sum", or "none": each token's, [B, S] float32, 0 where ignored), computed chunk by chunk
+        without materialising the logits. The loss is computed here, inside forward, so that a
+        sharded (FSDP) LM head is gathered while it is used."""
         h = self.hidden_states(input_ids, position_ids, attention_mask)
         if self.lm_head is None:
             return h
         if labels is None:
             return self.lm_head(h)
-        return linear_cross_entropy(h, self.lm_head.weight, labels, reduction=loss_reduction)
+        return linear_cross_entropy(h, self.head_weight(), labels, reduction=loss_reduction)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight as the loss uses it. A head that changes its weight (a LoRA-wrapped
+        head, qtrain.train.lora) provides `folded_weight()`: W + its low-rank update."""
+        folded = getattr(self.lm_head, "folded_weight", None)
+        return folded() if folded is not None else self.lm_head.weight
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:

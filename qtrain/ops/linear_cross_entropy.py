@@ -13,6 +13,11 @@ LM-head weight whatever the layout:
 - tensor parallel: the weight is a vocab-sharded DTensor and the hidden states are replicated,
   or sequence-sharded under --sequence-parallel; the reference path runs vocab-parallel on
   the local shards (vocab_parallel_linear_cross_entropy.py) on every device type.
+
+reduction "none" gives each token's loss (the negative log-probability of its label; 0 where the
+label is ignored), e.g. for the sequence log-probabilities of preference training: the same
+chunked op on every layout (the reference path, also on CUDA: Liger's kernel sums), gradients
+recomputed in backward instead of computed in the forward.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from qtrain.labels import IGNORE_INDEX
 from qtrain.ops import dispatch
 from qtrain.ops.vocab_parallel_linear_cross_entropy import (
     VocabParallelLinearCrossEntropy,
+    VocabParallelTokenCrossEntropy,
     chunk_tokens,
     working_bytes,
 )
@@ -96,21 +102,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
     hidden [..., H] (a tensor, or a DTensor replicated or split by sequence), weight [V, H] (a
     tensor, or a DTensor split by vocabulary), labels [...] aligned with the whole hidden states.
-    reduction "mean" (over non-ignored tokens) or "sum". chunk_size: tokens per chunk of the
-    reference path (default `chunk_tokens`: one chunk's fp32 logits within 512 MiB). Returns a
-    plain tensor, the same on every rank of a vocab-parallel group.
+    reduction "mean" (over non-ignored tokens), "sum", or "none" (per token, labels' shape, 0 on
+    ignored labels). chunk_size: tokens per chunk of the reference path (default `chunk_tokens`:
+    one chunk's fp32 logits within 512 MiB). Returns a plain tensor, the same on every rank of a
+    vocab-parallel group.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     grads = torch.is_grad_enabled()
     need_h, need_w = grads and hidden.requires_grad, grads and weight.requires_grad
     w, group, vocab_start = _vocab_shard(weight)
     ranks = 1 if group is None else torch.distributed.get_world_size(group)
     h, y, seq_sharded = _tokens(hidden, labels, ranks)
+    chunk = chunk_size or chunk_tokens(w.shape[0])
+    if reduction == "none":
+        return VocabParallelTokenCrossEntropy.apply(h, w, y, group, vocab_start, seq_sharded, ignore_index, chunk,
+                                                    tuple(labels.shape))
     if group is None and dispatch.impl("linear_cross_entropy", h.device) == "liger" and h.dtype == w.dtype:
         loss_sum = _liger_loss_sum(h, w, y, ignore_index)
     else:
-        chunk = chunk_size or chunk_tokens(w.shape[0])
         loss_sum = VocabParallelLinearCrossEntropy.apply(h, w, y, group, vocab_start, seq_sharded, ignore_index,
                                                          chunk, need_h, need_w)
     if reduction == "sum":

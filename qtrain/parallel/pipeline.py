@@ -65,8 +65,9 @@ def stage_view(chunks: list[nn.Module]) -> nn.Module:
 
 def _loss_as_vector(module, args, output):  # noqa: ARG001
     """Forward hook of the last chunk: its loss sum as shape [1], so that the schedule, which
-    concatenates the last stage's outputs along dim 0 after the step, can."""
-    return output.reshape(1)
+    concatenates the last stage's outputs along dim 0 after the step, can. (Per-token losses,
+    [rows, S], already can.)"""
+    return output.reshape(1) if output.ndim == 0 else output
 
 
 class Pipeline:
@@ -83,6 +84,7 @@ class Pipeline:
         self.pp_group, self.tied_group = pp_group, tied_group
         self.num_microbatches = num_microbatches
         self._sum_losses = False  # eval_loss wants each micro-batch's loss sum, training its mean
+        self._objective_loss = None  # run_objective's loss function while it runs
         if self.is_last:
             chunks[-1].register_forward_hook(_loss_as_vector)
         if num_chunks == 1:
@@ -93,19 +95,44 @@ class Pipeline:
     def _loss(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss_fn: the last stage's output (its micro-batch's summed token loss) ->
         the mean over the micro-batch's trained tokens (0, not NaN, without any), or the sum."""
+        if self._objective_loss is not None:
+            return self._objective_loss(loss_sum, labels)
         if self._sum_losses:
             return loss_sum.sum()
         return loss_sum.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
-    def _run(self, run, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    def _run(self, run, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "sum",
+             target: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """schedule.step or .eval over [num_microbatches * mbs, S] samples; the last stage's losses.
         The labels go to the model as well as to the loss: every chunk of the last rank receives
-        them (chunks without the LM head ignore them) and the last stage returns the loss sum."""
+        them (chunks without the LM head ignore them) and the last stage returns the loss sum
+        (or, reduction "none", the per-token losses). The loss function's target: the labels, or
+        `target` (split by micro-batch along dim 0 like them)."""
         losses: list[torch.Tensor] = []
-        model_kwargs = {"labels": labels, "loss_reduction": "sum"} if self.is_last else {}
-        run(input_ids if self.is_first else None, target=labels if self.is_last else None, losses=losses,
-            **model_kwargs)
+        model_kwargs = {"labels": labels, "loss_reduction": reduction} if self.is_last else {}
+        run(input_ids if self.is_first else None, target=(labels if target is None else target) if self.is_last
+            else None, losses=losses, **model_kwargs)
         return losses
+
+    def run_objective(self, input_ids: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, loss_fn,
+                      train: bool = True) -> list[torch.Tensor]:
+        """One schedule (step, or eval when not `train`) whose last stage returns per-token losses
+        [rows, S] and `loss_fn(per_token_losses, target of the micro-batch)` gives each micro-batch's
+        loss (e.g. preference training's, qtrain.train.preference). Returns the last stage's
+        losses (empty elsewhere); gradients, when training, are the mean over micro-batches."""
+        self._objective_loss = loss_fn
+        try:
+            losses = self._run(self.schedule.step if train else self.schedule.eval, input_ids, labels, "none", target)
+        finally:
+            self._objective_loss = None
+        if train:
+            self.sync_tied_grads()
+        return losses
+
+    def from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` of the last stage on every pipeline rank (a tensor of the same shape elsewhere)."""
+        dist.broadcast(value, group=self.pp_group, group_src=dist.get_world_size(self.pp_group) - 1)
+        return value
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward of [num_microbatches * mbs, S] samples; returns the mean micro-batch

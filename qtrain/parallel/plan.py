@@ -69,13 +69,16 @@ class MemoryEstimate:
     dims: ParallelDims = field(default_factory=ParallelDims)
     loss_path: str = ""  # how the loop computes the loss on this layout and device
     stage: int = 0  # the pipeline stage (rank) described
+    reference: float = 0.0  # preference training's frozen reference copy (qtrain dpo)
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.transient + self.activations + self.loss
+        return self.weights + self.grads + self.optimizer + self.transient + self.activations + self.loss \
+            + self.reference
 
     def gib(self) -> dict[str, float]:
-        names = ("weights", "grads", "optimizer", "transient", "activations", "loss")
+        names = ("weights", "grads", "optimizer", "transient", "activations", "loss") + \
+            (("reference",) if self.reference else ())
         return {**{n: getattr(self, n) / GIB for n in names}, "total": self.total / GIB}
 
     def items(self):
@@ -123,13 +126,22 @@ def final_norm_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False) -> flo
 def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: Optional[int] = None,
                     seq_length: Optional[int] = None, bf16: Optional[bool] = None,
                     num_microbatches: Optional[int] = None, device_type: Optional[str] = None,
-                    stage: Optional[int] = None) -> MemoryEstimate:
+                    stage: Optional[int] = None, reference_copy: bool = False,
+                    per_token_loss: bool = False) -> MemoryEstimate:
     """Per-device memory of `model_cfg` trained under the layout of `cfg` (a PretrainConfig, or
     ParallelArgs with the keyword arguments) on `world_size` devices of `device_type` ("cuda",
     "npu", "cpu"; default: this machine's, which decides the loss path). Raises ConfigError for
     an invalid layout. The busiest pipeline stage is reported, or pipeline rank `stage` (-1: the
-    last, which computes the loss)."""
+    last, which computes the loss).
+
+    Preference training (qtrain dpo; pass micro_batch_size = 2 x pairs): `per_token_loss`, the
+    per-token chunked loss (on every device), which keeps its input (b H per token, gathered under
+    SP) and each token's log-sum-exp (4) for its backward;
+    `reference_copy`, DPO's frozen reference model: b x the stage's parameters / F (weights
+    only, in the compute dtype; its forward runs before the policy's, so its transients do not
+    add to the policy's)."""
     from qtrain.ops.linear_cross_entropy import loss_working_bytes
+    from qtrain.ops.vocab_parallel_linear_cross_entropy import chunk_tokens, working_bytes
 
     t = getattr(cfg, "training", None)
     mbs = micro_batch_size or (t.micro_batch_size if t else 1)
@@ -167,8 +179,14 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
             acts += tokens * final_norm_bytes(m, b, tp, p.sequence_parallel)
             loss, loss_path = loss_working_bytes(tokens, m.vocab_size, m.hidden_size, b, tp, p.sequence_parallel,
                                                  device_type)
+            if per_token_loss:  # the chunked path on every device (Liger's kernel only sums)
+                acts += tokens * (b * m.hidden_size + 4)  # the (gathered) hidden states and the log-sum-exps
+                loss = working_bytes(tokens, m.vocab_size // tp, m.hidden_size, b, p.sequence_parallel and tp > 1)
+                loss_path = f"chunked per token, {min(tokens, chunk_tokens(m.vocab_size // tp))} tokens per chunk" \
+                    + (", vocab-parallel" if tp > 1 else "")
         est = MemoryEstimate(4 * params / fsdp_ways, 4 * params / fsdp_ways, 8 * params / fsdp_ways,
-                             transient, acts, loss, dims, loss_path, rank)
+                             transient, acts, loss, dims, loss_path, rank,
+                             b * params / fsdp_ways if reference_copy else 0.0)
         if stage is not None and rank == stage % len(stages):
             return est
         if best is None or est.total > best.total:
@@ -200,9 +218,11 @@ def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: 
     return total * in_flight + recompute_peak
 
 
-def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float) -> list[tuple[dict, MemoryEstimate]]:
+def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float,
+                    **estimate_kwargs: Any) -> list[tuple[dict, MemoryEstimate]]:
     """Layouts of `devices` devices (TP, PP, CP powers of two, FSDP on or off, recompute none /
-    selective / full) that fit, fewest model-parallel ways and least recompute first."""
+    selective / full) that fit, fewest model-parallel ways and least recompute first
+    (`estimate_kwargs`: estimate_memory's, e.g. preference training's)."""
     import copy
 
     out = []
@@ -226,7 +246,7 @@ def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float) 
                                 devices // (tp * pp * cp)):
                             c.training.global_batch_size = c.training.micro_batch_size * pp * (devices // (tp * pp * cp))
                         try:
-                            est = estimate_memory(model_cfg, c, devices)
+                            est = estimate_memory(model_cfg, c, devices, **estimate_kwargs)
                         except ConfigError:
                             continue
                         if est.fits(device_memory_gb):
@@ -268,20 +288,28 @@ def main(argv: list[str]) -> int:
     own.add_argument("--world-size", type=int, default=None, help="devices of the layout (default TP x PP x CP)")
     own.add_argument("--device-memory-gb", type=float, default=None, help="memory of one device, GB")
     own.add_argument("--suggest", type=int, default=None, help="list layouts of this many devices that fit")
+    own.add_argument("--stage", choices=("pretrain", "sft", "dpo", "simpo", "orpo"), default="pretrain")
     own.add_argument("-h", "--help", action="store_true")
     ns, rest = own.parse_known_args(argv)
     if ns.help:
         print("usage: qtrain plan [any `qtrain pretrain` model/parallel/batch flags] [--world-size N] "
-              "[--device-memory-gb G] [--suggest N]\n\nEstimates per-device memory (weights, grads, optimizer, "
-              "activations by recompute setting) and whether it fits; --suggest lists layouts that fit.")
+              "[--device-memory-gb G] [--suggest N] [--stage dpo|simpo|orpo]\n\nEstimates per-device memory "
+              "(weights, grads, optimizer, activations by recompute setting) and whether it fits; --suggest lists "
+              "layouts that fit. --stage dpo: preference pairs (MBS pairs = 2 x MBS sequences) with a frozen "
+              "reference copy (a LoRA run uses the policy with adapters off instead: leave out the reference "
+              "line); simpo / orpo: pairs without a reference.")
         return 0
     cfg = parse_args(rest)
+    pairs = {}
+    if ns.stage in ("dpo", "simpo", "orpo"):
+        pairs = {"micro_batch_size": 2 * cfg.training.micro_batch_size, "per_token_loss": True,
+                 "reference_copy": ns.stage == "dpo"}
     model_cfg = resolve_model_config(cfg)
     p = cfg.parallel
     if ns.suggest is not None:
         if ns.device_memory_gb is None:
             raise ConfigError("--suggest needs --device-memory-gb")
-        found = suggest_layouts(model_cfg, cfg, ns.suggest, ns.device_memory_gb)
+        found = suggest_layouts(model_cfg, cfg, ns.suggest, ns.device_memory_gb, **pairs)
         print(f"layouts of {ns.suggest} devices with {ns.device_memory_gb:g} GB that fit "
               f"(seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
               f"{'bf16' if cfg.training.bf16 else 'fp32'}):")
@@ -292,10 +320,11 @@ def main(argv: list[str]) -> int:
         return 0 if found else 1
     world = ns.world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
-    est = estimate_memory(model_cfg, cfg, world)
-    last = estimate_memory(model_cfg, cfg, world, stage=-1)
+    est = estimate_memory(model_cfg, cfg, world, **pairs)
+    last = estimate_memory(model_cfg, cfg, world, stage=-1, **pairs)
     print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
-          f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
+          f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, "
+          f"MBS {cfg.training.micro_batch_size}{' pairs' if pairs else ''}, "
           f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
     print(format_estimate(est, ns.device_memory_gb, last))
     return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1

@@ -70,6 +70,12 @@ class LoopHooks:
     loss_weight: LossWeight = mean_loss  # see train.step
     after_save: Optional[Callable[..., None]] = None  # (model, iteration, checkpoint path)
     export_transform: Optional[ExportTransform] = None  # full state dict -> the --save-hf weights
+    # A loss of its own instead of the token loss (`qtrain dpo`: train.preference.PreferenceObjective):
+    # train.step's objective, plus its metrics for the log (`take_metrics`), its validation
+    # (`validation`) and the sequences in one sample (`sequences_per_sample`, for tokens/s).
+    objective: Optional[Any] = None
+    setup: Optional[Callable[..., None]] = None  # (trainer) once the model is built and loaded
+    train_state: Optional[dict] = None  # extra entries of each checkpoint's train_state.json (JSON values)
 
     def refuse_under_pipeline(self) -> None:
         unsupported = [what for what, used in (
@@ -146,6 +152,8 @@ class Trainer:
                                       self.state.dp_size, consumed_samples=consumed, num_workers=cfg.data.num_workers,
                                       vocab_size=self.model_cfg.vocab_size)
         self.result = TrainResult(iteration=self.iteration, consumed_samples=consumed, start_iteration=self.iteration)
+        if hooks.setup is not None:
+            hooks.setup(self)
 
     # ------------------------------------------------------------------ setup
 
@@ -239,7 +247,7 @@ class Trainer:
                 set_lr(self.optimizer, self.schedule.lr_for_iteration(self.iteration + 1, b.global_batch_size))
                 micro_batches = [next(self.loader) for _ in range(b.num_microbatches)]
                 loss, grad_norm = train_step(self.model, self.state, self.optimizer, micro_batches, dev, t.clip_grad,
-                                             self.hooks.loss_weight)
+                                             self.hooks.loss_weight, self.hooks.objective)
                 self.iteration += 1
                 self._record(loss, grad_norm)
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
@@ -283,7 +291,8 @@ class Trainer:
         group = self.state.loss_group  # the ranks whose losses differ
         loss = float(_all_reduce(self.loss_acc, dist.ReduceOp.SUM, group).item()) / dist.get_world_size(group) / n
         dt = (time.time() - self.t_log) / n
-        tok_s = b.tokens_per_iteration / dt / self.rt.world_size
+        objective = self.hooks.objective
+        tok_s = b.tokens_per_iteration * getattr(objective, "sequences_per_sample", 1) / dt / self.rt.world_size
         fpt, peak = M.flops_per_token(self.model_cfg, b.seq_length), M.device_peak_flops(self.rt.device)
         record = {"iteration": self.iteration, "consumed_samples": self.loader.consumed_samples, "loss": loss,
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.grad_norm.item()),
@@ -291,20 +300,29 @@ class Trainer:
                   "tokens_per_s_per_device": tok_s, "tflops_per_device": tok_s * fpt / 1e12,
                   "mfu": tok_s * fpt / peak if peak else None,
                   "mem_gib": qdevice.max_memory_allocated(self.rt.device) / 1024 ** 3 or None}
-        self.say(M.megatron_log_line(record, self.cfg.training.train_iters))
+        extra = {k: v for k, v in objective.take_metrics(self.rt.device).items() if k != "loss"} \
+            if objective is not None else {}
+        record.update(extra)
+        self.say(M.megatron_log_line(record, self.cfg.training.train_iters, extra))
         self.writer.write(record)
         self.result.losses[self.iteration] = loss
         self.loss_acc.zero_()
         self.iters_since_log, self.t_log = 0, time.time()
 
     def _validate(self, eval_index: int) -> None:
-        loss = validation_loss(self.model, self.state, self.valid_ds, eval_index, self.cfg.training.eval_iters,
-                               self.batch, self.rt.device)
+        args = (self.model, self.state, self.valid_ds, eval_index, self.cfg.training.eval_iters, self.batch,
+                self.rt.device)
+        if self.hooks.objective is not None:
+            loss, extra = self.hooks.objective.validation(*args)
+            record = {f"valid_{k}": v for k, v in extra.items()}
+        else:
+            loss, extra = validation_loss(*args), None
+            record = {"valid_ppl": math.exp(min(loss, 20.0))}
         self.result.valid[self.iteration] = loss
         self.say("-" * 100)
-        self.say(M.eval_log_line(self.iteration, loss))
+        self.say(M.eval_log_line(self.iteration, loss, extra))
         self.say("-" * 100)
-        self.writer.write({"iteration": self.iteration, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0))})
+        self.writer.write({"iteration": self.iteration, "valid_loss": loss, **record})
 
     def _save(self) -> None:
         self._check_finite()
@@ -313,7 +331,7 @@ class Trainer:
             self.cfg.checkpoint.save, it, self.model, self.optimizer,
             {"iteration": it, "consumed_samples": self.loader.consumed_samples, "sampler": self.loader.state_dict(),
              "world_size": self.rt.world_size, "global_batch_size": self.batch.global_batch_size,
-             "data_order": self.data_order},
+             "data_order": self.data_order, **(self.hooks.train_state or {})},
             self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict())
         self.result.saved.append(str(path))
         if self.hooks.after_save is not None:

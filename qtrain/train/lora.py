@@ -9,18 +9,27 @@ with peft's initialisation (A Kaiming-uniform, B zero: training starts from the 
 Because the base weight keeps its HF name, checkpoints, HF loading and the model's forward are
 unchanged; the adapter alone is written in the PEFT format by qtrain.checkpoint.adapter
 (`save_adapter` here gathers the tensors), which `peft.PeftModel.from_pretrained(model, dir)` loads.
+
+The LM head (`lm_head`, a target only when named) never runs as a linear layer in training: the
+chunked loss multiplies its weight chunk by chunk (qtrain.ops.linear_cross_entropy). So a LoRA
+head gives the loss `folded_weight()` = W + B A alpha/r, through which the adapter's gradients
+flow (the full [V, H] delta exists for the loss's duration); dropout on the head's input cannot be
+folded into a weight, so an `lm_head` target needs --lora-dropout 0.
+
+`adapters_disabled(model)` runs the base model alone (the reference model of preference training).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtrain.checkpoint.adapter import PEFT_PREFIX, LoRAConfig, write_adapter
+from qtrain.checkpoint.adapter import HEAD_TARGET, PEFT_PREFIX, LoRAConfig, write_adapter
 from qtrain.errors import ConfigError
 from qtrain.parallel.full_tensors import full_tensor
 
@@ -40,6 +49,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / r
+        self.disabled = False  # see adapters_disabled
         if dev.type != "meta":
             self.reset_lora_parameters()
 
@@ -50,7 +60,15 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def folded_weight(self) -> torch.Tensor:
+        """W + B A alpha/r in the compute dtype: what the chunked LM-head loss multiplies (module doc)."""
+        if self.disabled:
+            return self.weight
+        return self.weight + (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A * alpha / r, in float32: what merging adds to the base weight."""
@@ -59,6 +77,14 @@ class LoRALinear(nn.Linear):
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze every parameter and wrap each targeted linear in place; returns the wrapped module names."""
+    if HEAD_TARGET in cfg.target_modules:
+        if cfg.dropout > 0:
+            raise ConfigError(f"--lora-target-modules {HEAD_TARGET} needs --lora-dropout 0: the LM-head loss folds "
+                              f"the adapter into the head weight, and dropout on the head's input cannot be folded")
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            raise ConfigError(f"--lora-target-modules {HEAD_TARGET}: this model ties the LM head to the input "
+                              f"embedding, so a merged head adapter would change the embedding too (or be lost "
+                              f"in a tied export); leave {HEAD_TARGET} out for tied models")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -75,6 +101,19 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes as its base weights alone (every adapter skipped)."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

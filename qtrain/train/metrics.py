@@ -31,14 +31,16 @@ def device_peak_flops(device) -> Optional[float]:
         return None
 
 
-def megatron_log_line(m: dict[str, Any], train_iters: int) -> str:
-    """One log line in the shape of Megatron's training_log."""
+def megatron_log_line(m: dict[str, Any], train_iters: int, extra: Optional[dict[str, float]] = None) -> str:
+    """One log line in the shape of Megatron's training_log; `extra` metrics (e.g. preference
+    training's rewards) follow the loss."""
     parts = [f" iteration {m['iteration']:8d}/{train_iters:8d}",
              f"consumed samples: {m['consumed_samples']:12d}",
              f"elapsed time per iteration (ms): {m['step_time_ms']:.1f}",
              f"learning rate: {m['lr']:.6E}",
              f"global batch size: {m['global_batch_size']:5d}",
              f"lm loss: {m['loss']:.6E}",
+             *(f"{k}: {v:.6E}" for k, v in (extra or {}).items()),
              f"grad norm: {m['grad_norm']:.3f}",
              f"tokens/s/device: {m['tokens_per_s_per_device']:.1f}",
              f"TFLOP/s/device: {m['tflops_per_device']:.2f}"]
@@ -49,8 +51,12 @@ def megatron_log_line(m: dict[str, Any], train_iters: int) -> str:
     return " | ".join(parts) + " |"
 
 
-def eval_log_line(iteration: int, loss: float) -> str:
-    """Megatron's validation report shape."""
+def eval_log_line(iteration: int, loss: float, extra: Optional[dict[str, float]] = None) -> str:
+    """Megatron's validation report shape; with `extra` metrics (a loss that is not a token
+    cross-entropy, e.g. preference training's) those instead of the perplexity."""
+    if extra is not None:
+        return (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+                + "".join(f"{k}: {v:.6E} | " for k, v in extra.items())).rstrip()
     ppl = math.exp(min(loss, 20.0))
     return (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
             f"lm loss PPL: {ppl:.6E} |")

@@ -42,7 +42,8 @@ def sft_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     g.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"],
-                   help="HF (q_proj ...) or Megatron (linear_qkv linear_proj linear_fc1 linear_fc2) names")
+                   help="HF (q_proj ...) or Megatron (linear_qkv linear_proj linear_fc1 linear_fc2) names; "
+                        "lm_head (output_layer) only by name")
     g.add_argument("--no-shuffle", action="store_true", help="read samples in dataset order every epoch")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="average the loss over the response tokens of the global batch (default: per micro-batch, "
@@ -56,11 +57,15 @@ def sft_parser() -> argparse.ArgumentParser:
     return p
 
 
+PREFERENCE_STAGES = ("dpo", "simpo", "orpo")  # MindSpeed-LLM's `--stage dpo`: run as `qtrain dpo`
+
+
 def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(SFT options, the rest for the pretrain parser)."""
     ns, rest = sft_parser().parse_known_args(argv)
     if ns.stage != "sft":
-        raise ConfigError(f"--stage {ns.stage}: qtrain sft does supervised fine-tuning only (--stage sft)")
+        raise ConfigError(f"--stage {ns.stage}: qtrain sft does supervised fine-tuning (--stage sft) and "
+                          f"preference training ({', '.join(PREFERENCE_STAGES)}: `qtrain dpo`)")
     if ns.variable_seq_lengths:
         warnings.warn("--variable-seq-lengths: qtrain pads every sample to --seq-length", stacklevel=2)
     return ns, rest
@@ -158,10 +163,25 @@ def run_sft(argv: list[str], log=print):
     return pretrain(cfg, log=log, hooks=build_hooks(cfg, sft))
 
 
+def _stage(argv: list[str]) -> str | None:
+    """The value of --stage on a command line (the last one wins, as in argparse)."""
+    stage = None
+    for i, a in enumerate(argv):
+        if a == "--stage" and i + 1 < len(argv):
+            stage = argv[i + 1]
+        elif a.startswith("--stage="):
+            stage = a.split("=", 1)[1]
+    return stage
+
+
 def main(argv: list[str] | None = None) -> int:
     from qtrain.train.runtime import run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _stage(argv) in PREFERENCE_STAGES:
+        from qtrain.train import dpo
+
+        return dpo.main(argv)
     if any(a in ("-h", "--help") for a in argv):
         from qtrain.config import build_parser
 

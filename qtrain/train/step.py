@@ -11,12 +11,16 @@ by the tokens of the whole global batch instead. Under pipeline parallelism the 
 the last stage's loss sum into the mean itself (`Pipeline.train_step`), so only `mean_loss`
 runs there.
 
+An `objective` replaces the token loss altogether (preference training, qtrain.train.preference):
+it computes each micro-batch's loss (`micro_batch_loss`) and, under PP, runs the schedule itself
+(`pipeline_loss`).
+
 Loss and gradient norm stay on the device: the loop reads them only when it logs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -58,18 +62,23 @@ def loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torc
 
 
 def forward_backward(model: torch.nn.Module, state: ParallelState, batch: Batch, device: torch.device,
-                     num_microbatches: int, loss_weight: LossWeight = mean_loss) -> torch.Tensor:
+                     num_microbatches: int, loss_weight: LossWeight = mean_loss,
+                     objective: Optional[Any] = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate scaled by 1/num_microbatches,
     so the step sees the mean over the micro-batches. Returns the weighted loss (fp32, detached)."""
-    batch = state.prepare_batch(batch)  # this rank's context-parallel slice, if any
-    loss = loss_weight(loss_sum(model, batch, device), trained_tokens(batch), batch)
+    if objective is not None:  # its own loss (it takes the context-parallel slice itself)
+        loss = objective.micro_batch_loss(model, state, batch, device)
+    else:
+        batch = state.prepare_batch(batch)  # this rank's context-parallel slice, if any
+        loss = loss_weight(loss_sum(model, batch, device), trained_tokens(batch), batch)
     (loss / num_microbatches).backward()
     return loss.detach()
 
 
 def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[Batch], device: torch.device, clip_grad: float,
-               loss_weight: LossWeight = mean_loss) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_weight: LossWeight = mean_loss,
+               objective: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches of the global batch.
 
     Returns (loss, grad norm) as float32 device tensors: the mean of the micro-batches' weighted
@@ -77,7 +86,9 @@ def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.op
     global gradient norm before clipping to `clip_grad` (0: no clipping).
     """
     n = len(micro_batches)
-    if state.pipeline is not None:
+    if state.pipeline is not None and objective is not None:
+        loss = objective.pipeline_loss(state, micro_batches, device)
+    elif state.pipeline is not None:
         if loss_weight is not mean_loss:
             raise ConfigError("this loss (e.g. --calculate-per-token-loss) is not available with pipeline "
                               "parallelism: the schedule computes each micro-batch's mean token loss")
@@ -89,7 +100,7 @@ def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.op
         for i, batch in enumerate(micro_batches):
             # Reduce gradients over data-parallel ranks once, after the last micro-batch.
             model.set_requires_gradient_sync(i == n - 1)
-            loss += forward_backward(model, state, batch, device, n, loss_weight)
+            loss += forward_backward(model, state, batch, device, n, loss_weight, objective)
         loss /= n
     grad_norm = clip_grad_norm_(model, clip_grad, state)
     optimizer.step()

@@ -49,7 +49,8 @@ VARIABLES = (
     "NPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT CKPT_LOAD_DIR CKPT_SAVE_DIR DATA_PATH "
     "TOKENIZER_PATH TP PP MBS GBS SEQ_LENGTH TRAIN_ITERS LR MIN_LR SAVE_INTERVAL LOG_INTERVAL LOG_DIR "
     "LOG_FILE DEVICE MODEL_SIZE INPUT OUTPUT_PREFIX JSON_KEYS WORKERS HANDLER_NAME PACK PROMPT "
-    "MAX_NEW_TOKENS EVAL_DATA_PATH TASK LORA_R LORA_ALPHA LORA_TARGET_MODULES QTRAIN_TINY QTRAIN_PRINT_ONLY"
+    "MAX_NEW_TOKENS EVAL_DATA_PATH TASK LORA_R LORA_ALPHA LORA_TARGET_MODULES QTRAIN_TINY QTRAIN_PRINT_ONLY "
+    "MAP_KEYS DPO_BETA DPO_LOSS_TYPE"
 ).split()
 
 
@@ -363,6 +364,53 @@ def test_evaluate_scores_an_mmlu_format_directory(hf_tiny, work):
     (mmlu / "arithmetic_test.csv").write_text("What is 2 + 2?,3,4,5,6,B\nWhat is 3 x 3?,6,8,9,12,C\n")
     out = ok(run("evaluate_qwen3.sh", CKPT_LOAD_DIR=hf_tiny, EVAL_DATA_PATH=mmlu, TASK="mmlu", LOG_DIR=work / "logs"))
     assert "arithmetic" in out, out[-3000:]
+
+
+# ---------------------------------------------------------------- preference training (qtrain dpo)
+
+# qtrain's DPO layouts (MindSpeed-LLM publishes a Qwen3 DPO script for the 30B-A3B MoE only; its MBS/GBS):
+# (NPUS_PER_NODE, TP, PP, MBS, GBS, LR, full recompute)
+DPO_RECIPES = {("1.7b", "full"): (8, 1, 1, 1, 32, "5e-7", False), ("1.7b", "lora"): (8, 1, 1, 1, 32, "5e-6", False),
+               ("8b", "full"): (8, 1, 2, 1, 32, "5e-7", True), ("8b", "lora"): (8, 1, 1, 1, 32, "5e-6", True)}
+
+
+@pytest.mark.parametrize("size,kind", sorted(DPO_RECIPES))
+def test_dpo_scripts_build_the_recipe(size, kind):
+    command = printed(f"dpo_qwen3_{size}_4k_{kind}.sh", DATA_PATH="/data/pairs")
+    npus, tp, pp, mbs, gbs, lr, recompute = DPO_RECIPES[size, kind]
+    assert command[command.index("qtrain") + 1] == "dpo" and flag(command, "--nproc_per_node") == str(npus)
+    assert flag(command, "--tensor-model-parallel-size") == str(tp)
+    assert flag(command, "--pipeline-model-parallel-size") == str(pp)
+    assert flag(command, "--micro-batch-size") == str(mbs) and flag(command, "--global-batch-size") == str(gbs)
+    assert flag(command, "--lr") == lr and flag(command, "--dpo-beta") == "0.1"
+    assert flag(command, "--dpo-loss-type") == "sigmoid" and "--use-distributed-optimizer" in command
+    assert flag(command, "--load") == "/model/qwen3" and flag(command, "--model-preset").lower() == size
+    assert ("--lora-r" in command) == (kind == "lora")
+    assert (flag(command, "--recompute-granularity") == "full") if recompute else "--recompute-granularity" not in command
+    convert = printed("data_convert_qwen3_pairwise.sh", INPUT="/d/pairs.jsonl", OUTPUT_PREFIX="/d/pairs",
+                      MAP_KEYS='{"system": "system"}')
+    assert flag(convert, "--handler-name") == "AlpacaStylePairwiseHandler" and flag(convert, "--seq-length") == "4096"
+    assert "--map-keys" in convert
+
+
+@pytest.fixture(scope="module")
+def pairwise_data(work, hf_tiny) -> str:
+    needs("qtrain.data.preprocess")
+    pairs = head("sample_preference.jsonl", 48, work / "pairs.jsonl")
+    ok(run("data_convert_qwen3_pairwise.sh", INPUT=pairs, TOKENIZER_PATH=hf_tiny, OUTPUT_PREFIX=work / "dataset" / "pairs",
+           LOG_DIR=work / "logs", MAP_KEYS='{"system": "system", "history": "history"}'))
+    return str(work / "dataset" / "pairs")
+
+
+@pytest.mark.parametrize("size,kind", sorted(DPO_RECIPES))
+def test_dpo_scripts_train_and_save(size, kind, hf_tiny, pairwise_data, work):
+    needs("qtrain.train.dpo")
+    save, iters = work / "ckpt" / f"dpo_{size}_{kind}", 2 if size == "1.7b" else 1
+    out = ok(run(f"dpo_qwen3_{size}_4k_{kind}.sh", CKPT_LOAD_DIR=hf_tiny, DATA_PATH=pairwise_data, TOKENIZER_PATH=hf_tiny,
+                 CKPT_SAVE_DIR=save, LOG_DIR=work / "logs", TRAIN_ITERS=iters))
+    line = re.search(rf"iteration\s+{iters}/\s*{iters} \|.*", out)
+    assert line and "rewards/accuracies" in line.group(0), out[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
 
 
 # ---------------------------------------------------------------- several nodes

@@ -25,16 +25,17 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_worker(tmp: Path, name: str, world: int, runs: list[dict], timeout: int = 400) -> dict:
-    """Run `runs` (one after another, in one process group of `world` ranks); {run name: result}."""
+def run_worker(tmp: Path, name: str, world: int, runs: list[dict], timeout: int = 400, worker: Path = WORKER) -> dict:
+    """Run `runs` (one after another, in one process group of `world` ranks) in `worker` (default
+    parallel_worker.py); {run name: result}."""
     spec = tmp / f"{name}.json"
     out = tmp / f"{name}_out.json"
     spec.write_text(json.dumps({"out": str(out), "runs": runs}))
     if world == 1:
-        cmd = [sys.executable, str(WORKER), str(spec)]
+        cmd = [sys.executable, str(worker), str(spec)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), str(spec)]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(worker), str(spec)]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())

@@ -63,8 +63,39 @@ def main() -> int:
             print(f"rank {rank} {case}: FAILED {bad}", flush=True)
         else:
             print(f"ok {case}", flush=True)
+    failed += per_token_cases(h, w, y, rank, world, mesh, rows, seq)
     dist.destroy_process_group()
     return 1 if failed else 0
+
+
+def per_token_cases(h, w, y, rank, world, mesh, rows, seq) -> int:
+    """reduction "none" (preference training's per-token log-probs): values [B, S] in the labels' order
+    and the gradients of a per-token upstream gradient (recomputed in backward), both layouts."""
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy((hr @ wr.t()).reshape(-1, V), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(B, S)
+    upstream = torch.randn(B, S, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (ref * upstream).sum().backward()
+    failed = 0
+    for case in ("replicated", "sequence_sharded"):
+        weight = distribute_tensor(w.float(), mesh, [Shard(0)]).requires_grad_()
+        local_h = (h[:, seq] if case == "sequence_sharded" else h).float().requires_grad_()
+        hidden = DTensor.from_local(local_h, mesh, [Shard(1)]) if case == "sequence_sharded" else local_h
+        tokens = linear_cross_entropy(hidden, weight, y, reduction="none", chunk_size=CHUNK)
+        (tokens * upstream.float()).sum().backward()
+        checks = {
+            "per-token values": tokens.shape == (B, S) and close(tokens, ref.detach(), 1e-6),
+            "ignored tokens are 0": bool((tokens[y == IGNORE_INDEX] == 0).all()),
+            "grad hidden": close(local_h.grad, (hr.grad[:, seq] if case == "sequence_sharded" else hr.grad), 1e-5),
+            "grad weight shard": close(weight.grad.to_local(), wr.grad[rows], 1e-5),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            failed += 1
+            print(f"rank {rank} per-token {case}: FAILED {bad}", flush=True)
+        else:
+            print(f"ok per-token {case}", flush=True)
+    return failed
 
 
 if __name__ == "__main__":
