@@ -301,9 +301,9 @@ def write_report(out, args, tools, runs, state, docs, size, reference, date) -> 
         f"- qtrain: {sys.executable}; its log's first line: `{state['qtrain_path']}`",
         f"- corpus: {docs} documents, {size / 1e6:.1f} MB JSON lines of real text (benchmarks/make_corpus.py: "
         f"Shakespeare, BBC news, ShareGPT), {tokens} tokens with EOD; tokenizer {args.tokenizer}",
-        f"- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall; CPU s = user + "
-        f"system time of the tool and its workers (less sensitive than wall time to other jobs on the machine); "
-        f"load = 1-minute load average when the run started",
+        "- each row is one fresh process tree, wall time including start-up; MB/s = input bytes / wall; CPU s = user + "
+        "system time of the tool and its workers (less sensitive than wall time to other jobs on the machine); "
+        "load = 1-minute load average when the run started",
         "",
         "| round | tool | workers | wall s | docs/s | MB/s | CPU s (all processes) | MB per CPU s | peak RSS, largest process MB | peak PSS, all processes MB | load | same bytes |",
         "|------:|------|--------:|-------:|-------:|-----:|------:|------:|------:|------:|-----:|:---:|",

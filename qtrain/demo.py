@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from qtrain.cli import ArgumentParser
-from qtrain.errors import QtrainError
 
 CORPUS = Path(__file__).resolve().parent / "assets" / "sample_corpus.jsonl"
 PROMPT = "HAMLET.\nTo be, or not to be"

@@ -116,14 +116,23 @@ def write_adapter(tensors: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: st
     return out_dir
 
 
+def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter dir (its adapter_config.json)."""
+    cfg_file = Path(adapter_dir) / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{adapter_dir}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                              "(a PEFT LoRA adapter dir, as `qtrain sft --lora-r ...` or peft save)")
+    return LoRAConfig.from_peft_dict(json.loads(cfg_file.read_text()), str(cfg_file))
+
+
 def load_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(config, {HF module name: (A [r, in], B [out, r])}) from a PEFT LoRA adapter dir."""
     adapter_dir = Path(adapter_dir)
-    cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    if not cfg_file.is_file() or not weights.is_file():
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
         raise CheckpointError(f"--lora-load {adapter_dir}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                               "(a PEFT LoRA adapter dir, as `qtrain sft --lora-r ...` or peft save)")
-    cfg = LoRAConfig.from_peft_dict(json.loads(cfg_file.read_text()), str(cfg_file))
+    cfg = read_adapter_config(adapter_dir)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$")
     for key, t in load_file(str(weights)).items():
@@ -161,6 +170,14 @@ def merge_lora(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path) -> 
     Returns a new dict; tensors the adapter does not touch are shared (for `qtrain convert --lora-load`)."""
     cfg, pairs = load_adapter(adapter_dir)
     return fold_adapters(state_dict, pairs, cfg.scaling, f"--lora-load {adapter_dir}")
+
+
+def refuse_second_adapter(source, flag: str, path) -> None:
+    """A LoRA run's qtrain checkpoint reads with its own adapters merged: merging another is refused."""
+    if getattr(source, "lora_modules", None):
+        raise CheckpointError(f"{flag}: {path} is a LoRA run's checkpoint, read with its own adapters already "
+                              f"merged ({len(source.lora_modules)} modules); drop {flag}, or give the base "
+                              f"model as --load")
 
 
 class LoRAMergedSource:

@@ -131,8 +131,9 @@ def _convert(args: argparse.Namespace) -> int:
     if args.hf_cfg_dir:
         source = _use_hf_cfg_dir(source, args.hf_cfg_dir)
     if args.lora_load:
-        from qtrain.checkpoint.adapter import LoRAMergedSource
+        from qtrain.checkpoint.adapter import LoRAMergedSource, refuse_second_adapter
 
+        refuse_second_adapter(source, "--lora-load", args.load_dir)
         source = LoRAMergedSource(source, args.lora_load)
     dtype = PARAMS_DTYPES[args.params_dtype] if args.params_dtype else (
         config_dtype(source.hf_config) or getattr(source, "dtype", None))

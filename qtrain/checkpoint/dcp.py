@@ -224,6 +224,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
             f"with --finetune")
     if not resumable:
         finetune = True  # weights only (e.g. written by `qtrain convert`): start at iteration 0
+    if _holds_adapters(keys) and not any(".lora_A." in n for n, _ in model.named_parameters()):
+        # A LoRA run's checkpoint into a model without adapters: its weights are base + adapters merged.
+        if not finetune:
+            raise CheckpointError(f"--load {folder}: a LoRA run's checkpoint; resume it with the same --lora-* "
+                                  f"flags, or start from its merged weights with --finetune")
+        from qtrain.checkpoint.sources import QtrainSource
+
+        source = QtrainSource(folder)
+        _set_full_weights(model, ((name, source.get(name)) for name in source.names()), folder)
+        return Loaded(kind, folder)
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not any(k.startswith("optim.") for k in keys):
         raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
@@ -246,6 +256,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     if with_rng:
         run_state.restore_rng(folder, _rank())
     return Loaded(kind, folder, train_state["iteration"], train_state, with_rng)
+
+
+def _holds_adapters(keys: Iterable[str]) -> bool:
+    return any(k.startswith("model.") and k.endswith(".lora_A.weight") for k in keys)
 
 
 def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:

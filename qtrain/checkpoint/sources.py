@@ -149,11 +149,28 @@ class QtrainSource:
         meta = dcp_safe.read_metadata(self.folder).state_dict_metadata
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
         _check_complete(str(self.folder), set(self._meta), self.config)
+        # A LoRA run's checkpoint holds base weights and adapters: every reader gets them merged
+        # (W + B A alpha / r, with alpha / r from the adapter written beside them), never the bare base.
+        self.lora_modules = sorted(k.removesuffix(".lora_A.weight") for k in self._meta
+                                   if k.endswith(".lora_A.weight"))
+        if self.lora_modules:
+            from qtrain.checkpoint.adapter import read_adapter_config
+
+            self._lora_scaling = read_adapter_config(self.folder / "adapter").scaling
 
     def names(self) -> list[str]:
         return hf_param_names(self.config)
 
     def get(self, name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if module not in self.lora_modules:
+            return self._read(name)
+        from qtrain.checkpoint.adapter import fold_adapters
+
+        pair = (self._read(f"{module}.lora_A.weight"), self._read(f"{module}.lora_B.weight"))
+        return fold_adapters({name: self._read(name)}, {module: pair}, self._lora_scaling, str(self.folder))[name]
+
+    def _read(self, name: str) -> torch.Tensor:
         meta = self._meta[name]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         self._dcp_safe.load({"model": {name: tensor}}, self.folder, no_dist=True)

@@ -27,6 +27,10 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     from qtrain.checkpoint.sources import open_source
 
     source = open_source(_KIND_TO_SOURCE[detect_kind(path)], path, iteration)
+    if lora_dir is not None:
+        from qtrain.checkpoint.adapter import refuse_second_adapter
+
+        refuse_second_adapter(source, "--lora-load", path)
     try:
         model = build_model(source.config, "meta")
         wanted = model.state_dict()

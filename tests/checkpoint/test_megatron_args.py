@@ -289,7 +289,7 @@ def test_seq_length_comes_from_the_source_when_it_records_one(tmp_path, capsys):
 
     from qtrain.config import PretrainConfig
 
-    src = make_hf(tmp_path / "hf", tied=True, dtype=torch.float32)
+    make_hf(tmp_path / "hf", tied=True, dtype=torch.float32)
 
     def to(kind: str, load: str, out: str, *flags: str) -> argparse.Namespace | None:
         assert convert(["--load-model-type", kind, "--save-model-type", "mg" if out.startswith("mg") else "qtrain",

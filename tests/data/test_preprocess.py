@@ -91,7 +91,7 @@ def test_guide_command_is_byte_identical_to_megatron(tmp_path, tok, capsys, appe
     _same_files(str(tmp_path / "ours_text_document"), str(tmp_path / "ref"))
     assert sorted(os.listdir(tmp_path)) == ["ours_text_document.bin", "ours_text_document.idx",
                                             "ref.bin", "ref.idx", "x.parquet"]  # no temporary files left
-    assert f"done in" in err and f"{len(docs)} documents" in err
+    assert "done in" in err and f"{len(docs)} documents" in err
     assert "empty documents (kept, zero length): 1" in err
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors import safe_open
 
 import qtrain
 from qtrain.errors import CheckpointError, ConfigError

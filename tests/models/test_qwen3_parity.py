@@ -104,7 +104,6 @@ def test_materialize_allocates_once_and_keeps_tie():
 
 def test_materialize_1p7b_peak_memory_is_one_model(tmp_path):
     """Materialising the 1.7B preset in bf16 allocates the weights once (3.4 GB), not twice."""
-    import resource
     import subprocess
     import sys
 

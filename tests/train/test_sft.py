@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from qtrain.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
+from qtrain.errors import CheckpointError
 from qtrain.data.instruction_dataset import InstructionDataset, dataset_prefixes, make_sft_item
 from qtrain.data.packing import write_packs
 from qtrain.models.config import Qwen3Config
@@ -260,20 +261,39 @@ def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path):
     result = run_sft(args, log=lambda *a: None)
     losses = list(result.losses.values())
     assert losses[-1] < losses[0]
-    src = QtrainSource(tmp_path / "ckpt")
-    for name, want in base.state_dict().items():  # the base weights did not move
-        if name != "lm_head.weight":
-            assert torch.equal(src.get(name), want), name
     adapter = tmp_path / "ckpt" / "iter_0000012" / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and "up_proj" in cfg["target_modules"] and "o_proj" not in cfg["target_modules"]
-    merged = merge_lora(dict(base.state_dict()), adapter)
+    merged = merge_lora(dict(base.state_dict()), adapter)  # the base weights + the adapter saved beside them
     exported = dict(iter_safetensors(tmp_path / "merged"))
     changed = 0
     for name, t in exported.items():
         assert_close_scaled(t.float(), merged[name].float(), terms=(4,), what=name)
         changed += not torch.equal(t, base.state_dict()[name])
     assert changed == 2 * 5  # q, k, v, gate, up of both layers
+
+    # Every reader of the LoRA run's own checkpoint gets the merged weights, never the bare base:
+    # a converter's source, inference loading and a --finetune start of a model without adapters.
+    src = QtrainSource(tmp_path / "ckpt")
+    assert len(src.lora_modules) == 2 * 5
+    for name in merged:
+        assert_close_scaled(src.get(name).float(), merged[name].float(), terms=(4,), what=name)
+    from qtrain.infer.loading import load_model_for_inference
+
+    model, _ = load_model_for_inference(tmp_path / "ckpt")
+    for name, t in model.state_dict().items():
+        assert_close_scaled(t.float(), merged[name].float(), terms=(4,), what=name)
+    with pytest.raises(CheckpointError, match="LoRA run's checkpoint"):
+        load_model_for_inference(tmp_path / "ckpt", lora_dir=adapter)  # its adapters merged twice
+    from qtrain.checkpoint.dcp import load_checkpoint
+
+    plain = _model(9)
+    with pytest.raises(CheckpointError, match="--finetune"):
+        load_checkpoint(tmp_path / "ckpt", plain, None)  # resuming would silently drop the adapters
+    load_checkpoint(tmp_path / "ckpt", plain, None, finetune=True)
+    for name, t in plain.state_dict().items():
+        if name != "lm_head.weight" or not plain.config.tie_word_embeddings:
+            assert_close_scaled(t.float(), merged[name].float(), terms=(4,), what=name)
 
 
 def test_lora_sft_on_two_data_parallel_ranks_equals_one_rank(tmp_path):
