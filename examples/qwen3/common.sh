@@ -39,18 +39,21 @@ _QWEN3_RECIPES="
 4B    lora      8 1 1 1 1 16
 8B    pretrain  8 1 1 2 1 64
 8B    full      8 1 1 2 1 16
-8B    lora      8 1 1 2 4 16
+8B    lora      8 1 1 1 4 16
 14B   pretrain  8 1 2 4 1 128
 14B   full      8 1 8 1 1 16
-14B   lora      8 1 2 2 4 64
+14B   lora      8 1 1 1 4 64
 32B   pretrain  8 2 8 2 1 128
 32B   full      8 2 8 2 1 16
-32B   lora      8 1 4 1 4 16
+32B   lora      8 1 1 1 4 16
 1.7B  dpo_full  8 1 1 1 1 32
 1.7B  dpo_lora  8 1 1 1 1 32
 8B    dpo_full  8 1 1 2 1 32
 8B    dpo_lora  8 1 1 1 1 32
 "
+# (qtrain trains LoRA with data parallelism (FSDP) only: its lora rows keep MindSpeed-LLM's MBS and GBS
+# on TP1 PP1, and the 8B/14B/32B LoRA scripts add full recompute to fit 64 GB devices. MindSpeed-LLM's
+# lora layouts were 8B TP1 PP2, 14B TP2 PP2, 32B TP4 PP1.)
 # (The dpo rows are qtrain's: MindSpeed-LLM 2.2.0 publishes a Qwen3 DPO script for the 30B-A3B MoE only.
 # Its GBS 32 and MBS 1; layouts that fit 64 GB devices by `qtrain plan --stage dpo`.)
 
