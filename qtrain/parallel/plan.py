@@ -5,11 +5,15 @@ pipeline stage, TP-sharded matrices divided by TP; F = FSDP ways = dp_shard x CP
 without --use-distributed-optimizer; b = 2 with --bf16 else 4; per token of a micro-batch):
 
   weights      4 P / F          fp32 master weights (FSDP shards them)
-  grads        4 P / F          fp32 gradients (reduced in fp32)
+  grads        4 P / F          fp32 gradients (reduced in fp32); 4 P with gradient accumulation
+                                (more than one micro-batch per step, or PP): FSDP2 without
+                                gradient sync keeps every parameter's unsharded gradient, upcast
+                                to fp32, until the last micro-batch's backward reduce-scatters it
   optimizer    8 P / F          AdamW exp_avg + exp_avg_sq in fp32
   transient    b x (the root unit + 2 decoder layers) gathered by FSDP (current and prefetched),
                plus the unsharded LM-head gradient (FSDP2 wraps the model on every layout, one
-               device included)
+               device included); under PP b x P: the pipeline schedule keeps the stage's gathered
+               weights from the first micro-batch's forward to the last one's backward
   activations  tokens x (sum over the stage's layers of A) x micro-batches in flight; the last
                stage adds its final RMSNorm (4H + bH + 4 per token, / TP under SP)
   loss         the chunked LM-head loss, as `qtrain.ops.linear_cross_entropy` runs it on every
@@ -172,7 +176,9 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         root = (embed if first else 0) + ((m.hidden_size + (0 if m.tie_word_embeddings and first else embed))
                                           if last else 0)
         params = n_layers * (lay_sharded + lay_repl) + root
-        transient = b * (root + 2 * (lay_sharded + lay_repl)) + (b * embed if last else 0)
+        gathered = params if dims.pp > 1 else root + 2 * (lay_sharded + lay_repl)
+        transient = b * gathered + (b * embed if last else 0)
+        grads = 4 * params if num_microbatches > 1 or dims.pp > 1 else 4 * params / fsdp_ways
         acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches) * tokens
         loss, loss_path = 0.0, ""
         if last:
@@ -184,7 +190,7 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
                 loss = working_bytes(tokens, m.vocab_size // tp, m.hidden_size, b, p.sequence_parallel and tp > 1)
                 loss_path = f"chunked per token, {min(tokens, chunk_tokens(m.vocab_size // tp))} tokens per chunk" \
                     + (", vocab-parallel" if tp > 1 else "")
-        est = MemoryEstimate(4 * params / fsdp_ways, 4 * params / fsdp_ways, 8 * params / fsdp_ways,
+        est = MemoryEstimate(4 * params / fsdp_ways, grads, 8 * params / fsdp_ways,
                              transient, acts, loss, dims, loss_path, rank,
                              b * params / fsdp_ways if reference_copy else 0.0)
         if stage is not None and rank == stage % len(stages):

@@ -161,6 +161,23 @@ def test_states_are_16_bytes_per_parameter_sharded_by_fsdp():
     assert fsdp8.activations == pytest.approx(one.activations)
 
 
+def test_gradient_accumulation_keeps_unsharded_fp32_grads():
+    """FSDP2 skips the reduce-scatter on all micro-batches but the last (train_step's
+    set_requires_gradient_sync, the pipeline schedule's no-sync backward) and meanwhile keeps each
+    parameter's whole gradient in the fp32 reduce dtype (FSDPParam.to_accumulated_grad_if_needed);
+    the pipeline schedule also keeps the stage's weights gathered until its last backward."""
+    m = get_preset("1.7B")
+    n = m.num_params
+    one_step = estimate_memory(m, plan_cfg(gbs=8, use_distributed_optimizer=True), 8)  # 1 micro-batch
+    four = estimate_memory(m, plan_cfg(gbs=32, use_distributed_optimizer=True), 8)  # 4 micro-batches
+    assert one_step.grads == pytest.approx(4 * n / 8, rel=1e-6)
+    assert four.grads == pytest.approx(4 * n, rel=1e-6)
+    assert four.weights == one_step.weights and four.optimizer == one_step.optimizer
+    pp2 = estimate_memory(m, plan_cfg(gbs=8, pipeline_model_parallel_size=2), 2, stage=0)
+    assert pp2.transient > 2 * n / 2 * 0.9  # bf16, about half the parameters on stage 0
+    assert pp2.grads > 4 * n / 2 * 0.9
+
+
 def test_parallelism_and_recompute_reduce_the_estimate():
     m = get_preset("8B")
     base = estimate_memory(m, plan_cfg(), 1)
