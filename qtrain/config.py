@@ -140,6 +140,15 @@ class CheckpointArgs:
         False, "resume although --data-path/--split/--seq-length/--seed differ from the checkpoint's (changes the "
                "sample order; without it such a resume stops)")
     save_hf: Optional[str] = opt(None, "export the final model as an HF dir (config, safetensors, tokenizer)")
+    # Long runs (docs/promises.md: what a crash during an async save leaves).
+    async_save: bool = opt(
+        False, "write checkpoints in a background thread while training goes on (torch.distributed.checkpoint."
+               "async_save); the tracker moves only once the write has finished")
+    keep_last_checkpoints: Optional[int] = opt(
+        None, "after each complete save delete all but the newest N checkpoints (never the tracker's)")
+    save_retain_interval: Optional[int] = opt(
+        None, "Megatron: after each complete save delete older checkpoints whose iteration is not a multiple "
+              "of N (the latest stays)")
 
 
 @dataclass
@@ -442,6 +451,7 @@ def validate(cfg: PretrainConfig) -> None:
 
         why = REFUSED_TYPES.get(cfg.model.rope_scaling_type, "qtrain implements yarn and linear")
         raise ConfigError(f"--rope-scaling-type {cfg.model.rope_scaling_type}: not supported: {why}")
+    _validate_long_run(cfg)
     if cfg.parallel.num_layer_list is not None:
         try:
             [int(x) for x in cfg.parallel.num_layer_list.split(",")]
@@ -453,6 +463,18 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.data.data_path:
         parse_data_path(cfg.data.data_path)
     parse_split(cfg.data.split)
+
+
+def _validate_long_run(cfg: PretrainConfig) -> None:
+    c = cfg.checkpoint
+    for name, v in (("--keep-last-checkpoints", c.keep_last_checkpoints),
+                    ("--save-retain-interval", c.save_retain_interval)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v}")
+    for name, used in (("--async-save", c.async_save), ("--keep-last-checkpoints", c.keep_last_checkpoints),
+                       ("--save-retain-interval", c.save_retain_interval)):
+        if used and not c.save:
+            raise ConfigError(f"{name} needs --save: it is about the checkpoints written there")
 
 
 def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):

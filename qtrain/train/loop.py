@@ -237,6 +237,9 @@ class Trainer:
         self.first_bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration, 0 = none
         self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)
         self.iters_since_log, self.t_log = 0, time.time()
+        self.pending_save, self.last_save_started = None, None
+        # --async-save: DCP's writer thread coordinates over its own gloo group (made by every rank).
+        self.async_group = ckpt.async_save_group() if cfg.checkpoint.async_save and cfg.checkpoint.save else None
         stop = StopFlag().install(immediate=not cfg.checkpoint.save)  # nothing to save: stop mid-step
         qdevice.reset_peak_memory(dev)
         self.say(f"training {self.model_cfg.num_hidden_layers}-layer Qwen3 ({self.model_cfg.num_params:,} params) on "
@@ -325,17 +328,37 @@ class Trainer:
         self.writer.write({"iteration": self.iteration, "valid_loss": loss, **record})
 
     def _save(self) -> None:
+        """Start this iteration's checkpoint; with --async-save it is finished (renamed, tracker
+        moved, old ones pruned) at the next save or at the end, else at once."""
         self._check_finite()
-        it = self.iteration
-        path = ckpt.save_checkpoint(
-            self.cfg.checkpoint.save, it, self.model, self.optimizer,
+        self._finish_pending_save()  # one checkpoint in flight at a time
+        c, it = self.cfg.checkpoint, self.iteration
+        self.pending_save = ckpt.start_save(
+            c.save, it, self.model, self.optimizer,
             {"iteration": it, "consumed_samples": self.loader.consumed_samples, "sampler": self.loader.state_dict(),
              "world_size": self.rt.world_size, "global_batch_size": self.batch.global_batch_size,
              "data_order": self.data_order, **(self.hooks.train_state or {})},
-            self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict())
-        self.result.saved.append(str(path))
+            self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict(), async_group=self.async_group)
+        self.last_save_started = it
         if self.hooks.after_save is not None:
-            self.hooks.after_save(self.model, it, path)
+            self.hooks.after_save(self.model, it, self.pending_save.tmp)  # renamed with the rest
+        if self.async_group is None:
+            self._finish_pending_save()
+
+    def _finish_pending_save(self) -> None:
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        if pending.future is not None and not pending.future.done():
+            self.say(f"waiting for the checkpoint of iteration {pending.iteration} to finish writing")
+        path = pending.finish()
+        c = self.cfg.checkpoint
+        if self.rt.is_main and (c.keep_last_checkpoints or c.save_retain_interval):
+            from qtrain.checkpoint.retention import prune_checkpoints
+
+            for old in prune_checkpoints(c.save, c.keep_last_checkpoints, c.save_retain_interval):
+                self.say(f"deleted checkpoint {old} (--keep-last-checkpoints / --save-retain-interval)")
+        self.result.saved.append(str(path))
         self.say(f"saved checkpoint {path}")
 
     def _should_stop(self, stop: StopFlag) -> bool:
@@ -362,9 +385,9 @@ class Trainer:
         finished = not (self.result.stopped_by_signal or self.result.stopped_early)
         if finished and self.valid_ds is not None and it % t.eval_interval:
             self._validate(t.train_iters // t.eval_interval)
-        if cfg.checkpoint.save and it > self.result.start_iteration and \
-                not (self.result.saved and self.result.saved[-1].endswith(f"iter_{it:07d}")):
+        if cfg.checkpoint.save and it > self.result.start_iteration and self.last_save_started != it:
             self._save()
+        self._finish_pending_save()  # an async save in flight completes before the run ends
         if cfg.checkpoint.save_hf and not self.result.stopped_by_signal:
             export_hf(self.model, self.state, self.model_cfg, cfg, it, self.hooks.export_transform)
             self.say(f"exported HF model to {cfg.checkpoint.save_hf}")
