@@ -146,6 +146,9 @@ class CheckpointArgs:
                "async_save); the tracker moves only once the write has finished")
     keep_last_checkpoints: Optional[int] = opt(
         None, "after each complete save delete all but the newest N checkpoints (never the tracker's)")
+    save_hf_interval: Optional[int] = opt(
+        None, "also export <save-hf>/iter_XXXXXXX/ as an HF dir every N iterations (under pipeline parallelism "
+              "N must be a multiple of --save-interval: the export is read back from that checkpoint)")
     save_retain_interval: Optional[int] = opt(
         None, "Megatron: after each complete save delete older checkpoints whose iteration is not a multiple "
               "of N (the latest stays)")
@@ -467,7 +470,7 @@ def validate(cfg: PretrainConfig) -> None:
 
 def _validate_long_run(cfg: PretrainConfig) -> None:
     c = cfg.checkpoint
-    for name, v in (("--keep-last-checkpoints", c.keep_last_checkpoints),
+    for name, v in (("--keep-last-checkpoints", c.keep_last_checkpoints), ("--save-hf-interval", c.save_hf_interval),
                     ("--save-retain-interval", c.save_retain_interval)):
         if v is not None and v <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {v}")
@@ -475,6 +478,13 @@ def _validate_long_run(cfg: PretrainConfig) -> None:
                        ("--save-retain-interval", c.save_retain_interval)):
         if used and not c.save:
             raise ConfigError(f"{name} needs --save: it is about the checkpoints written there")
+    if c.save_hf_interval and not c.save_hf:
+        raise ConfigError("--save-hf-interval needs --save-hf: the dir its iter_XXXXXXX/ exports go into")
+    if c.save_hf_interval and cfg.parallel.pipeline_model_parallel_size > 1 and \
+            not (c.save and c.save_interval and c.save_hf_interval % c.save_interval == 0):
+        raise ConfigError(f"--save-hf-interval {c.save_hf_interval} with pipeline parallelism needs --save and must be "
+                          f"a multiple of --save-interval ({c.save_interval}): no rank holds every layer, so each "
+                          f"export is read back from the checkpoint of its iteration")
 
 
 def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):

@@ -29,7 +29,7 @@ from qtrain.config import PretrainConfig, resolve_model_config
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.parallel.batch import BatchPlan, batch_plan
 from qtrain.train import metrics as M
-from qtrain.train.export import ExportTransform, export_hf
+from qtrain.train.export import ExportTransform, export_hf, interval_export_dir
 from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import check_model_fits, describe_plan
 from qtrain.train.preflight import claim_outputs, release_outputs
@@ -261,6 +261,8 @@ class Trainer:
                 if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
                         self.iteration % cfg.checkpoint.save_interval == 0:
                     self._save()
+                if cfg.checkpoint.save_hf_interval and self.iteration % cfg.checkpoint.save_hf_interval == 0:
+                    self._export_hf(interval_export_dir(cfg, self.iteration))
                 self.t_log += time.time() - paused
                 if self._should_stop(stop):
                     break
@@ -389,8 +391,13 @@ class Trainer:
             self._save()
         self._finish_pending_save()  # an async save in flight completes before the run ends
         if cfg.checkpoint.save_hf and not self.result.stopped_by_signal:
-            export_hf(self.model, self.state, self.model_cfg, cfg, it, self.hooks.export_transform)
-            self.say(f"exported HF model to {cfg.checkpoint.save_hf}")
+            self._export_hf(cfg.checkpoint.save_hf)
+
+    def _export_hf(self, out) -> None:
+        if self.state.pipeline is not None:
+            self._finish_pending_save()  # the export reads this iteration's checkpoint back
+        export_hf(self.model, self.state, self.model_cfg, self.cfg, self.iteration, self.hooks.export_transform, out)
+        self.say(f"exported HF model to {out}")
 
 
 def _all_reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
