@@ -184,6 +184,26 @@ class ParallelArgs:
 
 
 @dataclass
+class OffloadArgs:
+    """Memory off the device: optimizer state and activations in host memory (qtrain.parallel.offload)."""
+
+    optimizer_cpu_offload: bool = opt(
+        False, "fp32 master weights, gradients and AdamW state in pinned host memory, the optimizer step on the "
+               "host (FSDP2 CPUOffloadPolicy); the device keeps the gathered bf16 units and the activations")
+    swap_optimizer: bool = opt(False, "MindSpeed-LLM's name for --optimizer-cpu-offload (the same thing)")
+    optimizer_offload_fraction: float = opt(
+        1.0, "Megatron: the share of the optimizer state offloaded; qtrain offloads all of it (only 1.0)")
+    cpu_offloading: bool = opt(
+        False, "Megatron: keep the activations of the first --cpu-offloading-num-layers decoder layers in host "
+               "memory between forward and backward")
+    cpu_offloading_num_layers: int = opt(0, "Megatron: decoder layers whose activations --cpu-offloading moves")
+
+    @property
+    def optimizer_offloaded(self) -> bool:
+        return self.optimizer_cpu_offload or self.swap_optimizer
+
+
+@dataclass
 class CompatArgs:
     """Flags of Megatron / MindSpeed-LLM scripts that describe what qtrain always does."""
 
@@ -217,6 +237,9 @@ class CompatArgs:
     distributed_timeout_minutes: int = compat(10, "timeout of collective operations, minutes")
     use_cpu_initialization: bool = compat(False, "qtrain builds on the meta device and materialises sharded")
     no_load_rng_state: bool = compat(False, "alias of --no-load-rng")
+    reuse_fp32_param: bool = compat(
+        False, "MindSpeed-LLM keeps no separate bf16 weight copy: qtrain never does (FSDP2 holds fp32 shards, "
+               "bf16 exists only for the unit being gathered)")
 
 
 @dataclass
@@ -230,6 +253,7 @@ class PretrainConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    offload: OffloadArgs = field(default_factory=OffloadArgs)
     compat: CompatArgs = field(default_factory=CompatArgs)
 
     def to_dict(self) -> dict:
@@ -264,7 +288,6 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "--reset-attention-mask": "qtrain trains on packed documents without attention resets",
     "--eod-mask-loss": "not supported; EOD tokens are trained on like Megatron's default",
     "--rampup-batch-size": "batch-size ramp-up is not supported; use a fixed --global-batch-size",
-    "--optimizer-cpu-offload": "not supported; use FSDP sharding over more ranks",
     "--fp8-format": "fp8 training is not supported",
     "--use-rope-scaling": "Llama-3 RoPE scaling is not implemented; Qwen3 extends its context with "
                           "--rope-scaling-type yarn",
@@ -455,6 +478,7 @@ def validate(cfg: PretrainConfig) -> None:
         why = REFUSED_TYPES.get(cfg.model.rope_scaling_type, "qtrain implements yarn and linear")
         raise ConfigError(f"--rope-scaling-type {cfg.model.rope_scaling_type}: not supported: {why}")
     _validate_long_run(cfg)
+    _validate_offload(cfg)
     if cfg.parallel.num_layer_list is not None:
         try:
             [int(x) for x in cfg.parallel.num_layer_list.split(",")]
@@ -485,6 +509,26 @@ def _validate_long_run(cfg: PretrainConfig) -> None:
         raise ConfigError(f"--save-hf-interval {c.save_hf_interval} with pipeline parallelism needs --save and must be "
                           f"a multiple of --save-interval ({c.save_interval}): no rank holds every layer, so each "
                           f"export is read back from the checkpoint of its iteration")
+
+
+def _validate_offload(cfg: PretrainConfig) -> None:
+    o, p = cfg.offload, cfg.parallel
+    if o.optimizer_offload_fraction != 1.0:
+        raise ConfigError(f"--optimizer-offload-fraction {o.optimizer_offload_fraction}: qtrain offloads the whole "
+                          f"optimizer state or none of it; give --optimizer-cpu-offload (fraction 1.0) or neither")
+    if o.cpu_offloading_num_layers and not o.cpu_offloading:
+        raise ConfigError("--cpu-offloading-num-layers needs --cpu-offloading")
+    if not o.cpu_offloading:
+        return
+    if o.cpu_offloading_num_layers <= 0:
+        raise ConfigError("--cpu-offloading: give the number of decoder layers to offload with "
+                          "--cpu-offloading-num-layers N (N >= 1)")
+    for flag, used in (("--recompute-granularity", p.recompute_granularity is not None),
+                       ("--pipeline-model-parallel-size > 1", p.pipeline_model_parallel_size > 1),
+                       ("--compile", cfg.training.compile)):
+        if used:
+            raise ConfigError(f"--cpu-offloading with {flag} is not supported (as in Megatron for recompute and "
+                              f"pipelining); use one of them")
 
 
 def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):

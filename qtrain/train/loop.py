@@ -124,7 +124,8 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     if cfg.training.dry_run:
         log(dry_run(cfg))
         return TrainResult()
-    rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes)
+    rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes,
+                      host_collectives=cfg.offload.optimizer_offloaded)
     try:
         return Trainer(cfg, rt, hooks or LoopHooks(), log).run()
     finally:
@@ -198,15 +199,25 @@ class Trainer:
         from qtrain.parallel.weights import materialize
 
         seed, device = self.cfg.training.seed, self.rt.device
+        # --optimizer-cpu-offload: FSDP2 wants the shards in host memory; values drawn on the device.
+        offloaded = self.cfg.offload.optimizer_offloaded
+        param_device = torch.device("cpu") if offloaded else device
         torch.manual_seed(seed)
         model = build_model(self.model_cfg, "meta")
         if self.hooks.prepare_model is not None:
             # LoRA adapters are injected into the full model before sharding.
-            model, state = apply_parallelism(self.hooks.prepare_model(materialize(model, device, seed=seed)),
-                                             self.cfg, self.rt)
+            model, state = apply_parallelism(
+                self.hooks.prepare_model(materialize(model, param_device, seed=seed, init_device=device)),
+                self.cfg, self.rt)
         else:
             model, state = apply_parallelism(model, self.cfg, self.rt)
-            materialize(model, device, seed=seed)
+            materialize(model, param_device, seed=seed, init_device=device)
+        if offloaded:
+            from qtrain.parallel.offload import optimizer_offloaded
+
+            if not optimizer_offloaded(model):
+                raise QtrainError("--optimizer-cpu-offload: FSDP did not apply its CPU offload policy")
+            self.say("optimizer state, fp32 master weights and gradients in host memory (--optimizer-cpu-offload)")
         model.train()
         return model, state
 
