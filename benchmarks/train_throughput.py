@@ -82,6 +82,11 @@ def gpu_plan() -> list[dict]:
         _qtrain("qtrain 1.7B best eager", mbs="best", compile=False),  # does compile win?
         _qtrain("qtrain 1.7B best no-liger", mbs="best", ops="reference"),  # compile alone
         _anchor("hf_liger", 1),  # memory at MBS 1 (acceptance compares peaks there)
+        # Peak memory with the optimizer state in host memory (against "qtrain 1.7B mbs1"; the plan
+        # says 16 B x 1.7B = 25.6 GiB less on the device), then also the activations of 27 of 28 layers.
+        _qtrain("qtrain 1.7B mbs1 optimizer-offload", mbs=1, extra=["--optimizer-cpu-offload"], timeout=240),
+        _qtrain("qtrain 1.7B mbs1 optimizer+activation-offload", mbs=1, compile=False, timeout=240,
+                extra=["--optimizer-cpu-offload", "--cpu-offloading", "--cpu-offloading-num-layers", "27"]),
     ]
 
 
@@ -92,6 +97,8 @@ def smoke_plan(data: Optional[str]) -> list[dict]:
         _qtrain("qtrain smoke mbs1", mbs=1, **tiny),
         _qtrain("qtrain smoke mbs2", mbs=2, **tiny),
         _qtrain("qtrain smoke best recompute", mbs="best", recompute="full", **tiny),
+        _qtrain("qtrain smoke mbs1 offload", mbs=1, extra=["--optimizer-cpu-offload", "--cpu-offloading",
+                                                         "--cpu-offloading-num-layers", "1"], **tiny),
         _anchor("hf_fp32master", 2, seq=64, tiny=True, warmup=1, steps=2, timeout=120),
         dict(kind="correctness", name="correctness smoke", model="smoke", seq=64, mbs=2, iters=4, lr=1e-3,
              warmup_iters=1, compile=False, timeout=180, data=data),
@@ -221,6 +228,7 @@ def run_qtrain(c: dict) -> dict:
     flags = _common_flags(c, _random_data(model_cfg.vocab_size), warm + steps, warm) + ["--lr", "1e-5", "--lr-decay-style", "constant", "--bf16"]
     if c["compile"]:
         flags.append("--compile")
+    flags += c.get("extra", [])  # e.g. the offload flags
     records = [r for r in _pretrain(flags, out) if "loss" in r]
     first, timed = records[0], [r for r in records if r["iteration"] > warm]
     tok_s = len(timed) / sum(1.0 / r["tokens_per_s_per_device"] for r in timed)  # over equal windows

@@ -140,6 +140,18 @@ class CheckpointArgs:
         False, "resume although --data-path/--split/--seq-length/--seed differ from the checkpoint's (changes the "
                "sample order; without it such a resume stops)")
     save_hf: Optional[str] = opt(None, "export the final model as an HF dir (config, safetensors, tokenizer)")
+    # Long runs (docs/promises.md: what a crash during an async save leaves).
+    async_save: bool = opt(
+        False, "write checkpoints in a background thread while training goes on (torch.distributed.checkpoint."
+               "async_save); the tracker moves only once the write has finished")
+    keep_last_checkpoints: Optional[int] = opt(
+        None, "after each complete save delete all but the newest N checkpoints (never the tracker's)")
+    save_hf_interval: Optional[int] = opt(
+        None, "also export <save-hf>/iter_XXXXXXX/ as an HF dir every N iterations (under pipeline parallelism "
+              "N must be a multiple of --save-interval: the export is read back from that checkpoint)")
+    save_retain_interval: Optional[int] = opt(
+        None, "Megatron: after each complete save delete older checkpoints whose iteration is not a multiple "
+              "of N (the latest stays)")
 
 
 @dataclass
@@ -169,6 +181,26 @@ class ParallelArgs:
     distributed_backend: Optional[str] = compat(
         None, "collective backend; qtrain picks gloo (CPU), nccl (CUDA), hccl (NPU)", None,
         choices=["nccl", "gloo", "hccl"])
+
+
+@dataclass
+class OffloadArgs:
+    """Memory off the device: optimizer state and activations in host memory (qtrain.parallel.offload)."""
+
+    optimizer_cpu_offload: bool = opt(
+        False, "fp32 master weights, gradients and AdamW state in pinned host memory, the optimizer step on the "
+               "host (FSDP2 CPUOffloadPolicy); the device keeps the gathered bf16 units and the activations")
+    swap_optimizer: bool = opt(False, "MindSpeed-LLM's name for --optimizer-cpu-offload (the same thing)")
+    optimizer_offload_fraction: float = opt(
+        1.0, "Megatron: the share of the optimizer state offloaded; qtrain offloads all of it (only 1.0)")
+    cpu_offloading: bool = opt(
+        False, "Megatron: keep the activations of the first --cpu-offloading-num-layers decoder layers in host "
+               "memory between forward and backward")
+    cpu_offloading_num_layers: int = opt(0, "Megatron: decoder layers whose activations --cpu-offloading moves")
+
+    @property
+    def optimizer_offloaded(self) -> bool:
+        return self.optimizer_cpu_offload or self.swap_optimizer
 
 
 @dataclass
@@ -205,6 +237,9 @@ class CompatArgs:
     distributed_timeout_minutes: int = compat(10, "timeout of collective operations, minutes")
     use_cpu_initialization: bool = compat(False, "qtrain builds on the meta device and materialises sharded")
     no_load_rng_state: bool = compat(False, "alias of --no-load-rng")
+    reuse_fp32_param: bool = compat(
+        False, "MindSpeed-LLM keeps no separate bf16 weight copy: qtrain never does (FSDP2 holds fp32 shards, "
+               "bf16 exists only for the unit being gathered)")
 
 
 @dataclass
@@ -218,6 +253,7 @@ class PretrainConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    offload: OffloadArgs = field(default_factory=OffloadArgs)
     compat: CompatArgs = field(default_factory=CompatArgs)
 
     def to_dict(self) -> dict:
@@ -252,7 +288,6 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "--reset-attention-mask": "qtrain trains on packed documents without attention resets",
     "--eod-mask-loss": "not supported; EOD tokens are trained on like Megatron's default",
     "--rampup-batch-size": "batch-size ramp-up is not supported; use a fixed --global-batch-size",
-    "--optimizer-cpu-offload": "not supported; use FSDP sharding over more ranks",
     "--fp8-format": "fp8 training is not supported",
     "--use-rope-scaling": "Llama-3 RoPE scaling is not implemented; Qwen3 extends its context with "
                           "--rope-scaling-type yarn",
@@ -442,6 +477,8 @@ def validate(cfg: PretrainConfig) -> None:
 
         why = REFUSED_TYPES.get(cfg.model.rope_scaling_type, "qtrain implements yarn and linear")
         raise ConfigError(f"--rope-scaling-type {cfg.model.rope_scaling_type}: not supported: {why}")
+    _validate_long_run(cfg)
+    _validate_offload(cfg)
     if cfg.parallel.num_layer_list is not None:
         try:
             [int(x) for x in cfg.parallel.num_layer_list.split(",")]
@@ -453,6 +490,45 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.data.data_path:
         parse_data_path(cfg.data.data_path)
     parse_split(cfg.data.split)
+
+
+def _validate_long_run(cfg: PretrainConfig) -> None:
+    c = cfg.checkpoint
+    for name, v in (("--keep-last-checkpoints", c.keep_last_checkpoints), ("--save-hf-interval", c.save_hf_interval),
+                    ("--save-retain-interval", c.save_retain_interval)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v}")
+    for name, used in (("--async-save", c.async_save), ("--keep-last-checkpoints", c.keep_last_checkpoints),
+                       ("--save-retain-interval", c.save_retain_interval)):
+        if used and not c.save:
+            raise ConfigError(f"{name} needs --save: it is about the checkpoints written there")
+    if c.save_hf_interval and not c.save_hf:
+        raise ConfigError("--save-hf-interval needs --save-hf: the dir its iter_XXXXXXX/ exports go into")
+    if c.save_hf_interval and cfg.parallel.pipeline_model_parallel_size > 1 and \
+            not (c.save and c.save_interval and c.save_hf_interval % c.save_interval == 0):
+        raise ConfigError(f"--save-hf-interval {c.save_hf_interval} with pipeline parallelism needs --save and must be "
+                          f"a multiple of --save-interval ({c.save_interval}): no rank holds every layer, so each "
+                          f"export is read back from the checkpoint of its iteration")
+
+
+def _validate_offload(cfg: PretrainConfig) -> None:
+    o, p = cfg.offload, cfg.parallel
+    if o.optimizer_offload_fraction != 1.0:
+        raise ConfigError(f"--optimizer-offload-fraction {o.optimizer_offload_fraction}: qtrain offloads the whole "
+                          f"optimizer state or none of it; give --optimizer-cpu-offload (fraction 1.0) or neither")
+    if o.cpu_offloading_num_layers and not o.cpu_offloading:
+        raise ConfigError("--cpu-offloading-num-layers needs --cpu-offloading")
+    if not o.cpu_offloading:
+        return
+    if o.cpu_offloading_num_layers <= 0:
+        raise ConfigError("--cpu-offloading: give the number of decoder layers to offload with "
+                          "--cpu-offloading-num-layers N (N >= 1)")
+    for flag, used in (("--recompute-granularity", p.recompute_granularity is not None),
+                       ("--pipeline-model-parallel-size > 1", p.pipeline_model_parallel_size > 1),
+                       ("--compile", cfg.training.compile)):
+        if used:
+            raise ConfigError(f"--cpu-offloading with {flag} is not supported (as in Megatron for recompute and "
+                              f"pipelining); use one of them")
 
 
 def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):

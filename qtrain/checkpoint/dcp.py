@@ -13,9 +13,11 @@ Layout (read by `qtrain convert`):
 Loading never runs code from the checkpoint: DCP metadata and non-tensor entries are read
 through dcp_safe.py, qtrain's own state is JSON.
 
-Crash safety: every rank writes into `iter_0000100.tmp/`; once all have finished, rank 0 renames
-it to `iter_0000100/` and only then rewrites the tracker. A kill at any point leaves the tracker
-naming the previous complete checkpoint. Model and optimizer go through
+Crash safety: every rank writes into `iter_0000100.tmp/`; once all have finished, rank 0 writes
+the JSON state, renames it to `iter_0000100/` and only then rewrites the tracker. A kill at any
+point leaves the tracker naming the previous complete checkpoint. An async save (`--async-save`)
+is the same sequence with the tensor writes in a background thread: the rename and the tracker
+wait until they are done (`PendingSave.finish`). Model and optimizer go through
 `get_state_dict`/`set_state_dict`, so FSDP/TP-sharded (DTensor) state saves reshardably.
 """
 
@@ -133,6 +135,19 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
                     optimizer: Optional[torch.optim.Optimizer], train_state: dict[str, Any],
                     model_config_json: dict, args_json: dict) -> Path:
     """Write `<save_dir>/iter_XXXXXXX/` and then the tracker. Every rank must call this."""
+    return start_save(save_dir, iteration, model, optimizer, train_state, model_config_json, args_json).finish()
+
+
+def start_save(save_dir: str | Path, iteration: int, model: torch.nn.Module,
+               optimizer: Optional[torch.optim.Optimizer], train_state: dict[str, Any],
+               model_config_json: dict, args_json: dict, async_group=None) -> "PendingSave":
+    """Begin writing `<save_dir>/iter_XXXXXXX.tmp/`; `PendingSave.finish()` completes it.
+
+    With `async_group` (a gloo process group of every rank, see `async_save_group`) the tensors
+    are copied to host memory here and written by a background thread
+    (torch.distributed.checkpoint.async_save): training goes on while they are written. Without
+    it they are written before this returns. Every rank must call this, and later `finish()`.
+    """
     final = checkpoint_dir(save_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -144,21 +159,54 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
     state = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
-    # Before dcp.save: rank 0 finishes it only after every rank has written, so its rename below
-    # never races another rank's RNG file.
+    # Before dcp.save: rank 0 finishes it only after every rank has written, so its rename in
+    # finish() never races another rank's RNG file.
     run_state.write_rng(tmp, _rank())
     with warnings.catch_warnings():  # torch's notice that a single process saves is noise in every save
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    if _rank() == 0:
-        run_state.write_train_state(tmp, {**train_state, "world_size": _world()})
-        write_json_atomic(tmp / CONFIG_FILE, model_config_json)
-        write_json_atomic(tmp / ARGS_FILE, args_json)
-        swap_into_place(tmp, final)  # saving the same iteration again replaces the old one
-        _fsync_dir(final.parent)
-        write_tracker(save_dir, iteration)
-    _barrier()
-    return final
+        if async_group is None:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            future = None
+        else:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
+    return PendingSave(Path(save_dir), iteration, tmp, final, future,
+                       {**train_state, "world_size": _world()}, model_config_json, args_json)
+
+
+def async_save_group():
+    """The process group async saves coordinate over: gloo (DCP's background thread talks on the
+    host), and not the training group, whose collectives would interleave with the writer's."""
+    return dist.new_group(backend="gloo")
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose tensors are written (or being written) into `tmp`; `finish()` waits for
+    them and only then writes qtrain's JSON state, renames `tmp` to `final` and moves the tracker."""
+
+    save_dir: Path
+    iteration: int
+    tmp: Path
+    final: Path
+    future: Any  # concurrent.futures.Future of an async save; None once written
+    train_state: dict
+    model_config_json: dict
+    args_json: dict
+
+    def finish(self) -> Path:
+        """Every rank must call this. Raises the writer's error (the tracker then stays put)."""
+        if self.future is not None:
+            future, self.future = self.future, None
+            future.result()  # rank 0's result arrives after every rank's tensors are written
+        if _rank() == 0:
+            run_state.write_train_state(self.tmp, self.train_state)
+            write_json_atomic(self.tmp / CONFIG_FILE, self.model_config_json)
+            write_json_atomic(self.tmp / ARGS_FILE, self.args_json)
+            swap_into_place(self.tmp, self.final)  # saving the same iteration again replaces the old one
+            _fsync_dir(self.final.parent)
+            write_tracker(self.save_dir, self.iteration)
+        _barrier()
+        return self.final
 
 
 def _fsync_dir(path: Path) -> None:

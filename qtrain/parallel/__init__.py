@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.parallel.mesh import ParallelDims, build_mesh, mesh_dims, parallel_args, stage_layers, validate_layout
 
 __all__ = ["ParallelState", "build_mesh", "parallelize", "validate_layout", "ParallelDims"]
@@ -84,7 +85,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
 
     cfg: a PretrainConfig (ParallelArgs alone work too: then fp32 compute, no compile and one
     micro-batch per step). With `--bf16`, FSDP2 computes in bf16 over fp32 master weights and
-    reduces gradients in fp32; with `--compile`, each decoder layer is torch.compile'd.
+    reduces gradients in fp32; with `--compile`, each decoder layer is torch.compile'd; cfg.offload
+    (qtrain.parallel.offload): optimizer state and chosen layers' activations in host memory.
     Returns (the module to materialise, optimise and checkpoint on this rank, its ParallelState).
     """
     from qtrain.parallel.fsdp import apply_fsdp, data_parallel_mesh
@@ -99,6 +101,12 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     compile_layers = bool(getattr(training, "compile", False))
     stages = stage_layers(p, model.config.num_hidden_layers)
     state = ParallelState(mesh, dims)
+    offload = getattr(cfg, "offload", None)  # --optimizer-cpu-offload, --cpu-offloading
+    if offload is not None and offload.cpu_offloading and \
+            offload.cpu_offloading_num_layers >= model.config.num_hidden_layers:
+        raise ConfigError(f"--cpu-offloading-num-layers {offload.cpu_offloading_num_layers} must be below the "
+                          f"{model.config.num_hidden_layers} decoder layers (the last layer's activations are used "
+                          f"at once), as in Megatron")
 
     if dims.pp > 1:
         from qtrain.parallel.pipeline import split_into_chunks, stage_view
@@ -115,12 +123,19 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
             state.cp_group = mesh["cp"].get_group()
             apply_context_parallel(chunk, state.cp_group)
         apply_recompute(chunk, p.recompute_granularity, p.recompute_method, p.recompute_num_layers)
+        if offload is not None and offload.cpu_offloading:
+            from qtrain.parallel.offload import apply_activation_offload
+
+            apply_activation_offload(chunk, offload.cpu_offloading_num_layers)
         if compile_layers:
             for layer in _layers(chunk):
                 layer.compile()
         chunk.register_forward_pre_hook(_positions_hook(dims.tp if p.sequence_parallel else 1), with_kwargs=True)
     view = stage_view(chunks) if dims.pp > 1 else model
-    apply_fsdp(chunks, _layers(view), data_parallel_mesh(mesh), bf16, reshard_after_forward=dims.pp == 1)
+    from qtrain.parallel.offload import offload_policy
+
+    apply_fsdp(chunks, _layers(view), data_parallel_mesh(mesh), bf16, reshard_after_forward=dims.pp == 1,
+               offload_policy=offload_policy(offload is not None and offload.optimizer_offloaded, mesh.device_type))
 
     if dims.pp > 1:
         state.pipeline = _build_pipeline(chunks, stages, mesh, cfg, dims, device)

@@ -10,11 +10,11 @@ their gradients are averaged like data-parallel ones.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 def data_parallel_mesh(mesh):
@@ -25,15 +25,18 @@ def data_parallel_mesh(mesh):
 
 
 def apply_fsdp(roots: Iterable[nn.Module], layers: Iterable[nn.Module], dp_mesh, bf16: bool,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, offload_policy: Optional[OffloadPolicy] = None) -> None:
     """fully_shard each decoder layer, then each root (the model, or each pipeline chunk).
 
     `reshard_after_forward=False` keeps the gathered weights between a micro-batch's forward and
     backward (used with pipelining, where the two are far apart and re-gathering would double
-    the traffic).
+    the traffic). `offload_policy`: CPUOffloadPolicy keeps the shards, gradients and optimizer
+    state in host memory (qtrain.parallel.offload).
     """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    kw = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+              offload_policy=offload_policy or OffloadPolicy())
     for layer in layers:
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, **kw)
     for root in roots:
-        fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(root, **kw)

@@ -43,6 +43,14 @@ Context parallel divides the tokens by CP but each rank keeps the gathered full-
 micro-batches in flight on the first stage; the interleaved schedule (v chunks) multiplies that
 by 1 + (PP-1)/(PP v), as Megatron's estimate does.
 
+Offload (qtrain.parallel.offload): with --optimizer-cpu-offload weights, grads and optimizer
+leave the device (`host`: their 16 P / F bytes in pinned host memory, not in the device total);
+the device adds, to the transient, the fp32 shards of the units being gathered (4 x (root + 2
+layers) / F) and one unit's fp32 reduce-scattered gradient before it moves to the host. With
+--cpu-offloading the first N decoder layers keep no activations on the device, but one layer's
+worth is in transit (copied out in the forward, back in the backward); the host holds the N
+layers' activations.
+
 These formulas count the tensors autograd saves for qtrain's layer (no dropout, flash or
 efficient SDPA, whose output is laid out [B, S, heads, D] so o_proj reads it without a copy). tests/parallel/test_plan.py checks them against the bytes saved by the
 tiny model on CPU; the GPU peak of Qwen3-1.7B is in benchmarks/results when it was measured.
@@ -74,6 +82,7 @@ class MemoryEstimate:
     loss_path: str = ""  # how the loop computes the loss on this layout and device
     stage: int = 0  # the pipeline stage (rank) described
     reference: float = 0.0  # preference training's frozen reference copy (qtrain dpo)
+    host: float = 0.0  # pinned host memory per rank (offloaded optimizer state, activations), not in `total`
 
     @property
     def total(self) -> float:
@@ -83,7 +92,8 @@ class MemoryEstimate:
     def gib(self) -> dict[str, float]:
         names = ("weights", "grads", "optimizer", "transient", "activations", "loss") + \
             (("reference",) if self.reference else ())
-        return {**{n: getattr(self, n) / GIB for n in names}, "total": self.total / GIB}
+        return {**{n: getattr(self, n) / GIB for n in names}, "total": self.total / GIB,
+                **({"host": self.host / GIB} if self.host else {})}
 
     def items(self):
         """(component, GiB) pairs, so the estimate prints like a dict (train.plan's dry run)."""
@@ -165,6 +175,9 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         device_type = this_machine()
     m, tp = model_cfg, dims.tp
     stages = stage_layers(p, m.num_hidden_layers)
+    off = getattr(cfg, "offload", None)
+    opt_off = bool(off is not None and off.optimizer_offloaded)
+    act_off_layers = off.cpu_offloading_num_layers if off is not None and off.cpu_offloading else 0
     fsdp_ways = dims.dp_shard * dims.cp
     tokens = mbs * seq // dims.cp
     lay_sharded, lay_repl = layer_params(m, tp)
@@ -178,8 +191,7 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         params = n_layers * (lay_sharded + lay_repl) + root
         gathered = params if dims.pp > 1 else root + 2 * (lay_sharded + lay_repl)
         transient = b * gathered + (b * embed if last else 0)
-        grads = 4 * params if num_microbatches > 1 or dims.pp > 1 else 4 * params / fsdp_ways
-        acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches) * tokens
+        acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches, act_off_layers) * tokens
         loss, loss_path = 0.0, ""
         if last:
             acts += tokens * final_norm_bytes(m, b, tp, p.sequence_parallel)
@@ -190,9 +202,19 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
                 loss = working_bytes(tokens, m.vocab_size // tp, m.hidden_size, b, p.sequence_parallel and tp > 1)
                 loss_path = f"chunked per token, {min(tokens, chunk_tokens(m.vocab_size // tp))} tokens per chunk" \
                     + (", vocab-parallel" if tp > 1 else "")
-        est = MemoryEstimate(4 * params / fsdp_ways, grads, 8 * params / fsdp_ways,
+        states = 16 * params / fsdp_ways  # fp32 weights, grads, AdamW exp_avg + exp_avg_sq
+        if opt_off:  # on the host; the device holds the shards of the units in use
+            unit = lay_sharded + lay_repl
+            transient += 4 * (root + 2 * unit) / fsdp_ways + 4 * max(root, unit) / fsdp_ways
+        on_device = 0.0 if opt_off else 1.0
+        host = (states if opt_off else 0.0) + \
+            act_off_layers * layer_activation_bytes(m, b, tp=tp, sp=p.sequence_parallel, cp=dims.cp) * tokens
+        # Gradient accumulation keeps whole fp32 gradients on the device (offloaded or not) until the last
+        # micro-batch's reduce-scatter (see "grads" above).
+        accumulated = 4 * params if num_microbatches > 1 or dims.pp > 1 else 0.0
+        est = MemoryEstimate(on_device * states / 4, max(on_device * states / 4, accumulated), on_device * states / 2,
                              transient, acts, loss, dims, loss_path, rank,
-                             b * params / fsdp_ways if reference_copy else 0.0)
+                             b * params / fsdp_ways if reference_copy else 0.0, host)
         if stage is not None and rank == stage % len(stages):
             return est
         if best is None or est.total > best.total:
@@ -202,8 +224,9 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
 
 
 def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: int, b: int,
-                       num_microbatches: int) -> float:
-    """Activation bytes per local token held by pipeline stage `rank` at its peak."""
+                       num_microbatches: int, offloaded_layers: int = 0) -> float:
+    """Activation bytes per local token held by pipeline stage `rank` at its peak; the first
+    `offloaded_layers` layers (--cpu-offloading, one stage) keep theirs in host memory."""
     from qtrain.parallel.recompute import layers_to_recompute
 
     kw = dict(tp=dims.tp, sp=p.sequence_parallel, cp=dims.cp)
@@ -213,8 +236,11 @@ def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: 
         recomputed = set(layers_to_recompute(len(chunk), p.recompute_granularity, p.recompute_method,
                                              p.recompute_num_layers))
         mode = p.recompute_granularity
-        total += sum(layer_activation_bytes(m, b, mode=mode, **kw) if j in recomputed else full
+        total += sum(0.0 if j < offloaded_layers else
+                     layer_activation_bytes(m, b, mode=mode, **kw) if j in recomputed else full
                      for j in range(len(chunk)))
+    if offloaded_layers:
+        total += full  # the layer whose tensors are on their way out (forward) or back (backward)
     in_flight = 1
     if dims.pp > 1:
         in_flight = min(num_microbatches, dims.pp - rank)
@@ -228,9 +254,29 @@ def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float,
                     **estimate_kwargs: Any) -> list[tuple[dict, MemoryEstimate]]:
     """Layouts of `devices` devices (TP, PP, CP powers of two, FSDP on or off, recompute none /
     selective / full) that fit, fewest model-parallel ways and least recompute first
-    (`estimate_kwargs`: estimate_memory's, e.g. preference training's)."""
+    (`estimate_kwargs`: estimate_memory's, e.g. preference training's). When none fits, the same
+    search with the optimizer state in host memory (--optimizer-cpu-offload), then also with the
+    activations of all but the last layer there (--cpu-offloading, without PP and recompute)."""
     import copy
 
+    for optimizer_offload, activation_offload in ((False, False), (True, False), (True, True)):
+        c = copy.deepcopy(cfg)
+        if hasattr(c, "offload"):
+            c.offload.optimizer_cpu_offload, c.offload.cpu_offloading = optimizer_offload, activation_offload
+            c.offload.cpu_offloading_num_layers = model_cfg.num_hidden_layers - 1 if activation_offload else 0
+        elif optimizer_offload:
+            break
+        found = _search_layouts(model_cfg, c, devices, device_memory_gb, activation_offload, **estimate_kwargs)
+        if found:
+            return found
+    return []
+
+
+def _search_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float, activation_offload: bool,
+                    **estimate_kwargs: Any) -> list[tuple[dict, MemoryEstimate]]:
+    import copy
+
+    off = getattr(cfg, "offload", None)
     out = []
     pw = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= devices]
     for tp in pw:
@@ -238,8 +284,10 @@ def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float,
             for cp in pw:
                 if devices % (tp * pp * cp):
                     continue
+                if activation_offload and pp > 1:
+                    continue
                 for fsdp in (True, False):
-                    for rec in (None, "selective", "full"):
+                    for rec in ((None,) if activation_offload else (None, "selective", "full")):
                         c = copy.deepcopy(cfg)
                         q = c.parallel
                         q.tensor_model_parallel_size, q.pipeline_model_parallel_size = tp, pp
@@ -259,6 +307,10 @@ def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float,
                             layout = {"tp": tp, "pp": pp, "cp": cp, "dp": devices // (tp * pp * cp),
                                       "distributed_optimizer": fsdp, "sequence_parallel": tp > 1,
                                       "recompute": rec or "none"}
+                            if off is not None and off.optimizer_offloaded:
+                                layout["optimizer_cpu_offload"] = True
+                            if off is not None and off.cpu_offloading:
+                                layout["cpu_offloading_num_layers"] = off.cpu_offloading_num_layers
                             out.append((layout, est))
     cost = {"none": 0, "selective": 1, "full": 2}
     out.sort(key=lambda le: (le[0]["tp"] * le[0]["pp"] * le[0]["cp"], cost[le[0]["recompute"]],
@@ -320,7 +372,8 @@ def main(argv: list[str]) -> int:
               f"(seq {cfg.data.seq_length}, MBS {cfg.training.micro_batch_size}, "
               f"{'bf16' if cfg.training.bf16 else 'fp32'}):")
         for layout, est in found[:20]:
-            print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB")
+            print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB"
+                  + (f", host {est.host / GIB:.1f} GiB per rank" if est.host else ""))
         if not found:
             print("  none: raise the device count or memory, or shorten --seq-length")
         return 0 if found else 1
@@ -333,4 +386,31 @@ def main(argv: list[str]) -> int:
           f"MBS {cfg.training.micro_batch_size}{' pairs' if pairs else ''}, "
           f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
     print(format_estimate(est, ns.device_memory_gb, last))
+    if ns.device_memory_gb is not None and not est.fits(ns.device_memory_gb):
+        for line in offload_alternatives(model_cfg, cfg, world, ns.device_memory_gb, **pairs):
+            print(line)
     return 0 if ns.device_memory_gb is None or est.fits(ns.device_memory_gb) else 1
+
+
+def offload_alternatives(model_cfg, cfg: Any, world: int, device_memory_gb: float, **estimate_kwargs: Any) -> list[str]:
+    """What the layout of `cfg` needs with the optimizer state (and, without PP and recompute, the
+    activations of all but the last layer) in host memory: one line each."""
+    import copy
+
+    o, p = cfg.offload, cfg.parallel
+    options = []
+    if not o.optimizer_offloaded:
+        options.append(("--optimizer-cpu-offload", True, o.cpu_offloading_num_layers if o.cpu_offloading else 0))
+    if not o.cpu_offloading and p.pipeline_model_parallel_size == 1 and p.recompute_granularity is None:
+        n = model_cfg.num_hidden_layers - 1
+        options.append((f"--optimizer-cpu-offload --cpu-offloading --cpu-offloading-num-layers {n}", True, n))
+    lines = []
+    for flags, optimizer, layers in options:
+        c = copy.deepcopy(cfg)
+        c.offload.optimizer_cpu_offload, c.offload.cpu_offloading = optimizer, bool(layers)
+        c.offload.cpu_offloading_num_layers = layers
+        est = estimate_memory(model_cfg, c, world, **estimate_kwargs)
+        verdict = "fits" if est.fits(device_memory_gb) else "does NOT fit"
+        lines.append(f"with {flags}: {est.total / GIB:.2f} GiB per device ({verdict}), "
+                     f"{est.host / GIB:.2f} GiB pinned host memory per rank")
+    return lines

@@ -38,7 +38,7 @@ def _initial_value(name: str, shape: torch.Size, std: float, seed: int, device: 
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, std: float, seed: int) -> None:
+def init_parameters(model: nn.Module, std: float, seed: int, init_device: torch.device | None = None) -> None:
     """Initialise every parameter of a (possibly sharded, pipelined or wrapped) Qwen3 model as HF
     does (N(0, std) weights, zero biases, unit norms), from a per-parameter seed.
 
@@ -46,19 +46,23 @@ def init_parameters(model: nn.Module, std: float, seed: int) -> None:
     or FSDP-sharded parameter (DTensor) keeps the slice of the same full value that one process
     would hold, and a pipeline stage initialises just its own layers. The full value of one
     parameter exists at a time, so memory stays at the shard plus the largest parameter.
+    `init_device`: where the values are drawn (default: each parameter's own device), so that
+    parameters kept in host memory get the values a device run draws.
     """
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, param in model.named_parameters():
         name = canonical_name(name)
         if tied and name == "lm_head.weight":
             name = "model.embed_tokens.weight"  # a last pipeline stage's copy of the tied embedding
-        device = param.to_local().device if hasattr(param, "to_local") else param.device
+        device = init_device or (param.to_local().device if hasattr(param, "to_local") else param.device)
         copy_full_into(param, _initial_value(name, param.shape, std, seed, device))
 
 
 def materialize(model: nn.Module, device: str | torch.device, dtype: torch.dtype = torch.float32,
-                std: float | None = None, seed: int | None = None) -> nn.Module:
-    """Allocate a meta-built (possibly sharded) Qwen3ForCausalLM on `device` once and initialise it there.
+                std: float | None = None, seed: int | None = None,
+                init_device: torch.device | None = None) -> nn.Module:
+    """Allocate a meta-built (possibly sharded) Qwen3ForCausalLM on `device` once and initialise it there
+    (or, with `init_device`, draw the values there: see init_parameters).
 
     With `seed`, the initial weights are the same for every parallel layout (see init_parameters);
     without, they are drawn from torch's global generator (the model's own `init_weights`).
@@ -70,5 +74,5 @@ def materialize(model: nn.Module, device: str | torch.device, dtype: torch.dtype
     if seed is None:
         model.init_weights(std)
     else:
-        init_parameters(model, std, seed)
+        init_parameters(model, std, seed, init_device)
     return model

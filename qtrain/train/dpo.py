@@ -166,7 +166,12 @@ def build_frozen_reference(trainer, source: str):
     from qtrain.parallel.weights import materialize
     from qtrain.train.preference import FrozenCopy
 
-    cfg = trainer.cfg
+    import dataclasses
+
+    from qtrain.config import OffloadArgs
+
+    # The frozen copy has no optimizer state and no backward: it stays on the device (no offload).
+    cfg = dataclasses.replace(trainer.cfg, offload=OffloadArgs())
     model, state = parallelize(build_model(trainer.model_cfg, "meta"), trainer.state.mesh, cfg,
                                device=trainer.rt.device)
     dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32

@@ -1,4 +1,5 @@
-"""`--save-hf`: the final weights of a training run as a Hugging Face dir, written by rank 0.
+"""`--save-hf`: the final weights of a training run as a Hugging Face dir, written by rank 0
+(and, with `--save-hf-interval N`, the weights of every N-th iteration in `<save-hf>/iter_XXXXXXX/`).
 
 Without pipeline parallelism the (sharded) weights are gathered to rank 0's CPU; under PP no
 rank holds every layer, so rank 0 reads them back from the run's final checkpoint, tensor by
@@ -21,13 +22,21 @@ from qtrain.parallel import ParallelState
 ExportTransform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
+def interval_export_dir(cfg, iteration: int) -> Path:
+    """Where `--save-hf-interval` puts the export of `iteration`: `<save-hf>/iter_XXXXXXX/`."""
+    from qtrain.checkpoint.layout import iteration_dir_name
+
+    return Path(cfg.checkpoint.save_hf) / iteration_dir_name(iteration)
+
+
 def export_hf(model: torch.nn.Module, state: ParallelState, model_cfg, cfg, iteration: int,
-              transform: Optional[ExportTransform] = None) -> Path:
-    """Write cfg.checkpoint.save_hf from the trained model (every rank calls this)."""
+              transform: Optional[ExportTransform] = None, out: Optional[Path] = None) -> Path:
+    """Write `out` (default cfg.checkpoint.save_hf) from the model as it is now (every rank calls
+    this); under PP from the complete checkpoint of `iteration` in --save."""
     from qtrain.checkpoint.sources import StateDictSource, open_source
     from qtrain.checkpoint.writers import save_hf_dir
 
-    out = Path(cfg.checkpoint.save_hf)
+    out = Path(out or cfg.checkpoint.save_hf)
     tokenizer = Path(cfg.data.tokenizer_name_or_path) if cfg.data.tokenizer_name_or_path else None
     if state.pipeline is not None:
         if transform is not None:

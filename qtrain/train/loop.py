@@ -29,7 +29,7 @@ from qtrain.config import PretrainConfig, resolve_model_config
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.parallel.batch import BatchPlan, batch_plan
 from qtrain.train import metrics as M
-from qtrain.train.export import ExportTransform, export_hf
+from qtrain.train.export import ExportTransform, export_hf, interval_export_dir
 from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import check_model_fits, describe_plan
 from qtrain.train.preflight import claim_outputs, release_outputs
@@ -124,7 +124,8 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     if cfg.training.dry_run:
         log(dry_run(cfg))
         return TrainResult()
-    rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes)
+    rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes,
+                      host_collectives=cfg.offload.optimizer_offloaded)
     try:
         return Trainer(cfg, rt, hooks or LoopHooks(), log).run()
     finally:
@@ -198,15 +199,25 @@ class Trainer:
         from qtrain.parallel.weights import materialize
 
         seed, device = self.cfg.training.seed, self.rt.device
+        # --optimizer-cpu-offload: FSDP2 wants the shards in host memory; values drawn on the device.
+        offloaded = self.cfg.offload.optimizer_offloaded
+        param_device = torch.device("cpu") if offloaded else device
         torch.manual_seed(seed)
         model = build_model(self.model_cfg, "meta")
         if self.hooks.prepare_model is not None:
             # LoRA adapters are injected into the full model before sharding.
-            model, state = apply_parallelism(self.hooks.prepare_model(materialize(model, device, seed=seed)),
-                                             self.cfg, self.rt)
+            model, state = apply_parallelism(
+                self.hooks.prepare_model(materialize(model, param_device, seed=seed, init_device=device)),
+                self.cfg, self.rt)
         else:
             model, state = apply_parallelism(model, self.cfg, self.rt)
-            materialize(model, device, seed=seed)
+            materialize(model, param_device, seed=seed, init_device=device)
+        if offloaded:
+            from qtrain.parallel.offload import optimizer_offloaded
+
+            if not optimizer_offloaded(model):
+                raise QtrainError("--optimizer-cpu-offload: FSDP did not apply its CPU offload policy")
+            self.say("optimizer state, fp32 master weights and gradients in host memory (--optimizer-cpu-offload)")
         model.train()
         return model, state
 
@@ -237,6 +248,9 @@ class Trainer:
         self.first_bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration, 0 = none
         self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)
         self.iters_since_log, self.t_log = 0, time.time()
+        self.pending_save, self.last_save_started = None, None
+        # --async-save: DCP's writer thread coordinates over its own gloo group (made by every rank).
+        self.async_group = ckpt.async_save_group() if cfg.checkpoint.async_save and cfg.checkpoint.save else None
         stop = StopFlag().install(immediate=not cfg.checkpoint.save)  # nothing to save: stop mid-step
         qdevice.reset_peak_memory(dev)
         self.say(f"training {self.model_cfg.num_hidden_layers}-layer Qwen3 ({self.model_cfg.num_params:,} params) on "
@@ -258,6 +272,8 @@ class Trainer:
                 if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
                         self.iteration % cfg.checkpoint.save_interval == 0:
                     self._save()
+                if cfg.checkpoint.save_hf_interval and self.iteration % cfg.checkpoint.save_hf_interval == 0:
+                    self._export_hf(interval_export_dir(cfg, self.iteration))
                 self.t_log += time.time() - paused
                 if self._should_stop(stop):
                     break
@@ -325,17 +341,37 @@ class Trainer:
         self.writer.write({"iteration": self.iteration, "valid_loss": loss, **record})
 
     def _save(self) -> None:
+        """Start this iteration's checkpoint; with --async-save it is finished (renamed, tracker
+        moved, old ones pruned) at the next save or at the end, else at once."""
         self._check_finite()
-        it = self.iteration
-        path = ckpt.save_checkpoint(
-            self.cfg.checkpoint.save, it, self.model, self.optimizer,
+        self._finish_pending_save()  # one checkpoint in flight at a time
+        c, it = self.cfg.checkpoint, self.iteration
+        self.pending_save = ckpt.start_save(
+            c.save, it, self.model, self.optimizer,
             {"iteration": it, "consumed_samples": self.loader.consumed_samples, "sampler": self.loader.state_dict(),
              "world_size": self.rt.world_size, "global_batch_size": self.batch.global_batch_size,
              "data_order": self.data_order, **(self.hooks.train_state or {})},
-            self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict())
-        self.result.saved.append(str(path))
+            self.model_cfg.to_hf_dict("float32"), self.cfg.to_dict(), async_group=self.async_group)
+        self.last_save_started = it
         if self.hooks.after_save is not None:
-            self.hooks.after_save(self.model, it, path)
+            self.hooks.after_save(self.model, it, self.pending_save.tmp)  # renamed with the rest
+        if self.async_group is None:
+            self._finish_pending_save()
+
+    def _finish_pending_save(self) -> None:
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        if pending.future is not None and not pending.future.done():
+            self.say(f"waiting for the checkpoint of iteration {pending.iteration} to finish writing")
+        path = pending.finish()
+        c = self.cfg.checkpoint
+        if self.rt.is_main and (c.keep_last_checkpoints or c.save_retain_interval):
+            from qtrain.checkpoint.retention import prune_checkpoints
+
+            for old in prune_checkpoints(c.save, c.keep_last_checkpoints, c.save_retain_interval):
+                self.say(f"deleted checkpoint {old} (--keep-last-checkpoints / --save-retain-interval)")
+        self.result.saved.append(str(path))
         self.say(f"saved checkpoint {path}")
 
     def _should_stop(self, stop: StopFlag) -> bool:
@@ -362,12 +398,17 @@ class Trainer:
         finished = not (self.result.stopped_by_signal or self.result.stopped_early)
         if finished and self.valid_ds is not None and it % t.eval_interval:
             self._validate(t.train_iters // t.eval_interval)
-        if cfg.checkpoint.save and it > self.result.start_iteration and \
-                not (self.result.saved and self.result.saved[-1].endswith(f"iter_{it:07d}")):
+        if cfg.checkpoint.save and it > self.result.start_iteration and self.last_save_started != it:
             self._save()
+        self._finish_pending_save()  # an async save in flight completes before the run ends
         if cfg.checkpoint.save_hf and not self.result.stopped_by_signal:
-            export_hf(self.model, self.state, self.model_cfg, cfg, it, self.hooks.export_transform)
-            self.say(f"exported HF model to {cfg.checkpoint.save_hf}")
+            self._export_hf(cfg.checkpoint.save_hf)
+
+    def _export_hf(self, out) -> None:
+        if self.state.pipeline is not None:
+            self._finish_pending_save()  # the export reads this iteration's checkpoint back
+        export_hf(self.model, self.state, self.model_cfg, self.cfg, self.iteration, self.hooks.export_transform, out)
+        self.say(f"exported HF model to {out}")
 
 
 def _all_reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:

@@ -42,9 +42,10 @@ class Runtime:
             self.owns_world_of_one = False
 
 
-def init_runtime(device_choice: str = "auto", timeout_minutes: int = 10) -> Runtime:
+def init_runtime(device_choice: str = "auto", timeout_minutes: int = 10, host_collectives: bool = False) -> Runtime:
     """Join the process group: torchrun's (gloo on CPU, nccl on CUDA, hccl on NPU), one that is
-    already initialised, or, for a plain `python` launch, a world of one made in-process."""
+    already initialised, or, for a plain `python` launch, a world of one made in-process.
+    `host_collectives`: also gloo for host tensors (--optimizer-cpu-offload's gradient norm)."""
     dev_type = qdevice.device_type() if device_choice == "auto" else device_choice
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -55,7 +56,12 @@ def init_runtime(device_choice: str = "auto", timeout_minutes: int = 10) -> Runt
         if world == 1:  # no rendezvous needed: an in-process store
             kwargs = dict(store=dist.HashStore(), rank=0, world_size=1)
             owns = True
-        dist.init_process_group(backend=qdevice.dist_backend(dev_type),
+        backend = qdevice.dist_backend(dev_type)
+        if host_collectives:
+            from qtrain.parallel.offload import host_collectives_backend
+
+            backend = host_collectives_backend(backend, dev_type)
+        dist.init_process_group(backend=backend,
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type != "cpu" else None, **kwargs)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)

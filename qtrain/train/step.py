@@ -105,7 +105,7 @@ def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.op
     grad_norm = clip_grad_norm_(model, clip_grad, state)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return loss, grad_norm.to(device)  # on the host with --optimizer-cpu-offload
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import build_model
 from qtrain.ops import vocab_parallel_linear_cross_entropy
 from qtrain.parallel import build_mesh, parallelize
+from qtrain.parallel.offload import optimizer_offloaded
 from qtrain.parallel.weights import materialize
 from qtrain.train.optim import build_optimizer
 from qtrain.train.runtime import init_runtime
@@ -59,11 +60,15 @@ def make_model(run: dict, world: int, cfg: Qwen3Config):
     pcfg = PretrainConfig()
     for k, v in run.get("parallel", {}).items():
         setattr(pcfg.parallel, k, v)
+    for k, v in run.get("offload", {}).items():
+        setattr(pcfg.offload, k, v)
     pcfg.training.micro_batch_size, pcfg.training.global_batch_size = MBS, GBS
     pcfg.data.seq_length = SEQ
     mesh = build_mesh(pcfg, world, "cpu", model_cfg=cfg)
     model, state = parallelize(build_model(cfg, "meta"), mesh, pcfg, device=torch.device("cpu"))
     materialize(model, "cpu")
+    if pcfg.offload.optimizer_offloaded and not optimizer_offloaded(model):
+        raise AssertionError(f"{run['name']}: FSDP's CPU offload policy is not applied")
     set_model_state_dict(model, full_weights(cfg), options=StateDictOptions(full_state_dict=True, strict=False))
     return model, state
 

@@ -1,6 +1,6 @@
 """Two "nodes" on loopback: two torchrun invocations (--nnodes 2 --node-rank 0/1, static
 rendezvous at 127.0.0.1) run the real `qtrain pretrain` with a pipeline stage on each node,
-train, validate (the pipeline's eval schedule), save and export an HF dir; the training and
+train, validate (the pipeline's eval schedule), save and export HF dirs (also every 2 iterations); the training and
 validation losses match a one-process run of the same command, the export holds the final
 checkpoint's weights, and one process resumes the two-node checkpoint exactly where the
 one-process run goes on."""
@@ -66,7 +66,7 @@ def test_two_node_loopback_trains_and_saves(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
          "-m", "qtrain", *pretrain_args(data, tmp_path / "two", 4), "--pipeline-model-parallel-size", "2",
-         "--save-hf", str(tmp_path / "two_hf")],
+         "--save-hf", str(tmp_path / "two_hf"), "--save-interval", "2", "--save-hf-interval", "2"],
         cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = [node.communicate(timeout=400) for node in nodes]
     for node, (out, err) in zip(nodes, outs):
@@ -92,6 +92,12 @@ def test_two_node_loopback_trains_and_saves(tmp_path):
     assert set(exported) == set(final.names())
     for name, tensor in exported.items():
         assert tensor.dtype == final.get(name).dtype and (tensor == final.get(name)).all(), name
+    # --save-hf-interval under PP: each export converted from the checkpoint of its iteration
+    from hf_logits import assert_export_has_checkpoint_logits
+
+    assert sorted(p.name for p in (tmp_path / "two_hf").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
+    for it in ("iter_0000002", "iter_0000004"):
+        assert_export_has_checkpoint_logits(tmp_path / "two_hf" / it, saved / it)
 
     # the two-node pipeline checkpoint goes on in one process like the uninterrupted run
     run_single(pretrain_args(data, saved, 6) + ["--load", str(saved)])

@@ -27,6 +27,15 @@ WORLD2 = {
     "tp2_recompute_selective": {"tensor_model_parallel_size": 2, "recompute_granularity": "selective"},
 }
 
+# Memory off the device (qtrain.parallel.offload): on CPU the host is the device, so these check that
+# the offload code paths (FSDP's CPUOffloadPolicy, asserted applied by the worker; the saved-tensor
+# hooks) compute the same thing.
+WORLD2_OFFLOAD = {
+    "dp2_fsdp_optimizer_offload": ({"use_distributed_optimizer": True}, {"optimizer_cpu_offload": True}),
+    "tp2_optimizer_offload": ({"tensor_model_parallel_size": 2}, {"optimizer_cpu_offload": True}),
+    "dp2_activation_offload": ({}, {"cpu_offloading": True, "cpu_offloading_num_layers": 2}),
+}
+
 # Untied embeddings (a separate LM-head weight on the last stage / vocab shard), against "single_untied".
 UNTIED = {"tie_word_embeddings": False}
 WORLD2_UNTIED = {
@@ -48,7 +57,8 @@ def results(tmp_path_factory):
     ckpt = str(tmp / "ckpt_tp2pp2")
     out = run_worker(tmp, "single", 1, [{"name": "single"}, {"name": "single_untied", "model": UNTIED}])
     out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()]
-                      + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()])
+                      + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()]
+                      + [{"name": n, "parallel": p, "offload": o} for n, (p, o) in WORLD2_OFFLOAD.items()])
     out |= run_worker(tmp, "world4", 4, [
         {"name": "dp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}},
         {"name": "pp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
@@ -61,7 +71,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", [*WORLD2, *WORLD2_UNTIED, "dp2_tp2", "pp2_tp2", *WORLD4_EXTRA])
+@pytest.mark.parametrize("layout", [*WORLD2, *WORLD2_UNTIED, *WORLD2_OFFLOAD, "dp2_tp2", "pp2_tp2", *WORLD4_EXTRA])
 def test_layout_matches_single_process(results, layout):
     ref, got = results["single_untied" if layout in WORLD2_UNTIED else "single"], results[layout]
     assert len(got["losses"]) == 10
