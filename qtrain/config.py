@@ -84,6 +84,11 @@ class DataArgs:
     data_cache_path: Optional[str] = opt(None, "where index files are cached (default: next to the data)")
     tokenizer_name_or_path: Optional[str] = opt(None, "HF tokenizer dir (for --padded-vocab-size and the demo)")
     num_workers: int = opt(0, "DataLoader worker processes")
+    # Megatron's document flags (qtrain pretrain): documents end at each EOD token of a sample
+    reset_position_ids: bool = opt(False, "positions restart at 0 after each EOD token inside a sample")
+    reset_attention_mask: bool = opt(
+        False, "attention stays inside each document (split after each EOD token); no [S, S] mask is built")
+    eod_mask_loss: bool = opt(False, "no loss where the input token is EOD (predicting the next document's first token)")
 
 
 @dataclass
@@ -284,9 +289,6 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "--train-samples": "give the run length in iterations with --train-iters",
     "--lr-decay-samples": "give the decay length in iterations with --lr-decay-iters",
     "--lr-warmup-samples": "give warmup in iterations with --lr-warmup-iters or --lr-warmup-fraction",
-    "--reset-position-ids": "qtrain trains on packed documents without position resets",
-    "--reset-attention-mask": "qtrain trains on packed documents without attention resets",
-    "--eod-mask-loss": "not supported; EOD tokens are trained on like Megatron's default",
     "--rampup-batch-size": "batch-size ramp-up is not supported; use a fixed --global-batch-size",
     "--fp8-format": "fp8 training is not supported",
     "--use-rope-scaling": "Llama-3 RoPE scaling is not implemented; Qwen3 extends its context with "

@@ -17,7 +17,9 @@ The three indices are cached on disk, keyed by a hash of everything they depend 
 An item is ``{"input_ids": int64[S], "labels": int64[S], "loss_mask": float32[S]}``:
 ``labels`` are the next tokens (``labels[t] == input_ids[t + 1]``), set to -100 where
 ``loss_mask`` is 0 (padding, and end-of-document tokens with ``eod_mask_loss``), so a plain
-``cross_entropy(..., ignore_index=-100)`` trains on exactly Megatron's tokens.
+``cross_entropy(..., ignore_index=-100)`` trains on exactly Megatron's tokens. With
+``reset_position_ids`` items add ``position_ids`` int64[S] (0 again after each EOD), with
+``reset_attention_mask`` ``cu_seqlens`` int32[S + 1] (the documents, for attention without a mask).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from qtrain.data.index_cache import IndexCache
 from qtrain.data.indexed import IndexedDataset, idx_path
 from qtrain.errors import ConfigError, DataError
 from qtrain.labels import IGNORE_INDEX
+from qtrain.ops.document_attention import sample_cu_seqlens
 
 SPLIT_NAMES = ("train", "valid", "test")
 PAD_TOKEN_ID = -1  # Megatron's filler for a partial last sample; never a real token id
@@ -160,6 +163,11 @@ class GPTDatasetConfig:
     """End-of-document token id; needed only for ``eod_mask_loss``."""
     eod_mask_loss: bool = False
     """Do not train on predicting the token after an end-of-document token (Megatron ``--eod-mask-loss``)."""
+    reset_position_ids: bool = False
+    """Positions restart at 0 after each end-of-document token (Megatron ``--reset-position-ids``)."""
+    reset_attention_mask: bool = False
+    """Attention stays inside each document, split after each end-of-document token (Megatron
+    ``--reset-attention-mask``); items carry ``cu_seqlens`` (qtrain.ops.document_attention)."""
     drop_last_partial_validation_sequence: bool = True
     """Drop the last, partial validation sample instead of padding it."""
     mid_level_dataset_surplus: float = 0.005
@@ -168,8 +176,9 @@ class GPTDatasetConfig:
     def __post_init__(self) -> None:
         if self.seq_length < 2:
             raise ConfigError(f"--seq-length must be at least 2, got {self.seq_length}")
-        if self.eod_mask_loss and self.eod_token_id is None:
-            raise ConfigError("--eod-mask-loss needs the end-of-document token id (eod_token_id)")
+        if (self.eod_mask_loss or self.reset_position_ids or self.reset_attention_mask) and self.eod_token_id is None:
+            raise ConfigError("--eod-mask-loss / --reset-position-ids / --reset-attention-mask need the "
+                              "end-of-document token id (eod_token_id)")
         parse_split(self.split)
 
 
@@ -283,6 +292,16 @@ def make_item(tokens: np.ndarray, config: GPTDatasetConfig) -> dict[str, torch.T
     if config.eod_mask_loss:
         loss_mask[input_ids == config.eod_token_id] = 0.0
     loss_mask[labels == PAD_TOKEN_ID] = 0.0
+    item = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+    if config.reset_position_ids or config.reset_attention_mask:
+        # Megatron's _get_ltor_masks_and_position_ids: a document ends with (and includes) its EOD
+        starts = torch.zeros(len(input_ids), dtype=torch.bool)
+        starts[1:] = input_ids[:-1] == config.eod_token_id
+        if config.reset_position_ids:
+            index = torch.arange(len(input_ids))
+            item["position_ids"] = index - torch.cummax(torch.where(starts, index, 0), 0).values
+        if config.reset_attention_mask:
+            item["cu_seqlens"] = sample_cu_seqlens(starts)
     input_ids[input_ids == PAD_TOKEN_ID] = 0
     labels[loss_mask == 0] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+    return item

@@ -8,8 +8,10 @@ samples (`--pack`); an item is
     labels        [S]  the *next* token where it is trained (a response token of the same
                        sample), else -100: prompts, padding and every pack boundary never count
     position_ids  [S]  0, 1, ... restarting at each packed sample
-    attention_mask [1, S, S] bool (packed datasets only): causal *and* within one sample, so
-                       packed samples never see each other; each padding token sees itself only
+    cu_seqlens    [S + 1] int32 (packed datasets only): where each packed sample starts, then S,
+                       padded by repeating S (qtrain.ops.document_attention): attention is causal
+                       *within* one sample, so packed samples never see each other; the padding
+                       tail is one more document, trained on by no label
 
 Packed means `--pack --neat-pack` (the stored mask holds sample ids 1..k and 0 on padding). A plain
 `--pack` dataset stores MindSpeed-LLM's all-1 mask, which keeps no sample boundaries: each pack is
@@ -36,6 +38,8 @@ from qtrain.data.gpt_dataset import split_ranges
 from qtrain.data.indexed import IndexedDataset
 from qtrain.errors import DataError
 from qtrain.labels import IGNORE_INDEX
+from qtrain.ops.document_attention import sample_cu_seqlens
+
 KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -85,11 +89,7 @@ def make_sft_item(tokens: np.ndarray, labels: np.ndarray, segments: np.ndarray, 
     item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(shifted),
             "position_ids": torch.from_numpy(positions)}
     if packed:
-        s = torch.from_numpy(seg)
-        idx = torch.arange(seq_length)
-        causal = idx[None, :] <= idx[:, None]
-        same_sample = (s[:, None] == s[None, :]) & (s[:, None] != 0)
-        item["attention_mask"] = ((causal & same_sample) | torch.eye(seq_length, dtype=torch.bool))[None]
+        item["cu_seqlens"] = sample_cu_seqlens(torch.from_numpy(starts))
     return item
 
 

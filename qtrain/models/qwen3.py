@@ -12,6 +12,7 @@ from torch import nn
 
 from qtrain.models.config import Qwen3Config
 from qtrain.ops.attention import attention
+from qtrain.ops.document_attention import Documents
 from qtrain.ops.linear_cross_entropy import linear_cross_entropy
 from qtrain.ops.rmsnorm import rms_norm
 from qtrain.ops.rope import apply_rope_qk, rope_cos_sin
@@ -44,7 +45,7 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, docs: Documents | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         # Heads are inferred (-1) rather than read from the config, so a tensor-parallel shard of
         # these projections (fewer local heads) runs this same code.
@@ -52,7 +53,7 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope_qk(q, k, cos, sin)
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask, docs)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -76,8 +77,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.mlp = Qwen3MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+                mask: torch.Tensor | None = None, docs: Documents | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,12 +118,15 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, S, H] (the LM head's input), e.g. for a fused loss.
 
         input_ids: int [B, S] (or hidden states [B, S, H] on a pipeline stage without embedding).
         position_ids: int [B, S], default 0..S-1. attention_mask: optional bool [B, 1, S, S],
-        True where a query may attend a key (already causal), for packed samples.
+        True where a query may attend a key (already causal). cu_seqlens: optional int [B, S + 1],
+        each sample's document boundaries 0, ..., S (padded by repeating S), for packed samples:
+        causal attention within each document, without an [S, S] mask.
         """
         m = self.model
         h = m.embed_tokens(input_ids) if m.embed_tokens is not None else input_ids
@@ -130,19 +134,20 @@ class Qwen3ForCausalLM(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype,
                                 self.config.rope_scaling)
+        docs = Documents.from_sample_bounds(cu_seqlens, h.device) if cu_seqlens is not None else None
         for layer in m.layers.values():
-            h = layer(h, cos, sin, attention_mask)
+            h = layer(h, cos, sin, attention_mask, docs)
         return m.norm(h) if m.norm is not None else h
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
+                loss_reduction: str = "mean", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V]; or, given `labels` [B, S] aligned with the inputs (labels[i] is the
         token after input i, -100 = ignore), the cross-entropy loss ("mean" over counted tokens,
         "sum", or "none": each token's, [B, S] float32, 0 where ignored), computed chunk by chunk
         without materialising the logits. The loss is computed here, inside forward, so that a
         sharded (FSDP) LM head is gathered while it is used."""
-        h = self.hidden_states(input_ids, position_ids, attention_mask)
+        h = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens)
         if self.lm_head is None:
             return h
         if labels is None:

@@ -82,9 +82,10 @@ class ContextParallelAttention:
         self.group = group
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            raise ConfigError("--context-parallel-size > 1 does not support packed-sample attention masks")
+                 mask: torch.Tensor | None = None, docs=None) -> torch.Tensor:
+        if mask is not None or docs is not None:
+            raise ConfigError("--context-parallel-size > 1 does not support packed documents (attention masks or "
+                              "cu_seqlens) yet")
         cp, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         k, v = _gather_global_order(k, self.group), _gather_global_order(v, self.group)
         q_pos = zigzag_positions(k.shape[2], cp, rank, q.device)

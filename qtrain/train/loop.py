@@ -29,6 +29,7 @@ from qtrain.config import PretrainConfig, resolve_model_config
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.parallel.batch import BatchPlan, batch_plan
 from qtrain.train import metrics as M
+from qtrain.train.documents import check_document_layout, document_flags, eod_token_id
 from qtrain.train.export import ExportTransform, export_hf, interval_export_dir
 from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import check_model_fits, describe_plan
@@ -101,6 +102,7 @@ def _tokenizer_vocab(cfg: PretrainConfig) -> Optional[int]:
 def prepare(cfg: PretrainConfig, world_size: int):
     """Model config and batch plan, checked before anything heavy starts."""
     model_cfg = resolve_model_config(cfg, vocab_size_hint=_tokenizer_vocab(cfg))
+    check_document_layout(cfg)
     check_model_fits(cfg, model_cfg)
     batch = batch_plan(cfg, world_size)
     if cfg.training.train_iters is None:
@@ -179,11 +181,18 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.training
         sizes = train_valid_test_num_samples(t.train_iters, self.batch.global_batch_size, t.eval_interval, t.eval_iters)
+        documents = document_flags(cfg)
         if self.hooks.build_datasets is not None:
+            if documents:
+                raise ConfigError(f"{', '.join(documents)}: Megatron's pretraining-data flags; this command's "
+                                  "datasets do not read them (qtrain sft packs with --pack --neat-pack)")
             train_ds, valid_ds = self.hooks.build_datasets(cfg, sizes)
         else:
-            data_cfg = GPTDatasetConfig(seq_length=cfg.data.seq_length, seed=t.seed, split=cfg.data.split,
-                                        cache_dir=cfg.data.data_cache_path)
+            d = cfg.data
+            data_cfg = GPTDatasetConfig(seq_length=d.seq_length, seed=t.seed, split=d.split,
+                                        cache_dir=d.data_cache_path, eod_token_id=eod_token_id(cfg) if documents else None,
+                                        eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
+                                        reset_attention_mask=d.reset_attention_mask)
             train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.data_path, sizes, data_cfg)
         if train_ds is None:
             from qtrain.data.blended import no_training_data

@@ -68,6 +68,9 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                           f"preference training ({', '.join(PREFERENCE_STAGES)}: `qtrain dpo`)")
     if ns.variable_seq_lengths:
         warnings.warn("--variable-seq-lengths: qtrain pads every sample to --seq-length", stacklevel=2)
+    if ns.no_pad_to_seq_lengths:
+        raise ConfigError("--no-pad-to-seq-lengths: qtrain sft pads every sample to --seq-length (the same loss; "
+                          "padding the micro-batch only to its longest sample is not implemented); drop the flag")
     return ns, rest
 
 

@@ -45,12 +45,14 @@ def trained_tokens(batch: Batch) -> int:
 
 
 def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs from a batch: input_ids, and position_ids / attention_mask when
-    the data has them (packed samples, context-parallel slices)."""
+    """The model's keyword inputs from a batch: input_ids, and position_ids / attention_mask /
+    cu_seqlens when the data has them (packed documents, context-parallel slices)."""
     out = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
     for key in ("position_ids", "attention_mask"):
         if batch.get(key) is not None:
             out[key] = batch[key].to(device, non_blocking=True)
+    if batch.get("cu_seqlens") is not None:  # read on the host (the model turns it into Documents)
+        out["cu_seqlens"] = batch["cu_seqlens"]
     return out
 
 

@@ -67,10 +67,8 @@ def _megatron_datasets(data_path: list[str], sizes, seed: int, split: str, **kw)
         split=split,
         path_to_cache=None,  # GPTDataset then caches under <prefix>/cache; BlendedDataset does not cache
         tokenizer=_Tokenizer(),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        create_attention_mask=False,
-        **{"eod_mask_loss": False, **kw},
+        **{"eod_mask_loss": False, "reset_position_ids": False, "reset_attention_mask": False,
+           "create_attention_mask": False, **kw},
     )
     return BlendedMegatronDatasetBuilder(MGPTDataset, list(sizes), lambda: True, config).build()
 
@@ -343,3 +341,25 @@ def test_distributed_rank0_builds_others_load(corpus, tmp_path):
     assert [h[0] for h in hits] == ["0", "1"]  # rank 0 built, rank 1 loaded its cache
     assert "_missing" in hits[0][1] and "rank 0 failed" in hits[1][1] and "_missing" in hits[1][1]
     np.testing.assert_array_equal(np.load(f"{out}0.npy"), np.load(f"{out}1.npy"))
+
+
+@pytest.mark.megatron
+def test_document_flags_match_megatron(corpus, tmp_path):
+    """--reset-position-ids / --reset-attention-mask / --eod-mask-loss: megatron-core's positions,
+    attention mask (ours as cu_seqlens) and loss mask, sample by sample."""
+    flags = {"reset_position_ids": True, "reset_attention_mask": True, "eod_mask_loss": True}
+    theirs = _megatron_datasets([corpus["b"]], [12, 0, 0], 7, "100,0,0", create_attention_mask=True, **flags)
+    config = GPTDatasetConfig(seq_length=SEQ, seed=7, split="100,0,0", cache_dir=str(tmp_path / "c"),
+                              eod_token_id=EOD, **flags)
+    ours = build_gpt_datasets([corpus["b"]], [12, 0, 0], config)[0]
+    split_samples = 0
+    for i in range(len(ours)):
+        mine, ref = ours[i], theirs[0][i]
+        np.testing.assert_array_equal(mine["position_ids"], ref["position_ids"])
+        np.testing.assert_array_equal(mine["loss_mask"], ref["loss_mask"])
+        bounds = mine["cu_seqlens"].tolist()
+        doc = torch.searchsorted(torch.tensor(bounds[1:]), torch.arange(SEQ), right=True)
+        allowed = (doc[:, None] == doc[None, :]) & torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+        np.testing.assert_array_equal(allowed, ~ref["attention_mask"][0])
+        split_samples += len(set(bounds)) > 2
+    assert split_samples, "some samples should hold more than one document"

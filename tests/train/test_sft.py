@@ -92,19 +92,15 @@ def test_packed_item_layout():
     # labels[i] = the trained token after i, only inside one sample: never across the boundary at 3|4.
     assert item["labels"].tolist() == [-100, 12, 13, -100, 21, 22, -100, -100, -100, -100]
     assert item["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
-    m = item["attention_mask"][0]
-    assert m.shape == (10, 10)
-    assert m[3, :4].all() and not m[3, 4:].any()  # last token of sample 1 sees sample 1 only
-    assert m[6, 4:7].all() and not m[6, :4].any() and not m[6, 7:].any()
-    assert m[2, :3].all() and not m[2, 3]  # causal inside a sample
-    for pad in (7, 8, 9):  # padding sees itself only
-        assert m[pad].nonzero().flatten().tolist() == [pad]
+    # Documents: sample 1 = [0, 4), sample 2 = [4, 7), the padding tail [7, 10); no dense mask.
+    assert "attention_mask" not in item
+    assert item["cu_seqlens"].tolist() == [0, 4, 7] + [10] * 8
 
 
 def test_unpacked_item_pads_without_mask():
     item = make_sft_item(np.array([5, 6, 7]), np.array([-100, 6, 7]), np.array([1, 1, 1]), 6, pad_id=0,
                          packed=False)
-    assert "attention_mask" not in item
+    assert "attention_mask" not in item and "cu_seqlens" not in item
     assert item["input_ids"].tolist() == [5, 6, 7, 0, 0, 0]
     assert item["labels"].tolist() == [6, 7, -100, -100, -100, -100]
     assert item["position_ids"][:3].tolist() == [0, 1, 2]
@@ -157,8 +153,8 @@ def _per_sample_losses(model, ds):
     for i in range(len(ds)):
         item = ds[i]
         kw = {"position_ids": item["position_ids"][None]}
-        if "attention_mask" in item:
-            kw["attention_mask"] = item["attention_mask"][None]
+        if "cu_seqlens" in item:
+            kw["cu_seqlens"] = item["cu_seqlens"][None]
         with torch.no_grad():
             logits = model(item["input_ids"][None], **kw)[0]
         nll = F.cross_entropy(logits.double(), item["labels"], ignore_index=-100, reduction="none")
@@ -380,3 +376,13 @@ def test_reads_the_real_alpaca_handler_output(tmp_path, tokenizer_dir):
     assert targets[False] == targets[True] == targets["all-1"]  # the same targets in every layout
     replies = sorted(tok.decode(list(t)) for _, t in items[False])
     assert replies == sorted(f"{r['output']}<|im_end|>\n" for r in records)
+
+
+def test_no_pad_to_seq_lengths_is_refused_by_name():
+    from qtrain.errors import ConfigError
+    from qtrain.train.sft import split_argv
+
+    with pytest.raises(ConfigError, match="--no-pad-to-seq-lengths"):
+        split_argv(["--no-pad-to-seq-lengths", "--seq-length", "16"])
+    ns, rest = split_argv(["--reset-attention-mask", "--seq-length", "16"])
+    assert rest == ["--seq-length", "16"]
