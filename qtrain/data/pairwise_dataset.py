@@ -7,6 +7,7 @@ An item is one pair,
 
     input_ids  [2, S]  the chosen (row 0) and rejected (row 1) sequence, padded to --seq-length
     labels     [2, S]  the *next* token where it is an answer token, else -100 (qtrain sft's rule)
+    lengths    [2]     the two sequences' lengths before padding (`--pack-pairs` packs by them)
 
 so a micro-batch of MBS pairs is [MBS, 2, S]; the trainer runs its 2 x MBS sequences through the
 model together (qtrain.train.preference.pair_rows). The pairs are not packed: each sequence is one
@@ -88,7 +89,9 @@ class PairwiseDataset(torch.utils.data.Dataset):
             tokens = self.ds[f"{side}_input_ids"][doc]
             sides.append(make_sft_item(tokens, self.ds[f"{side}_labels"][doc], np.ones(len(tokens), dtype=np.int64),
                                        self.seq_length, self.pad_id, packed=False))
-        return {k: torch.stack([s[k] for s in sides]) for k in ("input_ids", "labels")}
+        item = {k: torch.stack([s[k] for s in sides]) for k in ("input_ids", "labels")}
+        item["lengths"] = torch.tensor([len(self.ds[f"{side}_input_ids"][doc]) for side in ("chosen", "rejected")])
+        return item
 
 
 def build_pairwise_datasets(prefix: str, split: str, sizes: list[int], seq_length: int, pad_id: int, seed: int,

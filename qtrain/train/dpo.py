@@ -63,6 +63,10 @@ def dpo_parser() -> argparse.ArgumentParser:
                                                                     "(default 0.1)")
     g.add_argument("--pref-ftx", type=float, default=0.0,
                    help="add this x the chosen answer's mean negative log-likelihood to the loss (MindSpeed-LLM)")
+    g.add_argument("--pack-pairs", action="store_true",
+                   help="pack each micro-batch's chosen and rejected sequences into as few --seq-length rows as "
+                        "fit, each attending only to itself (document attention): the same pair losses, less "
+                        "padding (qtrain's option; not with pipeline or context parallelism yet)")
     g.add_argument("--is-pairwise-dataset", action="store_true", help=argparse.SUPPRESS)  # always pairs here
     return p
 
@@ -193,6 +197,9 @@ def build_hooks(cfg, sft: argparse.Namespace, pref: argparse.Namespace):
     if sft.calculate_per_token_loss:
         raise ConfigError("--calculate-per-token-loss: the preference loss is a mean over pairs, not tokens; drop it")
     loss = preference_loss(pref, sft.stage)
+    if pref.pack_pairs and (cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.context_parallel_size > 1):
+        raise ConfigError("--pack-pairs: packed pairs are not available with pipeline or context parallelism yet; "
+                          "drop --pack-pairs, or use --pipeline-model-parallel-size 1 --context-parallel-size 1")
     hooks = sft_cmd.build_hooks(cfg, sft)  # LoRA (adapters, adapter files, merged export), the data-path check
     path = cfg.data.data_path[0]
 
@@ -204,7 +211,8 @@ def build_hooks(cfg, sft: argparse.Namespace, pref: argparse.Namespace):
     hooks.build_datasets = build_datasets
     adapters_off = loss.needs_reference and sft.lora_r is not None and pref.ref_model is None
     source = reference_source(cfg, pref.ref_model) if loss.needs_reference and not adapters_off else None
-    objective = PreferenceObjective(loss, AdaptersOff() if adapters_off else None)  # a frozen copy: in setup
+    objective = PreferenceObjective(loss, AdaptersOff() if adapters_off else None,  # a frozen copy: in setup
+                                    pack_pairs=pref.pack_pairs)
     hooks.objective = objective
 
     reference = source if source else "the policy with its adapters off" if adapters_off else "none"
@@ -249,7 +257,7 @@ def split_argv(argv: list[str], stage_default: str = "dpo"):
                           f"supervised fine-tuning is `qtrain sft`")
     if sft.variable_seq_lengths or sft.no_pad_to_seq_lengths:
         warnings.warn("--variable-seq-lengths / --no-pad-to-seq-lengths: qtrain pads every sequence of a pair to "
-                      "--seq-length", stacklevel=2)
+                      "--seq-length; --pack-pairs packs them instead", stacklevel=2)
     return sft, pref, rest
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from qtrain.labels import IGNORE_INDEX
 from qtrain.parallel import ParallelState
+from qtrain.train.pair_packing import pack_pairs
 from qtrain.train.preference_loss import PreferenceLoss, pair_losses, sequence_logps
 from qtrain.train.step import Batch, model_inputs
 
@@ -56,12 +57,23 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
-def row_logps(per_token_loss: torch.Tensor, labels: torch.Tensor,
-              state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+def row_logps(per_token_loss: torch.Tensor, labels: torch.Tensor, state: ParallelState,
+              slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-probs [R], answer tokens [R]) of rows whose per-token losses (negative
-    log-probs, 0 on ignored labels) are [R, S_local], summed over context-parallel ranks."""
-    sums = -per_token_loss.sum(-1)
-    counts = (labels != IGNORE_INDEX).sum(-1).to(sums.dtype)
+    log-probs, 0 on ignored labels) are [R, S_local], summed over context-parallel ranks. With
+    `slots` (packed pairs, qtrain.train.pair_packing: each token's sequence, -1 on padding) the
+    sums are per sequence [2 x pairs] instead of per row."""
+    answer = (labels != IGNORE_INDEX)
+    if slots is None:
+        sums = -per_token_loss.sum(-1)
+        counts = answer.sum(-1).to(sums.dtype)
+    else:
+        slots = slots.to(per_token_loss.device)
+        n, keep = int(slots.max()) + 1, slots >= 0
+        sums = torch.zeros(n, dtype=per_token_loss.dtype, device=per_token_loss.device).index_add(
+            0, slots[keep], -per_token_loss[keep])
+        counts = torch.zeros(n, dtype=sums.dtype, device=sums.device).index_add(
+            0, slots[keep], answer[keep].to(sums.dtype))
     if state.cp_group is not None:
         sums = _SumOverGroup.apply(sums, state.cp_group)
         dist.all_reduce(counts, group=state.cp_group)
@@ -72,8 +84,8 @@ class Reference:
     """Where the reference log-probabilities come from (subclasses); all forward-only, no_grad."""
 
     def row_logps(self, policy: torch.nn.Module, state: ParallelState, rows: Batch,
-                  device: torch.device) -> torch.Tensor:
-        """Summed answer log-probs [R] of the (context-sharded) rows."""
+                  device: torch.device, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Summed answer log-probs [R] of the (context-sharded) rows (per sequence with `slots`)."""
         raise NotImplementedError
 
     def pipeline_row_logps(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -81,22 +93,22 @@ class Reference:
         raise NotImplementedError
 
 
-def _forward_row_logps(model, state, rows, device) -> torch.Tensor:
+def _forward_row_logps(model, state, rows, device, slots=None) -> torch.Tensor:
     labels = rows["labels"].to(device, non_blocking=True)
     with torch.no_grad():
         per_token = model(**model_inputs(rows, device), labels=labels, loss_reduction="none")
-        return row_logps(per_token, labels, state)[0]
+        return row_logps(per_token, labels, state, slots)[0]
 
 
 class AdaptersOff(Reference):
     """The policy itself with its LoRA adapters switched off: the frozen base model (TRL's and
     LLaMA-Factory's reference for adapter training). No extra weights."""
 
-    def row_logps(self, policy, state, rows, device):
+    def row_logps(self, policy, state, rows, device, slots=None):
         from qtrain.train.lora import adapters_disabled
 
         with adapters_disabled(policy):
-            return _forward_row_logps(policy, state, rows, device)
+            return _forward_row_logps(policy, state, rows, device, slots)
 
 
 class FrozenCopy(Reference):
@@ -109,8 +121,8 @@ class FrozenCopy(Reference):
         for p in model.parameters():
             p.requires_grad_(False)
 
-    def row_logps(self, policy, state, rows, device):  # noqa: ARG002
-        return _forward_row_logps(self.model, state, rows, device)
+    def row_logps(self, policy, state, rows, device, slots=None):  # noqa: ARG002
+        return _forward_row_logps(self.model, state, rows, device, slots)
 
     def pipeline_row_logps(self, input_ids, labels):
         with torch.no_grad():
@@ -129,9 +141,11 @@ class PreferenceObjective:
 
     sequences_per_sample = 2  # a pair trains its chosen and its rejected sequence
 
-    def __init__(self, loss: PreferenceLoss, reference: Optional[Reference] = None):
-        """`reference`: needed by DPO (it may be set later, before the first step)."""
+    def __init__(self, loss: PreferenceLoss, reference: Optional[Reference] = None, pack_pairs: bool = False):
+        """`reference`: needed by DPO (it may be set later, before the first step); `pack_pairs`:
+        a micro-batch's sequences packed into as few rows as fit (qtrain.train.pair_packing)."""
         self.loss, self.reference = loss, reference if loss.needs_reference else None
+        self.pack_pairs = pack_pairs
         self.names = ("pairs", "loss") + loss.metric_names
         self._sums: dict[str, torch.Tensor] = {}  # "train" / "eval": per-pair sums of self.names
         self.mode = "train"
@@ -165,11 +179,12 @@ class PreferenceObjective:
     def micro_batch_loss(self, model: torch.nn.Module, state: ParallelState, batch: Batch,
                          device: torch.device) -> torch.Tensor:
         """The loss of one micro-batch of pairs (this rank's context-parallel slice of its rows)."""
-        rows = state.prepare_batch(pair_rows(batch))
-        ref = self.reference.row_logps(model, state, rows, device) if self.loss.needs_reference else None
+        rows, slots = pack_pairs(batch) if self.pack_pairs else (pair_rows(batch), None)
+        rows = state.prepare_batch(rows)
+        ref = self.reference.row_logps(model, state, rows, device, slots) if self.loss.needs_reference else None
         labels = rows["labels"].to(device, non_blocking=True)
         per_token = model(**model_inputs(rows, device), labels=labels, loss_reduction="none")
-        sums, counts = row_logps(per_token, labels, state)
+        sums, counts = row_logps(per_token, labels, state, slots)
         loss, values = self.pair_loss(sums, counts, ref)
         self._record(values)
         return loss

@@ -165,3 +165,15 @@ def test_dry_run_and_plan_count_pairs_and_the_reference_copy(capsys):
     assert pairs.activations > 2 * plain.activations * 0.99 and pairs.total > plain.total + pairs.reference
     assert main(["plan", *flags, "--world-size", "8", "--stage", "dpo"]) == 0
     assert "reference" in capsys.readouterr().out
+
+
+def test_pack_pairs_trains_the_same_losses_and_is_refused_where_not_available(setup, tmp_path):
+    """`--pack-pairs` end to end (the dataset's lengths, the loader, the loop): the losses of padded rows."""
+    data, base = setup
+    padded = run_dpo(_args(data, tmp_path / "padded", 3, load=base), log=QUIET)
+    packed = run_dpo(_args(data, tmp_path / "packed", 3, "--pack-pairs", load=base), log=QUIET)
+    for it, loss in padded.losses.items():
+        assert abs(packed.losses[it] - loss) <= 1e-5 * max(1.0, abs(loss)), (packed.losses, padded.losses)
+    with pytest.raises(ConfigError, match="--pack-pairs"):
+        run_dpo(_args(data, tmp_path / "pp", 1, "--pack-pairs", "--pipeline-model-parallel-size", "2", load=base),
+                log=QUIET)

@@ -42,19 +42,21 @@ def _model(seed: int) -> Qwen3ForCausalLM:
     return model
 
 
-def _pairs(seed: int = 0) -> dict[str, torch.Tensor]:
-    """PAIRS pairs [P, 2, SEQ]: one prompt, two answers of different lengths, next-token labels."""
+def _pairs(seed: int = 0, pairs: int = PAIRS, longest_answer: int = SEQ) -> dict[str, torch.Tensor]:
+    """`pairs` pairs [P, 2, SEQ]: one prompt, two answers of different lengths, next-token labels,
+    and the sequences' lengths [P, 2] (as qtrain.data.pairwise_dataset gives them)."""
     rng = np.random.RandomState(seed)
     items = []
-    for _ in range(PAIRS):
+    for _ in range(pairs):
         prompt = rng.randint(1, VOCAB, size=rng.randint(3, 8))
         sides = []
         for _side in range(2):
-            answer = rng.randint(1, VOCAB, size=rng.randint(2, SEQ - len(prompt)))
+            answer = rng.randint(1, VOCAB, size=rng.randint(2, min(longest_answer, SEQ - len(prompt))))
             tokens, labels = np.concatenate([prompt, answer]), np.concatenate([np.full(len(prompt), -100), answer])
-            sides.append(make_sft_item(tokens, labels, np.ones(len(tokens)), SEQ, 0, packed=False))
-        items.append({k: torch.stack([s[k] for s in sides]) for k in ("input_ids", "labels")})
-    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels")}
+            sides.append({**make_sft_item(tokens, labels, np.ones(len(tokens)), SEQ, 0, packed=False),
+                          "lengths": torch.tensor(len(tokens))})
+        items.append({k: torch.stack([s[k] for s in sides]) for k in ("input_ids", "labels", "lengths")})
+    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels", "lengths")}
 
 
 def _logps(model: Qwen3ForCausalLM, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,3 +222,46 @@ def test_bad_loss_options_are_refused_by_name():
         PreferenceLoss("kto")
     with pytest.raises(ConfigError, match="orpo has one loss"):
         PreferenceLoss("orpo", "ipo")
+
+
+# ---------------------------------------------------------------- packed pairs (--pack-pairs)
+
+def test_pack_pairs_keeps_every_sequence_whole_in_its_own_document():
+    from qtrain.train.pair_packing import pack_pairs
+
+    batch = _pairs(4, pairs=5, longest_answer=9)
+    rows, slots = pack_pairs(batch)
+    assert rows["input_ids"].shape[0] < 2 * 5  # short sequences share rows
+    for slot in range(10):
+        side, pair = divmod(slot, 5)
+        n = int(batch["lengths"][pair, side])
+        where = slots == slot
+        assert int(where.sum()) == n
+        r = int(where.any(-1).nonzero()[0])
+        assert torch.equal(rows["input_ids"][r][where[r]], batch["input_ids"][pair, side, :n])
+        assert torch.equal(rows["labels"][r][where[r]], batch["labels"][pair, side, :n])
+        assert torch.equal(rows["position_ids"][r][where[r]], torch.arange(n))  # positions restart
+        start = int(where[r].nonzero()[0])
+        assert start in rows["cu_seqlens"][r].tolist() and start + n in rows["cu_seqlens"][r].tolist()
+    assert bool((rows["labels"][slots < 0] == -100).all())  # padding trains nothing
+
+
+@pytest.mark.parametrize("case", ["dpo_sigmoid", "orpo"])
+def test_packed_pairs_give_the_unpacked_losses_metrics_and_gradients(case):
+    """Packed rows with document attention == one row per sequence: the same pair losses, metrics and
+    gradients (fp32), for a micro-batch whose sequences share rows."""
+    cfg, batch = CASES[case], _pairs(5, pairs=4, longest_answer=8)
+    results = []
+    for pack in (False, True):
+        policy = _model(0)
+        objective = PreferenceObjective(cfg, FrozenCopy(_model(1), NO_LAYOUT), pack_pairs=pack)
+        loss = objective.micro_batch_loss(policy, NO_LAYOUT, batch, CPU)
+        loss.backward()
+        results.append((loss.detach(), objective.take_metrics(CPU), {n: p.grad for n, p in policy.named_parameters()}))
+    (loss0, m0, g0), (loss1, m1, g1) = results
+    assert abs(float(loss0) - float(loss1)) <= 1e-5 * max(1.0, abs(float(loss0)))
+    for name, value in m0.items():
+        assert abs(m1[name] - value) <= 1e-5 * max(1.0, abs(value)), (name, m1[name], value)
+    terms = qwen3_terms(CFG, SEQ, tokens=SEQ, backward=True)
+    for name, grad in g0.items():
+        assert_close_scaled(g1[name], grad, terms=terms, what=f"{case} packed grad {name}")
