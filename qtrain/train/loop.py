@@ -228,7 +228,7 @@ class Trainer:
         if self.load_kind is None or self.hooks.skip_load:
             return 0, 0
         loaded = ckpt.load_checkpoint(c.load, self.model, self.optimizer, load_optim=not c.no_load_optim,
-                                      load_rng=not c.no_load_rng, finetune=c.finetune)
+                                      load_rng=not c.no_load_rng, finetune=c.finetune, log=self.say)
         if loaded.train_state is None:
             iteration, consumed = 0, 0
         else:
