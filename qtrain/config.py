@@ -166,6 +166,11 @@ class LoggingArgs:
     log_interval: int = opt(100, "print / record metrics every this many iterations")
     tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
     log_dir: Optional[str] = opt(None, "write metrics.jsonl here (default: --save dir)")
+    # Weights & Biases (qtrain.train.wandb_log; the optional extra `wandb`).
+    wandb_project: Optional[str] = opt(None, "log the metrics.jsonl records to this W&B project (rank 0)")
+    wandb_exp_name: Optional[str] = opt(None, "W&B run name (default: W&B's)")
+    wandb_save_dir: Optional[str] = opt(None, "W&B's local run files (default: <save>/wandb, as Megatron)")
+    wandb_entity: Optional[str] = opt(None, "W&B team or user (default: the logged-in account's)")
 
 
 @dataclass
@@ -481,6 +486,7 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"--rope-scaling-type {cfg.model.rope_scaling_type}: not supported: {why}")
     _validate_long_run(cfg)
     _validate_offload(cfg)
+    _validate_wandb(cfg)
     if cfg.parallel.num_layer_list is not None:
         try:
             [int(x) for x in cfg.parallel.num_layer_list.split(",")]
@@ -511,6 +517,18 @@ def _validate_long_run(cfg: PretrainConfig) -> None:
         raise ConfigError(f"--save-hf-interval {c.save_hf_interval} with pipeline parallelism needs --save and must be "
                           f"a multiple of --save-interval ({c.save_interval}): no rank holds every layer, so each "
                           f"export is read back from the checkpoint of its iteration")
+
+
+def _validate_wandb(cfg: PretrainConfig) -> None:
+    lg = cfg.logging
+    for flag, value in (("--wandb-exp-name", lg.wandb_exp_name), ("--wandb-save-dir", lg.wandb_save_dir),
+                        ("--wandb-entity", lg.wandb_entity)):
+        if value and not lg.wandb_project:
+            raise ConfigError(f"{flag} needs --wandb-project: W&B logging is on only with a project")
+    if lg.wandb_project:
+        from qtrain.train.wandb_log import check_available
+
+        check_available()
 
 
 def _validate_offload(cfg: PretrainConfig) -> None:

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from qtrain.checkpoint.lock import DirLock
-from qtrain.checkpoint.megatron import RopeThetaWarning, save_megatron
+from qtrain.checkpoint.megatron import RopeThetaWarning, save_megatron, tensor_reads
 from qtrain.checkpoint.sources import MegatronSource, QtrainSource, Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.targets import check_distinct, prepare_save_dir
 from qtrain.parallel.stages import parse_num_layer_list
 from qtrain.checkpoint.writers import save_hf_dir
+from qtrain.progress import CountedSource, Progress
 from qtrain.cli import ArgumentParser
 from qtrain.errors import ConfigError
 from qtrain.io_utils import check_writable_dir
@@ -146,17 +147,23 @@ def _convert(args: argparse.Namespace) -> int:
                 print(f"recording seq_length {max_len} (the model's max_position_embeddings) in the Megatron args"
                       + ("" if seq_length is None else f"; the source's {seq_length} exceeds it"))
                 seq_length = max_len
-            save_megatron(source.get, source.config, args.save_dir, tp=args.target_tensor_parallel_size,
-                          pp=args.target_pipeline_parallel_size,
+            layout = dict(tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
                           num_layer_list=parse_num_layer_list(args.num_layer_list),
-                          vpp_layers=args.num_layers_per_virtual_pipeline_stage, dtype=dtype,
-                          iteration=iteration, seq_length=seq_length, hf_config=source.hf_config, log=print)
+                          vpp_layers=args.num_layers_per_virtual_pipeline_stage)
+            with Progress("convert", tensor_reads(source.config, **layout)) as progress:
+                save_megatron(CountedSource(source, progress).get, source.config, args.save_dir, **layout,
+                              dtype=dtype, iteration=iteration, seq_length=seq_length, hf_config=source.hf_config,
+                              log=progress.write)
         elif args.save_model_type == "hf":
-            save_hf_dir(source, args.save_dir, dtype, generation_config_dir=getattr(source, "gen_dir", None))
+            with Progress("convert", len(source.names())) as progress:
+                save_hf_dir(CountedSource(source, progress), args.save_dir, dtype,
+                            generation_config_dir=getattr(source, "gen_dir", None))
         else:
             from qtrain.checkpoint.dcp_export import save_qtrain  # imports DCP, seconds of start-up
 
-            save_qtrain(source, args.save_dir, iteration, dtype)
+            reads = len(source.names()) + int(source.config.tie_word_embeddings)  # + the tied lm_head.weight
+            with Progress("convert", reads) as progress:
+                save_qtrain(CountedSource(source, progress), args.save_dir, iteration, dtype)
     finally:
         source.close()
     print(f"converted {args.load_model_type} {args.load_dir} -> {args.save_model_type} {args.save_dir} "

@@ -29,7 +29,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -237,26 +237,41 @@ class Loaded:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *,
-                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False) -> Loaded:
+                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
+                    log: Optional[Callable[[str], None]] = None) -> Loaded:
     """Restore from a qtrain checkpoint, or take the weights of an HF / Megatron dir.
 
     qtrain checkpoints restore model, optimizer (unless `load_optim=False`), this rank's RNG
     (unless `load_rng=False` or the world size changed) and the train state; `finetune` takes
     the weights only and starts at iteration 0. HF and Megatron dirs always give weights only.
+    `log`: told what is being read (and, on rank 0, per-tensor progress of HF / Megatron weights).
     """
     path = Path(path)
     kind = detect_kind(path)
+    say = log or (lambda message: None)
     if kind == "hf":
-        from qtrain.models.hf import iter_safetensors
+        from safetensors import safe_open
 
-        _set_full_weights(model, iter_safetensors(path), path)
+        from qtrain.models.hf import iter_safetensors, safetensors_files
+
+        files = safetensors_files(path)
+        try:
+            count = 0
+            for f in files:
+                with safe_open(str(f), framework="pt") as handle:
+                    count += len(handle.keys())
+        except Exception:  # noqa: BLE001  (a broken file: iter_safetensors names it below)
+            count = 0
+        say(f"loading HF weights from {path}: {count} tensors, {_bytes(files)} in {len(files)} files")
+        _set_full_weights(model, iter_safetensors(path), path, _progress(log, count) if count else None)
         return Loaded(kind, path)
     if kind == "megatron":
         from qtrain.checkpoint.megatron import MegatronReader
 
         reader = MegatronReader(path)  # TP shards merged tensor by tensor, as they are copied in
         try:
-            _set_full_weights(model, reader, path)
+            say(f"loading Megatron weights from {path}: {len(reader.names())} tensors")
+            _set_full_weights(model, reader, path, _progress(log, len(reader.names())))
         finally:
             reader.close()
         return Loaded(kind, path)
@@ -280,12 +295,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         from qtrain.checkpoint.sources import QtrainSource
 
         source = QtrainSource(folder)
-        _set_full_weights(model, ((name, source.get(name)) for name in source.names()), folder)
+        _set_full_weights(model, ((name, source.get(name)) for name in source.names()), folder,
+                          _progress(log, len(source.names())))
         return Loaded(kind, folder)
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not any(k.startswith("optim.") for k in keys):
         raise CheckpointError(f"--load {folder}: no optimizer state saved; add --no-load-optim")
     train_state = None if finetune else run_state.read_train_state(folder)
+    files = [f for f in folder.iterdir() if f.suffix == ".distcp"]
+    say(f"loading qtrain checkpoint {folder}: model{' + optimizer' if with_optim else ''} state from "
+        f"{_bytes(files)} in {len(files)} files{'' if with_optim else ' (optimizer state not read)'}")
     # Only ask for the optimizer's state dict when restoring it: asking initialises its state.
     model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [], options=_SD_OPTIONS)
     state: dict[str, Any] = {"model": model_sd}
@@ -310,7 +329,23 @@ def _holds_adapters(keys: Iterable[str]) -> bool:
     return any(k.startswith("model.") and k.endswith(".lora_A.weight") for k in keys)
 
 
-def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:
+def _bytes(files: list[Path]) -> str:
+    from qtrain.progress import human_bytes
+
+    return human_bytes(sum(f.stat().st_size for f in files))
+
+
+def _progress(log: Optional[Callable[[str], None]], total: int):
+    """Per-tensor progress of a weights load, shown by rank 0 of a run that logs."""
+    if log is None or _rank() != 0:
+        return None
+    from qtrain.progress import Progress
+
+    return Progress("loading weights", total)
+
+
+def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path,
+                      progress=None) -> None:
     """Load full (unsharded) HF-named tensors, one at a time, into a possibly sharded model.
 
     Each rank reads every tensor (from the page cache the ranks of a node share) and keeps its
@@ -327,6 +362,8 @@ def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch
     tied = cfg.tie_word_embeddings
     unexpected, loaded = [], set()
     for name, tensor in tensors:
+        if progress is not None:
+            progress.update(1, tensor.numel() * tensor.element_size())
         if name not in every_name:
             unexpected.append(name)
             continue
@@ -342,6 +379,8 @@ def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch
                                       f"expects {tuple(param.shape)}; check the model flags")
             copy_full_into(param, tensor)
             loaded.add(target)
+    if progress is not None:
+        progress.close()
     missing = sorted(set(params) - loaded)
     if missing or unexpected:
         raise CheckpointError(f"--load {source}: weights do not match the model (missing: "

@@ -200,6 +200,16 @@ def rope_theta_note(args: argparse.Namespace, cfg: Qwen3Config, source: str) -> 
             f"If the model was trained with another theta, {fix}")
 
 
+def tensor_reads(cfg: Qwen3Config, tp: int = 1, pp: int = 1, num_layer_list: list[int] | None = None,
+                 vpp_layers: int | None = None) -> int:
+    """How many times `save_megatron` calls `get_tensor` (every tensor once per TP rank): the
+    length of its progress."""
+    stages = split_layers(cfg.num_hidden_layers, pp, num_layer_list, vpp_layers)
+    return tp * sum(len(spec.hf_names) for p, chunks in enumerate(stages) for v, layers in enumerate(chunks)
+                    for spec in chunk_specs(cfg, layers, pre_process=p == 0 and v == 0,
+                                            post_process=p == pp - 1 and v == len(chunks) - 1, pp_size=pp))
+
+
 def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, save_dir: str | Path, *,
                   tp: int = 1, pp: int = 1, num_layer_list: list[int] | None = None,
                   vpp_layers: int | None = None, dtype: torch.dtype | None = None, iteration: int = 1,

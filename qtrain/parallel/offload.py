@@ -19,6 +19,7 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+from torch.distributed.tensor import DTensor
 
 
 def offload_policy(enabled: bool, device_type: str) -> OffloadPolicy:
@@ -42,7 +43,9 @@ def host_collectives_backend(backend: str, device_type: str) -> str:
 
 
 def _pack(t: torch.Tensor):
-    if isinstance(t, nn.Parameter):
+    # Parameters stay (FSDP holds them anyway); a DTensor (TP's autograd at the DTensor level) too,
+    # rather than rebuilding its placements: the activations are the plain local tensors.
+    if isinstance(t, (nn.Parameter, DTensor)):
         return t
     host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device="cpu",
                        pin_memory=t.device.type != "cpu")

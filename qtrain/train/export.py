@@ -34,7 +34,6 @@ def export_hf(model: torch.nn.Module, state: ParallelState, model_cfg, cfg, iter
     """Write `out` (default cfg.checkpoint.save_hf) from the model as it is now (every rank calls
     this); under PP from the complete checkpoint of `iteration` in --save."""
     from qtrain.checkpoint.sources import StateDictSource, open_source
-    from qtrain.checkpoint.writers import save_hf_dir
 
     out = Path(out or cfg.checkpoint.save_hf)
     tokenizer = Path(cfg.data.tokenizer_name_or_path) if cfg.data.tokenizer_name_or_path else None
@@ -46,7 +45,7 @@ def export_hf(model: torch.nn.Module, state: ParallelState, model_cfg, cfg, iter
             source = open_source("qtrain", cfg.checkpoint.save, iteration)
             try:
                 source.tokenizer_dir = tokenizer or source.tokenizer_dir
-                save_hf_dir(source, out, torch.float32)
+                _write(source, out)
             finally:
                 source.close()
         dist.barrier()
@@ -57,6 +56,15 @@ def export_hf(model: torch.nn.Module, state: ParallelState, model_cfg, cfg, iter
     if dist.get_rank() == 0:
         if transform is not None:
             full = transform(full)
-        save_hf_dir(StateDictSource(model_cfg, full, tokenizer), out, torch.float32)
+        _write(StateDictSource(model_cfg, full, tokenizer), out)
     dist.barrier()
     return out
+
+
+def _write(source, out: Path) -> None:
+    """The HF dir, tensor by tensor, with progress (a bar on a terminal, lines in a log)."""
+    from qtrain.checkpoint.writers import save_hf_dir
+    from qtrain.progress import CountedSource, Progress
+
+    with Progress(f"export HF {out}", len(source.names())) as progress:
+        save_hf_dir(CountedSource(source, progress), out, torch.float32)

@@ -237,7 +237,7 @@ class Trainer:
         if self.load_kind is None or self.hooks.skip_load:
             return 0, 0
         loaded = ckpt.load_checkpoint(c.load, self.model, self.optimizer, load_optim=not c.no_load_optim,
-                                      load_rng=not c.no_load_rng, finetune=c.finetune)
+                                      load_rng=not c.no_load_rng, finetune=c.finetune, log=self.say)
         if loaded.train_state is None:
             iteration, consumed = 0, 0
         else:
@@ -252,8 +252,16 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, t, b, dev = self.cfg, self.cfg.training, self.batch, self.rt.device
-        self.writer = M.MetricsWriter(cfg.logging.log_dir or cfg.checkpoint.save, cfg.logging.tensorboard_dir) \
-            if self.rt.is_main else M.MetricsWriter(None, None)
+        if self.rt.is_main:
+            wandb_run = None
+            if cfg.logging.wandb_project:
+                from qtrain.train import wandb_log
+
+                wandb_run = wandb_log.open_run(cfg)
+            self.writer = M.MetricsWriter(cfg.logging.log_dir or cfg.checkpoint.save, cfg.logging.tensorboard_dir,
+                                          wandb_run)
+        else:
+            self.writer = M.MetricsWriter(None, None)
         self.first_bad = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite iteration, 0 = none
         self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)
         self.iters_since_log, self.t_log = 0, time.time()

@@ -1,5 +1,5 @@
 """Training metrics: FLOPs/token and MFU (../anchors convention), the Megatron-shaped log line,
-JSONL and TensorBoard writers.
+JSONL, TensorBoard and W&B writers.
 
 FLOPs per token = 6 N + 12 L H Q T: N every parameter with the tied embedding counted once
 (as the LM-head matmul), L layers, H query heads, Q head dim, T sequence length.
@@ -63,9 +63,11 @@ def eval_log_line(iteration: int, loss: float, extra: Optional[dict[str, float]]
 
 
 class MetricsWriter:
-    """Appends metrics to <dir>/metrics.jsonl and, when asked, TensorBoard scalars (rank 0 only)."""
+    """Appends metrics to <dir>/metrics.jsonl and, when asked, TensorBoard scalars and a W&B run
+    (train.wandb_log) (rank 0 only)."""
 
-    def __init__(self, jsonl_dir: Optional[str], tensorboard_dir: Optional[str]):
+    def __init__(self, jsonl_dir: Optional[str], tensorboard_dir: Optional[str], wandb_run: Any = None):
+        self._wandb = wandb_run
         self._fh = None
         if jsonl_dir:
             os.makedirs(jsonl_dir, exist_ok=True)
@@ -89,9 +91,15 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "iteration" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            from qtrain.train import wandb_log
+
+            wandb_log.log(self._wandb, record)
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
         if self._tb:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

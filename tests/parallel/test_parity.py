@@ -34,6 +34,8 @@ WORLD2_OFFLOAD = {
     "dp2_fsdp_optimizer_offload": ({"use_distributed_optimizer": True}, {"optimizer_cpu_offload": True}),
     "tp2_optimizer_offload": ({"tensor_model_parallel_size": 2}, {"optimizer_cpu_offload": True}),
     "dp2_activation_offload": ({}, {"cpu_offloading": True, "cpu_offloading_num_layers": 2}),
+    "tp2_sp_activation_offload": ({"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                                  {"cpu_offloading": True, "cpu_offloading_num_layers": 3}),
 }
 
 # Untied embeddings (a separate LM-head weight on the last stage / vocab shard), against "single_untied".

@@ -24,6 +24,15 @@ def test_interval_exports_load_in_transformers_with_the_models_logits(tiny_data,
     at4 = assert_export_has_checkpoint_logits(hf / "iter_0000004", save / "iter_0000004")
     final = assert_export_has_checkpoint_logits(hf, save / "iter_0000004")
     assert torch.equal(at4, final) and not torch.equal(at2, at4)  # each export is its iteration's model
+    # a run that loads says what it reads
+    lines = []
+    pretrain(parse_args(tiny_args(tiny_data, train_iters=5, save=save, load=save)), log=lines.append)
+    assert any(line.startswith(f"loading qtrain checkpoint {save / 'iter_0000004'}: model + optimizer state from ")
+               for line in lines), lines
+    lines.clear()
+    pretrain(parse_args(tiny_args(tiny_data, train_iters=3, load=hf / "iter_0000002", finetune=True)), log=lines.append)
+    assert any(line.startswith(f"loading HF weights from {hf / 'iter_0000002'}: ") and " tensors, " in line
+               for line in lines), lines
 
 
 def test_save_hf_interval_needs_save_hf(tiny_data):
