@@ -180,6 +180,10 @@ class ParallelArgs:
     tensor_model_parallel_size: int = opt(1, "tensor-parallel degree (TP)")
     pipeline_model_parallel_size: int = opt(1, "pipeline-parallel degree (PP)")
     context_parallel_size: int = opt(1, "context-parallel degree (CP)")
+    context_parallel_algo: str = opt(
+        "megatron_cp_algo", "CP attention: ring (K/V blocks passed around), Ulysses (all-to-all over heads) or "
+        "both (hybrid)", choices=["megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo"])
+    ulysses_degree_in_cp: Optional[int] = opt(None, "hybrid_cp_algo: CP ranks per Ulysses group (the rest is ring)")
     sequence_parallel: bool = opt(False, "shard norms/activations along the sequence inside TP regions")
     use_distributed_optimizer: bool = opt(False, "shard optimizer state over data-parallel ranks (FSDP does)")
     num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "layers per virtual pipeline stage")

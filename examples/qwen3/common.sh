@@ -12,6 +12,8 @@
 #   DATA_PATH       dataset prefix made by the data_convert_* scripts (weight/prefix pairs blend)
 #   TOKENIZER_PATH  HF tokenizer dir (usually the HF model dir)
 #   TP PP MBS GBS SEQ_LENGTH TRAIN_ITERS LR MIN_LR SAVE_INTERVAL LOG_INTERVAL
+#   CP CP_ALGO      context parallel degree and algorithm (megatron_cp_algo ring, ulysses_cp_algo,
+#                   hybrid_cp_algo with ULYSSES_DEGREE); given only when CP > 1
 #   LOG_DIR LOG_FILE  the log (default logs/<script>.log, _node<N> added on several nodes); created if missing
 #   PYTHON          interpreter that has qtrain installed (default python3)
 #   DEVICE          cpu, cuda or npu (default: what qtrain finds)
@@ -197,6 +199,11 @@ _train_args() {
     --save "$CKPT_SAVE_DIR" --save-interval "$SAVE_INTERVAL"
     --log-interval "$LOG_INTERVAL" --eval-interval "$TRAIN_ITERS" --eval-iters 0
   )
+  if [ "${CP:-1}" -gt 1 ]; then
+    TRAIN_ARGS+=(--context-parallel-size "$CP" --context-parallel-algo "${CP_ALGO:-megatron_cp_algo}")
+    [ -n "${ULYSSES_DEGREE:-}" ] && TRAIN_ARGS+=(--ulysses-degree-in-cp "$ULYSSES_DEGREE")
+  fi
+  return 0
 }
 
 # qtrain_pretrain [extra qtrain pretrain args]

@@ -78,7 +78,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, docs: Documents | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, docs)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, docs=docs)  # TP prepares 4 positional inputs
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

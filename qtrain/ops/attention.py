@@ -32,6 +32,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     samples): causal attention within each. Returns [B, Hq, S, D]."""
     if _OVERRIDES:
         return _OVERRIDES[-1](q, k, v, mask, docs)
+    return base_attention(q, k, v, mask, docs)
+
+
+def base_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   docs: Documents | None = None) -> torch.Tensor:
+    """`attention` on this rank's tensors alone, whatever override is installed (what context
+    parallel runs once it has whole sequences)."""
     if docs is not None:
         if mask is not None:
             raise ValueError("attention takes a mask or documents, not both")

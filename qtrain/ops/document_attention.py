@@ -58,27 +58,29 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: 
     b, hq, s, d = q.shape
     if docs.bounds[-1] != b * s:
         raise ValueError(f"document bounds cover {docs.bounds[-1]} tokens, the batch has {b} x {s}")
+    fused = q.device.type == "npu" or (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16))
+    if not fused:
+        return document_attention_reference(q, k, v, docs.bounds)
     # [B, H, S, D] -> [B*S, H, D]: the token-major ("TND") layout of variable-length kernels
     tq, tk, tv = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (q, k, v))
-    if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
-        out = _varlen_flash(tq, tk, tv, docs)
-    elif q.device.type == "npu":
-        out = _npu_fusion(tq, tk, tv, docs)
-    else:
-        out = document_attention_reference(tq, tk, tv, docs.bounds)
+    out = _npu_fusion(tq, tk, tv, docs) if q.device.type == "npu" else _varlen_flash(tq, tk, tv, docs)
     return out.view(b, s, hq, d).transpose(1, 2)
 
 
 def document_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  bounds: tuple[int, ...]) -> torch.Tensor:
-    """q: [T, Hq, D], k, v: [T, Hkv, D] -> [T, Hq, D], one causal SDPA per document."""
+    """q: [B, Hq, S, D], k, v: [B, Hkv, S, D] -> [B, Hq, S, D], one causal SDPA per document on
+    views of the inputs (`split`: one autograd node, whose backward concatenates the gradients)."""
+    s = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        qd, kd, vd = (x[lo:hi].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, L, D]
-        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)
+    for i, (qb, kb, vb) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
+        cuts = [x - i * s for x in bounds if i * s <= x <= (i + 1) * s]
+        lengths = [hi - lo for lo, hi in zip(cuts[:-1], cuts[1:])]
+        parts = [F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=gqa)[0]
+                 for qd, kd, vd in zip(qb.split(lengths, 1), kb.split(lengths, 1), vb.split(lengths, 1))]
+        outs.append(torch.cat(parts, dim=1))
+    return torch.stack(outs) if len(outs) > 1 else outs[0][None]
 
 
 def _varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:

@@ -60,16 +60,25 @@ class ParallelState:
         return shard_batch(batch, self.cp_group)
 
 
-def _positions_hook(seq_scale: int):
+def _positions_hook(seq_scale: int, cp_group=None):
     """Default position_ids 0..S-1 of the full sequence. Under sequence parallel a stage that
-    receives hidden states sees S/TP of them, so the count is scaled back."""
+    receives hidden states sees S/TP of them, so the count is scaled back; under context
+    parallel (a pipeline stage gets no positions) they are the global positions of this rank's
+    zigzag chunks."""
 
     def hook(module, args, kwargs):  # noqa: ARG001
         if len(args) > 1 or kwargs.get("position_ids") is not None:
             return None
         x = args[0] if args else kwargs["input_ids"]
         seq = x.shape[1] * (1 if not torch.is_floating_point(x) else seq_scale)
-        kwargs["position_ids"] = torch.arange(seq, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        if cp_group is not None:
+            from qtrain.parallel.context import zigzag_positions
+
+            cp = dist.get_world_size(cp_group)
+            pos = zigzag_positions(seq * cp, cp, dist.get_rank(cp_group), x.device)
+        else:
+            pos = torch.arange(seq, device=x.device)
+        kwargs["position_ids"] = pos.unsqueeze(0).expand(x.shape[0], -1)
         return args, kwargs
 
     return hook
@@ -114,14 +123,18 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
         chunks = split_into_chunks(model, stages, mesh["pp"].get_local_rank())
     else:
         chunks = [model]
+    cp_attention = None
+    if dims.cp > 1:
+        from qtrain.parallel.context import apply_context_parallel, context_parallel_attention
+        from qtrain.parallel.mesh import ulysses_degree
+
+        state.cp_group = mesh["cp"].get_group()
+        cp_attention = context_parallel_attention(mesh, p.context_parallel_algo, ulysses_degree(p, dims.cp))
     for chunk in chunks:
         if dims.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], p.sequence_parallel)
-        if dims.cp > 1:
-            from qtrain.parallel.context import apply_context_parallel
-
-            state.cp_group = mesh["cp"].get_group()
-            apply_context_parallel(chunk, state.cp_group)
+        if cp_attention is not None:
+            apply_context_parallel(chunk, cp_attention)
         apply_recompute(chunk, p.recompute_granularity, p.recompute_method, p.recompute_num_layers)
         if offload is not None and offload.cpu_offloading:
             from qtrain.parallel.offload import apply_activation_offload
@@ -130,7 +143,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
         if compile_layers:
             for layer in _layers(chunk):
                 layer.compile()
-        chunk.register_forward_pre_hook(_positions_hook(dims.tp if p.sequence_parallel else 1), with_kwargs=True)
+        chunk.register_forward_pre_hook(_positions_hook(dims.tp if p.sequence_parallel else 1, state.cp_group),
+                                        with_kwargs=True)
     view = stage_view(chunks) if dims.pp > 1 else model
     from qtrain.parallel.offload import offload_policy
 

@@ -99,9 +99,7 @@ def validate_layout(cfg: Any, world_size: int, model_cfg: Optional[Any] = None,
     if p.sequence_parallel and dims.tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards the "
                           "sequence inside tensor-parallel regions); drop it or raise TP")
-    if dims.cp > 1 and dims.pp > 1:
-        raise ConfigError("--context-parallel-size > 1 with --pipeline-model-parallel-size > 1 is not "
-                          "supported by qtrain yet; use one of them")
+    _validate_cp_algo(p, dims)
     if seq_length is not None:
         if dims.cp > 1 and seq_length % (2 * dims.cp):
             raise ConfigError(
@@ -118,6 +116,24 @@ def validate_layout(cfg: Any, world_size: int, model_cfg: Optional[Any] = None,
     return dims
 
 
+def _validate_cp_algo(p: Any, dims: ParallelDims) -> None:
+    algo = getattr(p, "context_parallel_algo", "megatron_cp_algo")
+    u = getattr(p, "ulysses_degree_in_cp", None)
+    if algo == "hybrid_cp_algo":
+        if u is None or u < 1 or dims.cp % u:
+            raise ConfigError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp dividing "
+                              f"--context-parallel-size {dims.cp} (got {u})")
+    elif u is not None:
+        raise ConfigError(f"--ulysses-degree-in-cp {u} applies to --context-parallel-algo hybrid_cp_algo only "
+                          f"(got {algo})")
+
+
+def ulysses_degree(p: Any, cp: int) -> int:
+    """CP ranks per Ulysses all-to-all group: CP for ulysses_cp_algo, 1 for the ring."""
+    algo = getattr(p, "context_parallel_algo", "megatron_cp_algo")
+    return {"megatron_cp_algo": 1, "ulysses_cp_algo": cp}.get(algo) or p.ulysses_degree_in_cp
+
+
 def _validate_model(p: Any, dims: ParallelDims, m: Any) -> None:
     tp = dims.tp
     if m.num_attention_heads % tp:
@@ -126,6 +142,10 @@ def _validate_model(p: Any, dims: ParallelDims, m: Any) -> None:
     if m.num_key_value_heads % tp:
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {m.num_key_value_heads} "
                           f"query groups (--num-query-groups); choose TP <= {m.num_key_value_heads} dividing it")
+    if dims.cp > 1 and ulysses_degree(p, dims.cp) > 1:
+        from qtrain.parallel.ulysses import check_heads
+
+        check_heads(m.num_attention_heads // tp, m.num_key_value_heads // tp, ulysses_degree(p, dims.cp))
     if m.vocab_size % tp:
         raise ConfigError(
             f"vocab size {m.vocab_size} (--padded-vocab-size) is not divisible by --tensor-model-parallel-size "

@@ -85,6 +85,8 @@ class Pipeline:
         self.num_microbatches = num_microbatches
         self._sum_losses = False  # eval_loss wants each micro-batch's loss sum, training its mean
         self._objective_loss = None  # run_objective's loss function while it runs
+        self.inputs: dict[str, torch.Tensor] = {}  # per-row model inputs beside the tokens (see _run)
+        self._cp_scale = 0  # train_step under CP: the CP degree while the target holds whole-row token counts
         if self.is_last:
             chunks[-1].register_forward_hook(_loss_as_vector)
         if num_chunks == 1:
@@ -99,6 +101,8 @@ class Pipeline:
             return self._objective_loss(loss_sum, labels)
         if self._sum_losses:
             return loss_sum.sum()
+        if self._cp_scale:  # context parallel: this slice's sum over the whole micro-batch's count
+            return loss_sum.sum() * self._cp_scale / labels.sum().clamp(min=1)
         return loss_sum.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def _run(self, run, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "sum",
@@ -107,9 +111,11 @@ class Pipeline:
         The labels go to the model as well as to the loss: every chunk of the last rank receives
         them (chunks without the LM head ignore them) and the last stage returns the loss sum
         (or, reduction "none", the per-token losses). The loss function's target: the labels, or
-        `target` (split by micro-batch along dim 0 like them)."""
+        `target` (split by micro-batch along dim 0 like them). `self.inputs` (position_ids, cu_seqlens of
+        packed documents) go to every stage, split the same way."""
         losses: list[torch.Tensor] = []
         model_kwargs = {"labels": labels, "loss_reduction": reduction} if self.is_last else {}
+        model_kwargs |= self.inputs
         run(input_ids if self.is_first else None, target=(labels if target is None else target) if self.is_last
             else None, losses=losses, **model_kwargs)
         return losses
@@ -134,10 +140,18 @@ class Pipeline:
         dist.broadcast(value, group=self.pp_group, group_src=dist.get_world_size(self.pp_group) - 1)
         return value
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, row_tokens: Optional[torch.Tensor] = None,
+                   cp: int = 1) -> torch.Tensor:
         """Forward and backward of [num_microbatches * mbs, S] samples; returns the mean micro-batch
-        loss (fp32, detached) on every pipeline rank. Gradients are the mean over micro-batches."""
-        losses = self._run(self.schedule.step, input_ids, labels)
+        loss (fp32, detached) on every pipeline rank. Gradients are the mean over micro-batches.
+        Under context parallel (`cp` > 1) the samples are this rank's slices and `row_tokens` [rows]
+        each whole row's trained tokens: a micro-batch's loss is its slice's sum over the whole
+        count, times CP (FSDP averages the gradients over the CP ranks)."""
+        self._cp_scale = cp if row_tokens is not None else 0
+        try:
+            losses = self._run(self.schedule.step, input_ids, labels, target=row_tokens)
+        finally:
+            self._cp_scale = 0
         self.sync_tied_grads()
         mean = torch.stack([x.detach().float() for x in losses]).mean() if self.is_last else \
             torch.zeros((), dtype=torch.float32, device=input_ids.device)

@@ -38,8 +38,12 @@ query / kv heads, I = FFN size; everything after "|" is divided by TP (the norm 
                  | bQ + 2bK [q/k/v projections] + bQ + 4n [SDPA output, log-sum-exp] + 2bI [gate, up]
   full           bH [layer input only]; the layer being recomputed adds one "no recompute" layer
 
-Context parallel divides the tokens by CP but each rank keeps the gathered full-length K/V
-(repeated to the query heads for GQA): 2bK becomes 2bQ x CP. 1F1B keeps min(micro-batches, PP)
+Context parallel divides the tokens by CP (per-rank activations fall as 1/CP) and adds, per local
+token, what its attention keeps for the backward (`cp_attention_bytes`): the ring
+(megatron_cp_algo) its float32 output and log-sum-exp, 4Q + 4n | ; Ulysses its q, k, v and output
+re-laid over whole sequences, b(2Q + 2K) | ; hybrid both. The ring's transient is one chunk of
+float32 score blocks at a time (`ring_attention.SCORE_CHUNK_BYTES`, four live copies: scores,
+probabilities, their gradient, a product), whatever the sequence length. 1F1B keeps min(micro-batches, PP)
 micro-batches in flight on the first stage; the interleaved schedule (v chunks) multiplies that
 by 1 + (PP-1)/(PP v), as Megatron's estimate does.
 
@@ -114,19 +118,31 @@ def layer_params(m, tp: int) -> tuple[float, float]:
     return sharded / tp, 2 * h + 2 * m.head_dim
 
 
+def cp_attention_bytes(m, bytes_per_el: int, cp: int, algo: str = "megatron_cp_algo") -> float:
+    """Bytes per local token (before dividing by TP) that context-parallel attention keeps for the
+    backward beyond plain attention's (module doc)."""
+    if cp == 1:
+        return 0.0
+    q, k, n = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim, m.num_attention_heads
+    ring = 4 * q + 4 * n
+    ulysses = bytes_per_el * (2 * q + 2 * k)
+    return {"megatron_cp_algo": ring, "ulysses_cp_algo": ulysses}.get(algo, ring + ulysses)
+
+
 def layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, cp: int = 1,
-                           mode: Optional[str] = None) -> float:
+                           mode: Optional[str] = None, cp_algo: str = "megatron_cp_algo") -> float:
     """Bytes one decoder layer saves for the backward, per local token (formulas in the module doc).
     mode: None (no recompute), "selective" or "full"."""
     b, h = bytes_per_el, m.hidden_size
     n, kv_heads = m.num_attention_heads, m.num_key_value_heads
     q, k, i = n * m.head_dim, kv_heads * m.head_dim, m.intermediate_size
     seq_div = tp if sp else 1
-    kv_sdpa = 2 * b * (q if n != kv_heads else k) * cp if cp > 1 else 2 * b * k
+    kv_sdpa = 2 * b * k + cp_attention_bytes(m, b, cp, cp_algo)
     if mode == "full":
         return b * h / seq_div
     if mode == "selective":
-        return b * h / seq_div + 2 * b * h + (b * q + 2 * b * k + b * q + 4 * n + 2 * b * i) / tp
+        return b * h / seq_div + 2 * b * h + (b * q + 2 * b * k + b * q + 4 * n + 2 * b * i
+                                              + cp_attention_bytes(m, b, cp, cp_algo)) / tp
     return (2 * (4 * h + b * h + 4) / seq_div + 2 * b * h
             + (4 * q + b * q + 4 * k + b * k + 4 * (n + kv_heads) + 2 * b * q + kv_sdpa + 4 * n + 4 * b * i) / tp)
 
@@ -191,6 +207,10 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
         params = n_layers * (lay_sharded + lay_repl) + root
         gathered = params if dims.pp > 1 else root + 2 * (lay_sharded + lay_repl)
         transient = b * gathered + (b * embed if last else 0)
+        if dims.cp > 1 and getattr(p, "context_parallel_algo", "megatron_cp_algo") != "ulysses_cp_algo":
+            from qtrain.parallel.ring_attention import SCORE_CHUNK_BYTES
+
+            transient += 4 * SCORE_CHUNK_BYTES  # the ring's score blocks (module doc)
         acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches, act_off_layers) * tokens
         loss, loss_path = 0.0, ""
         if last:
@@ -229,7 +249,8 @@ def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: 
     `offloaded_layers` layers (--cpu-offloading, one stage) keep theirs in host memory."""
     from qtrain.parallel.recompute import layers_to_recompute
 
-    kw = dict(tp=dims.tp, sp=p.sequence_parallel, cp=dims.cp)
+    kw = dict(tp=dims.tp, sp=p.sequence_parallel, cp=dims.cp,
+              cp_algo=getattr(p, "context_parallel_algo", "megatron_cp_algo"))
     full = layer_activation_bytes(m, b, **kw)
     total = 0.0
     for chunk in chunks:

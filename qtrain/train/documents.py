@@ -1,6 +1,7 @@
 """Megatron's document flags for pretraining (--reset-position-ids, --reset-attention-mask,
---eod-mask-loss): which are on, the end-of-document token they split at, and the layouts that
-carry documents.
+--eod-mask-loss): which are on, and the end-of-document token they split at. Documents travel
+with the batch on every layout (pipeline stages get them beside the tokens; context parallel
+masks by global position and document).
 
 A sample of a pretraining corpus runs across document boundaries; Megatron marks a document's end
 by the EOD token (the tokenizer's eos, what `qtrain preprocess --append-eod` appends), so these
@@ -34,16 +35,3 @@ def eod_token_id(cfg: PretrainConfig) -> int:
         raise ConfigError(f"{flags}: tokenizer {cfg.data.tokenizer_name_or_path} has no eos token (EOD)")
     return int(eod)
 
-
-def check_document_layout(cfg: PretrainConfig) -> None:
-    """Documents travel with each micro-batch's tokens; the pipeline schedule and context parallel
-    do not carry them yet, so those layouts are refused rather than trained across documents."""
-    p, flags = cfg.parallel, document_flags(cfg)
-    if not flags:
-        return
-    if p.pipeline_model_parallel_size > 1:
-        raise ConfigError(f"{', '.join(flags)}: not available with --pipeline-model-parallel-size > 1 yet (the "
-                          "schedule carries only tokens and labels); use --pipeline-model-parallel-size 1")
-    if p.context_parallel_size > 1 and (cfg.data.reset_position_ids or cfg.data.reset_attention_mask):
-        raise ConfigError("--reset-position-ids / --reset-attention-mask: not available with "
-                          "--context-parallel-size > 1 yet; use --context-parallel-size 1")

@@ -29,7 +29,7 @@ from qtrain.config import PretrainConfig, resolve_model_config
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.parallel.batch import BatchPlan, batch_plan
 from qtrain.train import metrics as M
-from qtrain.train.documents import check_document_layout, document_flags, eod_token_id
+from qtrain.train.documents import document_flags, eod_token_id
 from qtrain.train.export import ExportTransform, export_hf, interval_export_dir
 from qtrain.train.optim import build_optimizer, set_lr
 from qtrain.train.plan import check_model_fits, describe_plan
@@ -102,7 +102,6 @@ def _tokenizer_vocab(cfg: PretrainConfig) -> Optional[int]:
 def prepare(cfg: PretrainConfig, world_size: int):
     """Model config and batch plan, checked before anything heavy starts."""
     model_cfg = resolve_model_config(cfg, vocab_size_hint=_tokenizer_vocab(cfg))
-    check_document_layout(cfg)
     check_model_fits(cfg, model_cfg)
     batch = batch_plan(cfg, world_size)
     if cfg.training.train_iters is None:

@@ -35,6 +35,7 @@ def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
         f"  parameters   {n:,} ({n / 1e9:.3f} B)",
         f"  layout       world {world_size} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
         f" x CP {p.context_parallel_size} x DP {batch.data_parallel_size}",
+        *_context_lines(cfg),
         f"  batch        GBS {batch.global_batch_size} = MBS {batch.micro_batch_size} x DP {batch.data_parallel_size}"
         f" x {batch.num_microbatches} accumulation steps; seq {batch.seq_length}; "
         f"{batch.tokens_per_iteration:,} tokens/iteration",
@@ -46,3 +47,16 @@ def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
         "  memory/device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
     ]
     return "\n".join(lines)
+
+
+def _context_lines(cfg) -> list[str]:
+    """The context-parallel algorithm and Megatron's document flags, when given."""
+    from qtrain.train.documents import document_flags
+
+    p, out = cfg.parallel, []
+    if p.context_parallel_size > 1:
+        u = f", Ulysses degree {p.ulysses_degree_in_cp}" if p.context_parallel_algo == "hybrid_cp_algo" else ""
+        out.append(f"  context      CP {p.context_parallel_size} {p.context_parallel_algo}{u}, zigzag load balance")
+    if document_flags(cfg):
+        out.append(f"  documents    split at EOD inside samples: {' '.join(document_flags(cfg))}")
+    return out

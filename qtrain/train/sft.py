@@ -4,8 +4,9 @@ Same flags, parallel layouts and checkpoints as `qtrain pretrain` (qtrain.train.
 MindSpeed-LLM SFT flags below. What changes is plugged into the loop through `LoopHooks`:
 
 - data: `--data-path PREFIX` of the instruction handlers' datasets (qtrain.data.instruction_dataset);
-  packed samples get a block-diagonal causal mask and per-sample positions, so a pack trains
-  exactly like its samples one by one;
+  packed samples carry their boundaries (cu_seqlens: causal attention within each sample, no
+  [S, S] mask) and per-sample positions, so a pack trains exactly like its samples one by one,
+  on every layout;
 - loss: mean cross-entropy over the response tokens (labels != IGNORE_INDEX) of each micro-batch, then
   the mean over micro-batches and data-parallel ranks. This is MindSpeed-LLM's SFT loss (its
   `loss_func`: sum(loss * mask) / mask.sum() per micro-batch, averaged by Megatron across
@@ -109,11 +110,6 @@ def build_hooks(cfg, sft: argparse.Namespace):
         train, valid, _ = build_instruction_datasets(
             paths[0], cfg.data.split, sizes, cfg.data.seq_length, pad_id=0, seed=cfg.training.seed,
             shuffle=not sft.no_shuffle, global_batch_size=plan.global_batch_size if sft.calculate_per_token_loss else None)
-        if train is not None and train.packed and (par.pipeline_model_parallel_size > 1
-                                                   or par.context_parallel_size > 1):
-            raise ConfigError(f"--data-path {paths[0]}: packed samples need the per-sample attention mask, which "
-                              "the pipeline and context-parallel paths do not carry yet; preprocess without "
-                              "--pack, or train with --pipeline-model-parallel-size 1 --context-parallel-size 1")
         return train, valid
 
     if sft.calculate_per_token_loss and par.pipeline_model_parallel_size > 1:

@@ -20,6 +20,7 @@ Loss and gradient norm stay on the device: the loop reads them only when it logs
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -56,6 +57,20 @@ def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def pipeline_inputs(pipeline, micro_batches: Sequence[Batch], device: torch.device):
+    """The micro-batches' position_ids / cu_seqlens (packed documents, CP slices) as inputs of
+    every pipeline stage while the schedule runs."""
+    joined = {k: torch.cat([b[k] for b in micro_batches]) for k in ("position_ids", "cu_seqlens")
+              if micro_batches[0].get(k) is not None}
+    # cu_seqlens stays on the host, where the model reads the document bounds
+    pipeline.inputs = {k: v if k == "cu_seqlens" else v.to(device) for k, v in joined.items()}
+    try:
+        yield
+    finally:
+        pipeline.inputs = {}
+
+
 def loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     """Sum of the token losses of one (already context-sharded) micro-batch, float32: the model's
     chunked LM-head loss, computed inside its forward (where FSDP has gathered the LM head)."""
@@ -71,8 +86,11 @@ def forward_backward(model: torch.nn.Module, state: ParallelState, batch: Batch,
     if objective is not None:  # its own loss (it takes the context-parallel slice itself)
         loss = objective.micro_batch_loss(model, state, batch, device)
     else:
+        # Under context parallel each rank sums the losses of its slice; the weight divides by the
+        # whole micro-batch's tokens, and the CP factor undoes FSDP's gradient mean over CP ranks.
+        count = trained_tokens(batch)
         batch = state.prepare_batch(batch)  # this rank's context-parallel slice, if any
-        loss = loss_weight(loss_sum(model, batch, device), trained_tokens(batch), batch)
+        loss = loss_weight(loss_sum(model, batch, device) * state.dims.cp, count, batch)
     (loss / num_microbatches).backward()
     return loss.detach()
 
@@ -94,9 +112,14 @@ def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.op
         if loss_weight is not mean_loss:
             raise ConfigError("this loss (e.g. --calculate-per-token-loss) is not available with pipeline "
                               "parallelism: the schedule computes each micro-batch's mean token loss")
+        # whole rows' trained tokens, before CP slicing
+        row_tokens = torch.cat([(b["labels"] != IGNORE_INDEX).sum(1) for b in micro_batches]).to(device)
+        micro_batches = [state.prepare_batch(b) for b in micro_batches]
         input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(device)
         labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
-        loss = state.pipeline.train_step(input_ids, labels)
+        with pipeline_inputs(state.pipeline, micro_batches, device):
+            loss = state.pipeline.train_step(input_ids, labels, row_tokens if state.dims.cp > 1 else None,
+                                             state.dims.cp)
     else:
         loss = torch.zeros((), dtype=torch.float32, device=device)
         for i, batch in enumerate(micro_batches):
@@ -118,9 +141,11 @@ def eval_step(model: torch.nn.Module, state: ParallelState, micro_batches: Seque
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     if state.pipeline is not None:
+        micro_batches = [state.prepare_batch(b) for b in micro_batches]
         input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(device)
         labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
-        s, c = state.pipeline.eval_loss(input_ids, labels)
+        with pipeline_inputs(state.pipeline, micro_batches, device):
+            s, c = state.pipeline.eval_loss(input_ids, labels)
         return total + s.double(), count + c.double()
     for batch in micro_batches:
         batch = state.prepare_batch(batch)

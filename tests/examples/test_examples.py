@@ -51,7 +51,7 @@ VARIABLES = (
     "TOKENIZER_PATH TP PP MBS GBS SEQ_LENGTH TRAIN_ITERS LR MIN_LR SAVE_INTERVAL LOG_INTERVAL LOG_DIR "
     "LOG_FILE DEVICE MODEL_SIZE INPUT OUTPUT_PREFIX JSON_KEYS WORKERS HANDLER_NAME PACK PROMPT "
     "MAX_NEW_TOKENS EVAL_DATA_PATH TASK LORA_R LORA_ALPHA LORA_TARGET_MODULES QTRAIN_TINY QTRAIN_PRINT_ONLY "
-    "MAP_KEYS DPO_BETA DPO_LOSS_TYPE"
+    "MAP_KEYS DPO_BETA DPO_LOSS_TYPE CP CP_ALGO ULYSSES_DEGREE"
 ).split()
 
 
@@ -454,3 +454,52 @@ def test_pytorchjob_manifest_runs_an_example_on_every_pod():
         script = re.search(r"/opt/qtrain/(examples/qwen3/\S+\.sh)", command).group(1)
         assert (ROOT / script).is_file() and 'NODE_RANK="$RANK"' in command
         assert any(p["name"] == "pytorchjob-port" for p in container["ports"])
+
+
+# ---------------------------------------------------------------- long sequences (context parallel)
+
+LONG = {"pretrain_qwen3_1.7b_32k.sh": ("1.7b", 32768, 4), "pretrain_qwen3_8b_128k.sh": ("8b", 131072, 8)}
+DOCUMENT_FLAGS = ("--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss")
+
+
+@pytest.mark.parametrize("script", sorted(LONG))
+def test_long_sequence_examples_build_their_layout(script):
+    size, seq, cp = LONG[script]
+    command = printed(script)
+    assert flag(command, "--model-preset").lower() == size and flag(command, "--seq-length") == str(seq)
+    assert flag(command, "--context-parallel-size") == str(cp) and flag(command, "--nproc_per_node") == "8"
+    assert flag(command, "--context-parallel-algo") == "megatron_cp_algo"
+    assert all(f in command for f in DOCUMENT_FLAGS)
+    if size == "8b":
+        assert flag(command, "--rope-scaling-type") == "yarn" and flag(command, "--rope-scaling-factor") == "4"
+        assert flag(command, "--rope-scaling-original-max-position-embeddings") == "32768"
+        assert flag(command, "--pipeline-model-parallel-size") == "1"
+    command = printed(script, CP_ALGO="hybrid_cp_algo", ULYSSES_DEGREE=2)
+    assert flag(command, "--context-parallel-algo") == "hybrid_cp_algo" and flag(command, "--ulysses-degree-in-cp") == "2"
+
+
+def test_1p7b_32k_example_dry_run_and_plan_on_8_devices():
+    """The 1.7B example's own qtrain arguments (seq 32,768): the dry run and `qtrain plan` on 8 devices."""
+    command = printed("pretrain_qwen3_1.7b_32k.sh", TOKENIZER_PATH="")
+    args = command[command.index("pretrain") + 1:]
+    env = {**os.environ, "WORLD_SIZE": "8", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "qtrain", "pretrain", *args, "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 8 = TP 1 x PP 1 x CP 4 x DP 2" in out.stdout and "seq 32768" in out.stdout
+    assert "CP 4 megatron_cp_algo" in out.stdout and "--reset-attention-mask" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "qtrain", "plan", *args, "--world-size", "8",
+                          "--device-memory-gb", "64"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "cp4 on 8 devices, seq 32768" in out.stdout and "fits in 64 GB per device" in out.stdout
+
+
+@pytest.mark.parametrize("script", sorted(LONG))
+def test_long_sequence_examples_train_in_tiny_mode(script, hf_tiny, pretrain_data, work):
+    """Tiny mode: 2 CPU processes as CP 2 (ring), documents split at EOD, one iteration saved."""
+    needs("qtrain.train.pretrain")
+    save = work / "ckpt" / script
+    out = ok(run(script, CKPT_LOAD_DIR=hf_tiny, DATA_PATH=pretrain_data, TOKENIZER_PATH=hf_tiny,
+                 CKPT_SAVE_DIR=save, LOG_DIR=work / "logs", TRAIN_ITERS=1))
+    assert re.search(r"iteration\s+1/\s*1 \|", out), out[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"

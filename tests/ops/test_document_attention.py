@@ -112,7 +112,7 @@ def test_cuda_paths_equal_reference(dtype):
     seq = sum(lengths)
     rows = bounds_row(lengths, seq)[None]
     q, k, v = (torch.randn(1, h, seq, 128, generator=gen) for h in (16, 8, 8))
-    exact = document_attention(q, k, v, Documents.from_sample_bounds(rows))
+    exact = document_attention(q, k, v, Documents.from_sample_bounds(rows))  # the reference on CPU
     qc, kc, vc = (x.to("cuda", dtype) for x in (q, k, v))
     out = document_attention(qc, kc, vc, Documents.from_sample_bounds(rows, torch.device("cuda")))
     rel = 2e-2 if dtype == torch.bfloat16 else 1e-5

@@ -12,7 +12,9 @@ the same losses up to float rounding.
 
 The LM-head loss runs chunked on every layout, as in training, with chunks small enough here that
 each micro-batch's 32 tokens take several (7 per chunk on one device, 14 per vocabulary shard under
-TP 2: uneven tails). A run's "model" entry changes the tiny model (e.g. untied embeddings).
+TP 2: uneven tails); ring attention likewise takes its query rows in chunks of 3 (CP2) or more. A run's "model" entry changes the tiny model (e.g. untied embeddings).
+A run with "docs" packs several documents into each sample (cu_seqlens, per-document positions, no
+label across a document boundary), the same documents for every layout.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from qtrain.models.qwen3 import build_model
 from qtrain.ops import vocab_parallel_linear_cross_entropy
 from qtrain.parallel import build_mesh, parallelize
 from qtrain.parallel.offload import optimizer_offloaded
+from qtrain.ops.document_attention import sample_cu_seqlens
+from qtrain.parallel import ring_attention
 from qtrain.parallel.weights import materialize
 from qtrain.train.optim import build_optimizer
 from qtrain.train.runtime import init_runtime
@@ -43,6 +47,7 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             tie_word_embeddings=True)
 SEQ, GBS, MBS, LR = 16, 8, 2, 3e-3
 CHUNK_LOGITS = 7 * TINY["vocab_size"]  # fp32 logits per chunk: 7 tokens of the whole vocabulary
+RING_SCORE_CHUNK = 4 * MBS * TINY["num_attention_heads"] * 8 * 3  # ring attention: 3 query rows per chunk of 8 keys
 
 
 def full_weights(cfg: Qwen3Config) -> dict[str, torch.Tensor]:
@@ -73,13 +78,32 @@ def make_model(run: dict, world: int, cfg: Qwen3Config):
     return model, state
 
 
-def micro_batches(step: int, vocab: int, state) -> list[dict[str, torch.Tensor]]:
+def global_documents(step: int, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """1 to 5 documents per sample: cu_seqlens, per-document positions, and labels without the
+    token after each document's end (so CP ranks hold unequal numbers of trained tokens)."""
+    gen = torch.Generator().manual_seed(5000 + step)
+    cu, pos, labels = [], [], labels.clone()
+    for row in range(GBS):
+        starts = torch.zeros(SEQ, dtype=torch.bool)
+        starts[torch.randperm(SEQ - 1, generator=gen)[: int(torch.randint(0, 5, (1,), generator=gen))] + 1] = True
+        starts[0] = True
+        index = torch.arange(SEQ)
+        pos.append(index - torch.cummax(torch.where(starts, index, 0), 0).values)
+        cu.append(sample_cu_seqlens(starts))
+        labels[row, :-1][starts[1:]] = -100
+    return {"cu_seqlens": torch.stack(cu), "position_ids": torch.stack(pos), "labels": labels}
+
+
+def micro_batches(step: int, vocab: int, state, docs: bool = False) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of the global batch of `step`."""
     inputs, labels = global_batch(step, vocab)
+    batch = {"input_ids": inputs, "labels": labels}
+    if docs:
+        batch |= global_documents(step, labels)
     per_rank = GBS // state.dp_size
     rows = slice(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
-    inputs, labels = inputs[rows], labels[rows]
-    return [{"input_ids": inputs[m:m + MBS], "labels": labels[m:m + MBS]} for m in range(0, per_rank, MBS)]
+    batch = {k: v[rows] for k, v in batch.items()}
+    return [{k: v[m:m + MBS] for k, v in batch.items()} for m in range(0, per_rank, MBS)]
 
 
 def mean_over_loss_group(value: torch.Tensor, state) -> float:
@@ -89,9 +113,9 @@ def mean_over_loss_group(value: torch.Tensor, state) -> float:
     return float(value) / dist.get_world_size(state.loss_group)
 
 
-def eval_loss(model, state, vocab: int) -> float:
+def eval_loss(model, state, vocab: int, docs: bool = False) -> float:
     """Mean token loss of one held-out global batch (the validation path: forward only)."""
-    total, count = eval_step(model, state, micro_batches(10_000, vocab, state), torch.device("cpu"))
+    total, count = eval_step(model, state, micro_batches(10_000, vocab, state, docs), torch.device("cpu"))
     pair = torch.stack([total, count])
     dist.all_reduce(pair, group=state.loss_group)
     return float(pair[0] / pair[1])
@@ -103,6 +127,7 @@ def main(spec_path: str) -> int:
     world = rt.world_size
     torch.manual_seed(0)
     vocab_parallel_linear_cross_entropy.CHUNK_LOGITS = CHUNK_LOGITS
+    ring_attention.SCORE_CHUNK_BYTES = RING_SCORE_CHUNK
     results = {}
     for run in spec["runs"]:
         t0 = time.time()
@@ -114,15 +139,15 @@ def main(spec_path: str) -> int:
             start = load_checkpoint(run["load"], model, optimizer, load_rng=False).iteration
         losses, norms = [], []
         for step in range(start, run.get("iters", 10)):
-            loss, norm = train_step(model, state, optimizer, micro_batches(step, cfg.vocab_size, state),
-                                    torch.device("cpu"), clip_grad=1.0)
+            batches = micro_batches(step, cfg.vocab_size, state, run.get("docs", False))
+            loss, norm = train_step(model, state, optimizer, batches, torch.device("cpu"), clip_grad=1.0)
             losses.append(mean_over_loss_group(loss, state))
             norms.append(float(norm))
             if run.get("save") and step + 1 == run["save_at"]:
                 save_checkpoint(run["save"], step + 1, model, optimizer, {"iteration": step + 1},
                                 cfg.to_hf_dict(), {"layout": run["name"]})
         results[run["name"]] = {"losses": losses, "grad_norms": norms, "seconds": time.time() - t0,
-                                "eval_loss": eval_loss(model, state, cfg.vocab_size)}
+                                "eval_loss": eval_loss(model, state, cfg.vocab_size, run.get("docs", False))}
     if dist.get_rank() == 0:
         tmp = spec["out"] + ".tmp"
         with open(tmp, "w") as f:

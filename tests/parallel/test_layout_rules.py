@@ -106,8 +106,21 @@ def test_context_parallel_needs_seq_divisible_by_2cp():
     check(cfg(seq=10, context_parallel_size=2), 2, match=r"--seq-length 10 must be divisible by 2 x --context")
 
 
-def test_context_parallel_with_pipeline_is_refused():
-    check(cfg(gbs=2, context_parallel_size=2, pipeline_model_parallel_size=2), 4, match="not supported")
+@pytest.mark.parametrize("parallel, match", [
+    ({"context_parallel_algo": "hybrid_cp_algo"}, "hybrid_cp_algo needs --ulysses-degree-in-cp"),
+    ({"context_parallel_algo": "hybrid_cp_algo", "ulysses_degree_in_cp": 3}, "dividing --context-parallel-size 4"),
+    ({"ulysses_degree_in_cp": 2}, "applies to --context-parallel-algo hybrid_cp_algo only"),
+    ({"context_parallel_algo": "ulysses_cp_algo"}, r"Ulysses degree 4 must divide .* \(4 query, 2 key/value\)"),
+    ({"context_parallel_algo": "hybrid_cp_algo", "ulysses_degree_in_cp": 2, "tensor_model_parallel_size": 2},
+     r"Ulysses degree 2 must divide .* \(2 query, 1 key/value\)"),
+])
+def test_context_parallel_algorithm_rules(parallel, match):
+    check(cfg(context_parallel_size=4, **parallel), 4 * parallel.get("tensor_model_parallel_size", 1), match=match)
+
+
+def test_context_parallel_combines_with_pipeline():
+    validate_layout(cfg(gbs=2, context_parallel_size=2, pipeline_model_parallel_size=2,
+                        context_parallel_algo="ulysses_cp_algo"), 4, Qwen3Config(**TINY))
 
 
 def test_sequence_parallel_needs_tp():

@@ -79,11 +79,8 @@ def test_each_document_of_a_sample_trains_as_if_alone(setup, tokenizer_dir):
     assert abs(plain.losses[1] - float(total / count)) > 1e-3
 
 
-def test_document_flags_refused_where_documents_are_not_carried(setup, tokenizer_dir):
+def test_document_flags_need_the_tokenizers_eod(setup, tokenizer_dir):
     root, _ = setup
-    with pytest.raises(ConfigError, match="--reset-attention-mask.*--pipeline-model-parallel-size"):
-        pretrain(parse_args(argv(root, tokenizer_dir, "--reset-attention-mask", "--pipeline-model-parallel-size", "2",
-                                 "--dry-run")))
     no_tokenizer = [a for a in argv(root, tokenizer_dir, "--eod-mask-loss")
                     if a not in ("--tokenizer-name-or-path", str(tokenizer_dir))]
     with pytest.raises(ConfigError, match="--eod-mask-loss: documents end at the tokenizer's EOD token; give "
