@@ -108,6 +108,10 @@ class TrainingArgs:
     exit_duration_in_mins: Optional[float] = opt(None, "save (with --save) and exit once training has run this long")
     device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
     dry_run: bool = opt(False, "print the plan (model size, layout, batch math, memory) and exit")
+    # --- mixture of experts (qtrain/train/moe.py) ---
+    moe_aux_loss_coeff: Optional[float] = opt(
+        None, "MoE: weight of the load-balancing loss (transformers' formula) added to the training loss; "
+              "default: the model config's router_aux_loss_coef if its output_router_logits is true, else 0")
 
 
 @dataclass

@@ -252,7 +252,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     if kind == "hf":
         from safetensors import safe_open
 
-        from qtrain.models.hf import iter_safetensors, safetensors_files
+        from qtrain.models.hf import iter_model_tensors, safetensors_files
 
         files = safetensors_files(path)
         try:
@@ -263,7 +263,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         except Exception:  # noqa: BLE001  (a broken file: iter_safetensors names it below)
             count = 0
         say(f"loading HF weights from {path}: {count} tensors, {_bytes(files)} in {len(files)} files")
-        _set_full_weights(model, iter_safetensors(path), path, _progress(log, count) if count else None)
+        # Qwen3-MoE per-expert tensors are stacked on the way: one stacked parameter held at a time
+        stacked = model.config.is_moe  # fewer tensors than the files hold: no count to show
+        _set_full_weights(model, iter_model_tensors(path, model.config), path,
+                          _progress(log, count) if count and not stacked else None)
         return Loaded(kind, path)
     if kind == "megatron":
         from qtrain.checkpoint.megatron import MegatronReader
@@ -294,9 +297,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
                                   f"flags, or start from its merged weights with --finetune")
         from qtrain.checkpoint.sources import QtrainSource
 
-        source = QtrainSource(folder)
-        _set_full_weights(model, ((name, source.get(name)) for name in source.names()), folder,
-                          _progress(log, len(source.names())))
+        from qtrain.models.qwen3 import build_model
+
+        source, cfg = QtrainSource(folder), model.config
+        names = [n for n in build_model(cfg, "meta").state_dict()  # the model's names (MoE: stacked experts)
+                 if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+        _set_full_weights(model, ((name, source.get(name)) for name in names), folder, _progress(log, len(names)))
         return Loaded(kind, folder)
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not any(k.startswith("optim.") for k in keys):

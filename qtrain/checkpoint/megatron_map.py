@@ -34,15 +34,21 @@ class ParamSpec:
 
 
 def hf_param_names(cfg: Qwen3Config) -> list[str]:
-    """The HF tensor names of a Qwen3 checkpoint in file order (lm_head only when untied)."""
+    """The HF tensor names of a Qwen3 checkpoint in file order (lm_head only when untied); a
+    Qwen3-MoE sparse layer's experts under their per-expert names (qtrain.models.hf_experts)."""
+    from qtrain.models.hf_experts import per_expert_names
+
     names = ["model.embed_tokens.weight"]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         names += [p + n for n in (
             "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
             "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight",
-            "self_attn.k_norm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-            "mlp.up_proj.weight", "mlp.down_proj.weight")]
+            "self_attn.k_norm.weight", "post_attention_layernorm.weight")]
+        if cfg.is_sparse_layer(i):
+            names += [p + "mlp.gate.weight"] + per_expert_names(p + "mlp.experts", cfg.num_experts)
+        else:
+            names += [p + n for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
