@@ -509,6 +509,9 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.data.data_path:
         parse_data_path(cfg.data.data_path)
     parse_split(cfg.data.split)
+    from qtrain.moe_flags import validate_moe
+
+    validate_moe(cfg.moe)
 
 
 def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = None):
@@ -521,7 +524,9 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
 
     m = cfg.model
     vocab_given = m.padded_vocab_size is not None
+    base_name = None  # what the model's shape comes from, when not from the flags (MoE flags are checked against it)
     if m.model_preset:
+        base_name = f"--model-preset {m.model_preset}"
         from qtrain.models.presets import get_preset
 
         try:
@@ -532,6 +537,7 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
     elif _load_kind(cfg) in ("hf", "qtrain"):
         # An HF dir or a qtrain checkpoint carries its config.json; a Megatron dir is described
         # by the shape flags (as in MindSpeed-LLM scripts) and checked against its tensors at load.
+        base_name = f"--load {cfg.checkpoint.load}"
         if _load_kind(cfg) == "hf":
             base = Qwen3Config.from_json(os.path.join(cfg.checkpoint.load, "config.json"))
         else:
@@ -574,6 +580,9 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
         mult = max(1, m.make_vocab_size_divisible_by) * cfg.parallel.tensor_model_parallel_size
         d["vocab_size"] = -(-vocab_size_hint // mult) * mult
     d["initializer_range"] = m.init_method_std
+    from qtrain.moe_flags import apply_moe_flags
+
+    apply_moe_flags(cfg.moe, d, base_name)
     return Qwen3Config.from_hf_dict(d)
 
 

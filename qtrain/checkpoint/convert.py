@@ -225,14 +225,16 @@ def _use_hf_cfg_dir(source: Source, hf_cfg_dir: str) -> Source:
     cfg = read_hf_config(folder)
     mine = source.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_scaling"):
-        ours, theirs = getattr(mine, field), getattr(cfg, field)
+                  "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_scaling", "num_experts",
+                  "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step"):
+        ours, theirs = getattr(mine, field, None), getattr(cfg, field, None)
         if theirs != ours and not (field == "vocab_size" and theirs < ours):
             raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} in the checkpoint")
     for field, megatron_name in (("rope_theta", "rotary_base"), ("rms_norm_eps", "norm_epsilon"),
-                                 ("max_position_embeddings", "max_position_embeddings")):
-        ours, theirs = getattr(mine, field), getattr(cfg, field)
-        if float(ours) != float(theirs):  # these change the logits (or the usable length), not the shapes
+                                 ("max_position_embeddings", "max_position_embeddings"),
+                                 ("num_experts_per_tok", "moe_router_topk"), ("norm_topk_prob", "norm_topk_prob")):
+        ours, theirs = getattr(mine, field, None), getattr(cfg, field, None)
+        if ours is not None and float(ours) != float(theirs):  # these change the logits (or the usable length), not the shapes
             where = "the checkpoint args' " + megatron_name if source.hf_config is None else "the checkpoint's"
             _warn(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} from {where}; using {theirs}")
     if cfg.vocab_size < mine.vocab_size:

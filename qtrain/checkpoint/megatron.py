@@ -196,6 +196,24 @@ def config_from_args(args: argparse.Namespace, source: str, shapes: dict[str, tu
     return cfg, None
 
 
+# Routing of every published Qwen3-MoE (30B-A3B, 235B-A22B config.json), for args that do not record it
+QWEN3_MOE_ROUTING = {"num_experts_per_tok": 8, "norm_topk_prob": True}
+
+
+def routing_note(args: argparse.Namespace, source: str) -> str | None:
+    """What to tell the user when a MoE checkpoint's args do not say how tokens are routed."""
+    if not getattr(args, "num_experts", None) or isinstance(getattr(args, "qtrain_hf_config", None), dict):
+        return None
+    missing = [name for name, have in (("moe_router_topk", _arg(args, "moe_router_topk")),
+                                       ("norm_topk_prob", _arg(args, "norm_topk_prob", "moe_router_pre_softmax")))
+               if have is None]
+    if not missing:
+        return None
+    return (f"{source}: the checkpoint args do not record {' and '.join(missing)} (MindSpeed-LLM's convert_ckpt_v2 "
+            f"writes neither); using Qwen3-MoE's num_experts_per_tok=8, norm_topk_prob=true. If the model routes "
+            f"otherwise, convert with --hf-cfg-dir <the original HF model dir> to take them from its config.json")
+
+
 # MoE features of Megatron-LM / MindSpeed-LLM that Qwen3-MoE does not have: (field, the value meaning "off")
 _MOE_OFF = ("moe_shared_expert_intermediate_size", "n_shared_experts", "shared_expert_gate",
             "moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_group_topk")
@@ -244,12 +262,19 @@ def _moe_config(args: argparse.Namespace, source: str, shapes: dict[str, tuple[i
     if len(sparse) != layers:
         raise CheckpointError(f"{source}: moe_layer_freq lists {len(sparse)} layers, num_layers is {layers}")
     width = _arg(args, "moe_ffn_hidden_size", "moe_intermediate_size")
-    topk = _arg(args, "moe_router_topk")
-    if not width or not topk:
-        raise CheckpointError(f"{source}: MoE checkpoint args lack moe_ffn_hidden_size / moe_router_topk")
+    if not width:
+        fc1 = shapes.get("decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight")
+        width = fc1[0] * tp // 2 if fc1 else None
+    if not width:
+        raise CheckpointError(f"{source}: MoE checkpoint args lack moe_ffn_hidden_size (moe_intermediate_size)")
+    # convert_ckpt_v2 records neither the top-k nor the renormalisation (its qwen3-moe entry maps no such
+    # key): Qwen3-MoE's published values are taken, and MegatronReader.routing_note says so
+    topk = _arg(args, "moe_router_topk") or QWEN3_MOE_ROUTING["num_experts_per_tok"]
     norm = getattr(args, "norm_topk_prob", None)
-    if norm is None:  # Megatron-LM: softmax after top-k renormalises; before it (pre_softmax) does not
-        norm = not getattr(args, "moe_router_pre_softmax", False)
+    if norm is None and getattr(args, "moe_router_pre_softmax", None) is not None:
+        norm = not args.moe_router_pre_softmax  # Megatron-LM: softmax after top-k renormalises
+    if norm is None:
+        norm = QWEN3_MOE_ROUTING["norm_topk_prob"]
     return dict(num_experts=experts, num_experts_per_tok=topk, moe_intermediate_size=width, norm_topk_prob=bool(norm),
                 decoder_sparse_step=1, mlp_only_layers=[i for i, s in enumerate(sparse) if not s],
                 router_aux_loss_coef=float(_arg(args, "moe_aux_loss_coeff") or 0.001))  # else transformers' default
@@ -393,6 +418,9 @@ class MegatronReader:
         # qtrain's own files carry the HF config; for others, what to say about their rope_theta
         self.rope_theta_note = None if self.hf_config is not None else rope_theta_note(
             self.args, self.config, str(self._path(0, 0)))
+        routing = routing_note(self.args, str(self._path(0, 0)))
+        if routing:  # said wherever the rope_theta note is (same remedy: --hf-cfg-dir)
+            self.rope_theta_note = f"{self.rope_theta_note}\n{routing}" if self.rope_theta_note else routing
         self.seq_length: int | None = _arg(self.args, "seq_length", "encoder_seq_length")  # trained with, if recorded
         dtype = _arg(self.args, "params_dtype", "torch_dtype")  # MindSpeed-LLM keeps HF's "bfloat16" string
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype in _DTYPE_NAMES else dtype

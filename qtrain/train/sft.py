@@ -54,6 +54,10 @@ def sft_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--stage", default="sft", help=argparse.SUPPRESS)
     g.add_argument("--prompt-type", default=None, help=argparse.SUPPRESS)
+    # MindSpeed-LLM's Qwen3-MoE tune scripts: the slow tokenizer (same ids as the fast one qtrain loads;
+    # the data is tokenized by `qtrain preprocess` anyway) and its fused LoRA kernel (an implementation choice)
+    g.add_argument("--tokenizer-not-use-fast", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--lora-fusion", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
