@@ -350,6 +350,9 @@ def main(argv: list[str]) -> int:
               f"{'bf16' if cfg.training.bf16 else 'fp32'}):")
         for layout, est in found[:20]:
             print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB")
+        if any(layout.get("ep", 1) > 1 for layout, _ in found[:20]):
+            print("  (ep > 1: planned; `qtrain pretrain` / `sft` do not implement expert parallelism yet, so train "
+                  "with an ep=1 layout for now)")
         if not found:
             print("  none: raise the device count or memory, or shorten --seq-length")
             states = 16 * model_cfg.num_params / GIB  # fp32 weights, gradients and AdamW moments, fully sharded
