@@ -9,7 +9,7 @@ import pytest
 from qtrain.config import parse_args
 from qtrain.errors import ConfigError
 from qtrain.parallel import moe_plan
-from qtrain.parallel.plan import GIB, estimate_memory, layer_activation_bytes, suggest_layouts
+from qtrain.parallel.plan import estimate_memory, layer_activation_bytes, suggest_layouts
 
 transformers = pytest.importorskip("transformers")
 
