@@ -303,7 +303,7 @@ def rope_theta_note(args: argparse.Namespace, cfg: Qwen3Config, source: str) -> 
     shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "head_dim")
     for name, preset in PRESETS.items():
-        if name != "tiny" and all(getattr(preset, f) == getattr(cfg, f) for f in shape):
+        if not name.startswith("tiny") and all(getattr(preset, f) == getattr(cfg, f) for f in shape):
             if preset.rope_theta == cfg.rope_theta:
                 return None
             return (f"{source}: the checkpoint args say {said}, but this is the shape of Qwen3-{name}, whose "

@@ -24,6 +24,14 @@ IMPLEMENTED = frozenset({
     "rope_scaling", "rope_parameters",
 })
 
+# Mixture-of-experts keys, implemented for model_type "qwen3_moe" only (parity-tested against
+# transformers' Qwen3MoeForCausalLM); in a dense "qwen3" config they are unknown keys, refused.
+# transformers 5 writes num_experts as "num_local_experts" (its attribute_map); both are read.
+MOE_IMPLEMENTED = frozenset({
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits",
+})
+
 # transformers' Qwen3Config value of each implemented key when config.json leaves it out
 # (the same in transformers 4.51 and 5.x; test_hf_config_keys checks them against the installed one).
 HF_DEFAULTS: dict[str, Any] = {
@@ -31,6 +39,15 @@ HF_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768,
     "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
     "initializer_range": 0.02, "bos_token_id": None, "eos_token_id": None,
+}
+
+# transformers' Qwen3MoeConfig defaults (5.x), for a qwen3_moe config.json that leaves keys out. It has
+# no head_dim field: the attention then uses hidden_size // num_attention_heads (None here).
+HF_MOE_DEFAULTS: dict[str, Any] = {
+    **HF_DEFAULTS, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": None,
+    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001, "output_router_logits": False,
 }
 
 _GENERATION = ("a default of transformers-4 generate(), not of the model; qtrain generate takes its "
@@ -90,8 +107,10 @@ def _all_full_attention(v: Any) -> bool:
 # Keys that change the computation when set to anything but the value qtrain computes:
 # name -> (accepts the value?, what qtrain computes / what to do).
 REQUIRED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model_type": (lambda v: v == "qwen3", "qtrain supports 'qwen3' (dense Qwen3) only"),
-    "architectures": (lambda v: v is None or v == ["Qwen3ForCausalLM"], "qtrain builds Qwen3ForCausalLM only"),
+    "model_type": (lambda v: v in ("qwen3", "qwen3_moe"),
+                   "qtrain supports 'qwen3' (dense Qwen3) and 'qwen3_moe' (Qwen3 MoE) only"),
+    "architectures": (lambda v: v is None or v in (["Qwen3ForCausalLM"], ["Qwen3MoeForCausalLM"]),
+                      "qtrain builds Qwen3ForCausalLM and Qwen3MoeForCausalLM only"),
     "hidden_act": (lambda v: v == "silu", "Qwen3's MLP is SwiGLU with silu"),
     "attention_dropout": (lambda v: v in (0, 0.0, None), "qtrain trains without attention dropout"),
     "use_sliding_window": (lambda v: not v, "sliding-window attention is not implemented"),
@@ -114,7 +133,13 @@ REFUSED: dict[str, str] = {
 
 def check_hf_keys(d: dict[str, Any], source: str) -> None:
     """Raise ConfigError naming the first key of `d` qtrain refuses (or does not know)."""
+    moe = d.get("model_type") == "qwen3_moe"
+    arch = d.get("architectures")
+    if arch is not None and arch != (["Qwen3MoeForCausalLM"] if moe else ["Qwen3ForCausalLM"]):
+        raise ConfigError(f"{source}: architectures={arch!r} does not match model_type={d.get('model_type')!r}")
     for key, value in d.items():
+        if moe and key in MOE_IMPLEMENTED:
+            continue
         if key in REFUSED and value not in (None, {}):
             raise ConfigError(f"{source}: {key} is set: {REFUSED[key]}")
         if key in REQUIRED:

@@ -103,6 +103,9 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
+        if cfg.is_moe:  # until the experts block lands (issue 14)
+            from qtrain.errors import ConfigError
+            raise ConfigError("Qwen3-MoE models (num_experts > 0) cannot be built yet")
         self.config = cfg
         self.model = Qwen3Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

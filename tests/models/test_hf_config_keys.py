@@ -53,7 +53,7 @@ TINY = dict(model_type="qwen3", vocab_size=97, hidden_size=32, intermediate_size
 
 # A value other than the one qtrain computes, for each key of keys.REQUIRED.
 BAD_VALUES = {
-    "model_type": "qwen3_moe", "architectures": ["Qwen3ForSequenceClassification"], "hidden_act": "gelu",
+    "model_type": "qwen2_moe", "architectures": ["Qwen3ForSequenceClassification"], "hidden_act": "gelu",
     "attention_dropout": 0.1, "use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"],
     "partial_rotary_factor": 0.5, "is_encoder_decoder": True, "add_cross_attention": True,
     "pruned_heads": {"0": [1]}, "torchscript": True,
