@@ -64,16 +64,12 @@ def hf_param_names(cfg: Qwen3Config) -> list[str]:
 
 def num_experts(cfg: Qwen3Config) -> int:
     """Routed experts per MoE layer; 0 for a dense model."""
-    return getattr(cfg, "num_experts", 0) or 0
+    return cfg.num_experts
 
 
 def is_moe_layer(cfg: Qwen3Config, layer: int) -> bool:
-    """transformers' Qwen3MoeDecoderLayer rule: sparse unless listed in mlp_only_layers, every
-    decoder_sparse_step-th layer."""
-    if not num_experts(cfg):
-        return False
-    return layer not in (getattr(cfg, "mlp_only_layers", None) or []) and \
-        (layer + 1) % (getattr(cfg, "decoder_sparse_step", 1) or 1) == 0
+    """Whether layer `layer` routes to experts (Qwen3Config.is_sparse_layer, transformers' rule)."""
+    return cfg.is_sparse_layer(layer)
 
 
 def expert_names(layer: int, expert: int) -> tuple[str, str, str]:

@@ -36,8 +36,10 @@ def num_experts(m: Any) -> int:
 
 
 def is_moe_layer(m: Any, layer: int) -> bool:
-    """transformers' Qwen3MoeDecoderLayer rule: sparse unless in mlp_only_layers, every
-    decoder_sparse_step-th layer."""
+    """Qwen3Config.is_sparse_layer; for a transformers config (tests, any object with its fields)
+    the same rule: sparse unless in mlp_only_layers, every decoder_sparse_step-th layer."""
+    if hasattr(m, "is_sparse_layer"):
+        return m.is_sparse_layer(layer)
     return bool(num_experts(m)) and layer not in (getattr(m, "mlp_only_layers", None) or []) and \
         (layer + 1) % (getattr(m, "decoder_sparse_step", 1) or 1) == 0
 
