@@ -470,6 +470,11 @@ def _warn_compat(cfg: PretrainConfig) -> None:
                           stacklevel=3)
     if cfg.compat.no_load_rng_state:
         cfg.checkpoint.no_load_rng = True
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
+        # Megatron-LM's validate_args does the same (MindSpeed-LLM's Qwen3-MoE 30B script passes both)
+        warnings.warn("--sequence-parallel with --tensor-model-parallel-size 1: nothing to shard the sequence over; "
+                      "turned off, as Megatron-LM does", stacklevel=3)
+        cfg.parallel.sequence_parallel = False
 
 
 def validate(cfg: PretrainConfig) -> None:
