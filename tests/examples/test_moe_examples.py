@@ -89,3 +89,23 @@ def test_tiny_mode_uses_a_moe_preset_and_arguments_win():
                  CKPT_SAVE_DIR="/s")).strip().split()
     assert flag(out, "--model-preset") == "tiny-moe" and flag(out, "--device") == "cpu"
     assert out[-2:] == ["--lr", "3e-4"] and "--bf16" not in out
+
+
+def test_conversion_scripts_round_trip_exactly(tmp_path):
+    """A tiny transformers Qwen3-MoE: hf -> mg (EP 2, grouped) -> hf with the scripts, given only variables."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                      num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, norm_topk_prob=True)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    ok(run("ckpt_convert_qwen3_moe_hf_to_mg.sh", CKPT_LOAD_DIR=tmp_path / "hf", CKPT_SAVE_DIR=tmp_path / "mg", EP=2,
+           LOG_DIR=tmp_path / "logs"))
+    assert sorted(p.name for p in (tmp_path / "mg" / "iter_0000001").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+    ok(run("ckpt_convert_qwen3_moe_mg_to_hf.sh", CKPT_LOAD_DIR=tmp_path / "mg", CKPT_SAVE_DIR=tmp_path / "back",
+           LOG_DIR=tmp_path / "logs"))
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
