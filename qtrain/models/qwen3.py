@@ -1,4 +1,4 @@
-"""The Qwen3 dense decoder as a plain nn.Module.
+"""The Qwen3 decoder (dense, or mixture-of-experts: qtrain.models.moe) as a plain nn.Module.
 
 Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so HF
 checkpoints load by name and DCP checkpoints read like HF ones. No parallelism, device or
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qtrain.models.config import Qwen3Config
+from qtrain.models.moe import Qwen3MoeExperts, Qwen3MoeRouter, Qwen3MoeSparseMoeBlock, RouterStats, load_balancing_loss
 from qtrain.ops.attention import attention
 from qtrain.ops.linear_cross_entropy import linear_cross_entropy
 from qtrain.ops.rmsnorm import rms_norm
@@ -68,12 +69,13 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Qwen3Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg)
+        # Qwen3-MoE: the experts block on the layers transformers makes sparse, the dense MLP elsewhere
+        self.mlp = Qwen3MoeSparseMoeBlock(cfg) if cfg.is_sparse_layer(layer_idx) else Qwen3MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +91,7 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # Keyed by the global layer index ("0", "1", ...): a pipeline stage keeps a subset under the
         # same keys, so parameter names stay HF names on every layout.
-        self.layers = nn.ModuleDict({str(i): Qwen3DecoderLayer(cfg) for i in range(cfg.num_hidden_layers)})
+        self.layers = nn.ModuleDict({str(i): Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -103,9 +105,6 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
-        if cfg.is_moe:  # until the experts block lands (issue 14)
-            from qtrain.errors import ConfigError
-            raise ConfigError("Qwen3-MoE models (num_experts > 0) cannot be built yet")
         self.config = cfg
         self.model = Qwen3Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -158,6 +157,17 @@ class Qwen3ForCausalLM(nn.Module):
         folded = getattr(self.lm_head, "folded_weight", None)
         return folded() if folded is not None else self.lm_head.weight
 
+    def router_stats(self) -> list[RouterStats]:
+        """The routing statistics of the last forward, one per sparse layer this module holds
+        (a pipeline stage: its own), in layer order; [] for a dense model."""
+        return [layer.mlp.stats for layer in self.model.layers.values()
+                if isinstance(layer.mlp, Qwen3MoeSparseMoeBlock) and layer.mlp.stats is not None]
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """transformers' load-balancing loss of the last forward (qtrain.models.moe); None when dense."""
+        stats = self.router_stats()
+        return load_balancing_loss(stats, self.config.num_experts) if stats else None
+
     @torch.no_grad()
     def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
         """Initialise in place as HF does: linear and embedding weights ~ N(0, std), biases 0,
@@ -173,6 +183,9 @@ class Qwen3ForCausalLM(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, (Qwen3MoeRouter, Qwen3MoeExperts)):
+                for param in module.parameters(recurse=False):
+                    param.normal_(0.0, std, generator=generator)
 
 
 def build_model(cfg: Qwen3Config, device: str | torch.device = "meta") -> Qwen3ForCausalLM:

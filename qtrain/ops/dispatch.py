@@ -195,3 +195,17 @@ def using(spec: str) -> Iterator[dict[str, dict[str, str]]]:
 
 
 configure()
+
+
+# The grouped expert matmul of mixture-of-experts layers (qtrain/ops/moe.py) has no Liger kernel:
+# on CUDA it is torch's own torch._grouped_mm, on Ascend torch_npu's npu_grouped_matmul, on the
+# CPU (and with QTRAIN_OPS=reference) the reference. It sits outside OPS for that reason.
+def grouped_mm_impl(device: torch.device) -> str:
+    """"torch", "npu" or "reference": how qtrain.ops.moe.grouped_mm runs on `device`."""
+    if _SPEC.strip() == "reference":
+        return "reference"
+    if device.type == "cuda" and hasattr(torch, "_grouped_mm"):
+        return "torch"
+    if device.type == "npu" and _NPU is not None:
+        return "npu"
+    return "reference"
