@@ -34,6 +34,7 @@ class ParallelState:
     dims: ParallelDims
     pipeline: Any = None  # qtrain.parallel.pipeline.Pipeline when PP > 1
     cp_group: Optional[dist.ProcessGroup] = None
+    ep: int = 1  # expert parallelism (MoE experts sharded over EP groups of data-parallel ranks)
 
     @property
     def dp_rank(self) -> int:
@@ -87,6 +88,7 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     reduces gradients in fp32; with `--compile`, each decoder layer is torch.compile'd.
     Returns (the module to materialise, optimise and checkpoint on this rank, its ParallelState).
     """
+    from qtrain.parallel import expert
     from qtrain.parallel.fsdp import apply_fsdp, data_parallel_mesh
     from qtrain.parallel.recompute import apply_recompute
     from qtrain.parallel.tensor import apply_tensor_parallel
@@ -98,7 +100,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     bf16 = bool(getattr(training, "bf16", False))
     compile_layers = bool(getattr(training, "compile", False))
     stages = stage_layers(p, model.config.num_hidden_layers)
-    state = ParallelState(mesh, dims)
+    state = ParallelState(mesh, dims, ep=expert.expert_parallel_size(cfg))
+    expert.check_expert_parallel(cfg, dims, model.config)
 
     if dims.pp > 1:
         from qtrain.parallel.pipeline import split_into_chunks, stage_view
@@ -106,6 +109,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
         chunks = split_into_chunks(model, stages, mesh["pp"].get_local_rank())
     else:
         chunks = [model]
+    emesh = expert.expert_mesh(mesh, state.ep) if state.ep > 1 else None
+    experts = expert.apply_expert_parallel(chunks, emesh) if emesh is not None else []
     for chunk in chunks:
         if dims.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], p.sequence_parallel)
@@ -120,6 +125,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
                 layer.compile()
         chunk.register_forward_pre_hook(_positions_hook(dims.tp if p.sequence_parallel else 1), with_kwargs=True)
     view = stage_view(chunks) if dims.pp > 1 else model
+    if experts:  # their own FSDP units first, over the ranks that hold the same experts
+        expert.shard_experts(experts, emesh, bf16, dims.pp == 1)
     apply_fsdp(chunks, _layers(view), data_parallel_mesh(mesh), bf16, reshard_after_forward=dims.pp == 1)
 
     if dims.pp > 1:

@@ -124,10 +124,6 @@ def pretrain(cfg: PretrainConfig, log=print, hooks: Optional[LoopHooks] = None) 
     if cfg.training.dry_run:
         log(dry_run(cfg))
         return TrainResult()
-    if cfg.moe.expert_model_parallel_size > 1:
-        raise ConfigError(f"--expert-model-parallel-size {cfg.moe.expert_model_parallel_size}: expert parallelism is "
-                          f"planned (--dry-run, qtrain plan) but not implemented in training yet; use 1 (experts are "
-                          f"then FSDP-sharded over the data-parallel ranks with --use-distributed-optimizer)")
     rt = init_runtime(cfg.training.device, cfg.compat.distributed_timeout_minutes)
     try:
         return Trainer(cfg, rt, hooks or LoopHooks(), log).run()

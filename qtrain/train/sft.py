@@ -133,6 +133,10 @@ def build_hooks(cfg, sft: argparse.Namespace):
         raise ConfigError("--lora-r: LoRA trains with data parallelism (FSDP) only in this version; "
                           "use --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 "
                           "--context-parallel-size 1")
+    if cfg.moe.expert_model_parallel_size > 1:
+        raise ConfigError(f"--lora-r with --expert-model-parallel-size {cfg.moe.expert_model_parallel_size}: LoRA "
+                          f"with expert parallelism is not supported yet; use --expert-model-parallel-size 1 (experts "
+                          f"FSDP-sharded over the data-parallel ranks)")
     lora = LoRAConfig(r=sft.lora_r, alpha=sft.lora_alpha, dropout=sft.lora_dropout,
                       target_modules=sft.lora_target_modules)
     c = cfg.checkpoint
