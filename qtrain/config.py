@@ -244,7 +244,6 @@ class CompatArgs:
     no_gradient_accumulation_fusion: bool = compat(False, "gradient accumulation is PyTorch's")
     group_query_attention: bool = compat(False, "grouped-query attention follows --num-query-groups")
     qk_layernorm: bool = compat(False, "Qwen3 always has q/k RMSNorm")
-    norm_topk_prob: bool = compat(False, "MoE router option; no effect on dense Qwen3")
     tokenizer_type: str = compat("PretrainedFromHF", "qtrain loads HF tokenizers", "PretrainedFromHF")
     initial_loss_scale: Optional[float] = compat(None, "fp16 loss scaling; bf16 needs none")
     no_shared_storage: bool = compat(False, "checkpoint dirs are assumed visible to every rank")
@@ -261,6 +260,46 @@ class CompatArgs:
 
 
 @dataclass
+class MoeArgs:
+    """Mixture of experts (Qwen3-MoE), in MindSpeed-LLM's names. Shape flags must agree with the model
+    of --model-preset / an HF or qtrain --load (else refused, naming both values); without those
+    they define it (a Megatron --load is then checked against them)."""
+
+    num_experts: Optional[int] = opt(None, "routed experts per MoE layer (HF num_experts)")
+    moe_router_topk: Optional[int] = opt(None, "experts each token is routed to (HF num_experts_per_tok)")
+    moe_ffn_hidden_size: Optional[int] = opt(None, "inner size of each expert's MLP (HF moe_intermediate_size)")
+    norm_topk_prob: Optional[bool] = opt(
+        None, "renormalise each token's top-k routing weights to sum to 1 (HF norm_topk_prob); with a dense "
+              "model it has no effect. Without the flag the model config decides")
+    moe_layer_freq: Optional[str] = opt(
+        None, "which layers are MoE: N (every N-th; 1 or MindSpeed-LLM's -1: every layer) or a list like [0,1,1]; "
+              "must agree with the model's mlp_only_layers / decoder_sparse_step")
+    first_k_dense_replace: Optional[int] = opt(
+        None, "MindSpeed-LLM: the first K layers are dense (-1 or 0: none); must agree with the model")
+    moe_aux_loss_coeff: Optional[float] = opt(
+        None, "weight of the load-balancing loss in the training loss (HF router_aux_loss_coef; default: the "
+              "model config's)")
+    moe_router_load_balancing_type: str = opt(
+        "aux_loss", "load balancing: aux_loss, the Switch-Transformer loss transformers and Megatron compute "
+                    "(the only one qtrain implements)")
+    expert_model_parallel_size: int = opt(
+        1, "expert-parallel degree (EP): each rank of an EP group holds num_experts / EP experts; planned by "
+           "`qtrain plan` and --dry-run, not yet implemented in training (there experts are FSDP-sharded over DP)")
+    moe_grouped_gemm: bool = compat(
+        False, "qtrain always computes experts as grouped GEMMs over tokens sorted by expert (qtrain/ops/moe.py)")
+    moe_token_dispatcher_type: str = compat(
+        "alltoall", "tokens reach their experts by an all-to-all over the EP group (alltoall and MindSpeed-LLM's "
+                    "alltoall_seq name that; others are refused)")
+    moe_permutation_async_comm: bool = compat(
+        False, "overlap of the permutation's communication; qtrain's order of operations is its own")
+    moe_alltoall_overlap_comm: bool = compat(False, "overlap of the all-to-all with compute; qtrain's is its own")
+    gemm_gradient_accumulation_fusion: bool = compat(False, "gradient accumulation is PyTorch's (autograd)")
+    context_parallel_algo: str = compat(
+        "ulysses_cp_algo", "MindSpeed-LLM's context-parallel algorithm; accepted with --context-parallel-size 1 "
+                           "(qtrain's own context parallelism otherwise)")
+
+
+@dataclass
 class PretrainConfig:
     """All options of `qtrain pretrain`, one group per dataclass."""
 
@@ -273,6 +312,7 @@ class PretrainConfig:
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
     offload: OffloadArgs = field(default_factory=OffloadArgs)
     compat: CompatArgs = field(default_factory=CompatArgs)
+    moe: MoeArgs = field(default_factory=MoeArgs)
 
     def to_dict(self) -> dict:
         """Plain nested dict (for qtrain_args.json)."""
@@ -296,9 +336,25 @@ def _group_classes() -> dict[str, type]:
 # Megatron / MindSpeed-LLM flags qtrain does not support, with what to do instead.
 UNSUPPORTED_HINTS: dict[str, str] = {
     "--fp16": "qtrain trains in bf16 (--bf16) or fp32; fp16 loss scaling is not implemented",
-    "--num-experts": "qtrain trains dense Qwen3 models; MoE (Qwen3-30B-A3B style) is not supported",
-    "--moe-router-topk": "MoE is not supported",
-    "--expert-model-parallel-size": "MoE / expert parallelism is not supported",
+    # MoE features Qwen3-MoE does not have, or layouts qtrain does not implement
+    "--noop-layers": "qtrain builds the model's real layers only; spread them over pipeline stages with "
+                     "--num-layer-list (e.g. 94 layers on PP 8: --num-layer-list 11,12,12,12,12,12,12,11)",
+    "--n-shared-experts": "Qwen3-MoE has no shared experts",
+    "--moe-shared-expert-intermediate-size": "Qwen3-MoE has no shared experts",
+    "--moe-router-enable-expert-bias": "Qwen3-MoE's router has no expert bias",
+    "--moe-router-score-function": "Qwen3-MoE routes with a softmax (the only score function qtrain implements)",
+    "--moe-router-topk-scaling-factor": "Qwen3-MoE does not scale routing weights",
+    "--moe-router-num-groups": "group-limited routing is not part of Qwen3-MoE",
+    "--moe-router-group-topk": "group-limited routing is not part of Qwen3-MoE",
+    "--moe-expert-capacity-factor": "qtrain drops no tokens (every token reaches its top-k experts)",
+    "--moe-pad-expert-input-to-capacity": "qtrain drops no tokens and pads no expert input",
+    "--moe-token-drop-policy": "qtrain drops no tokens",
+    "--moe-z-loss-coeff": "the router z-loss is not part of Qwen3-MoE's training loss",
+    "--moe-input-jitter-eps": "router input jitter is not implemented",
+    "--moe-tp-extend-ep": "experts are not split over TP ranks in qtrain",
+    "--expert-tensor-parallel-size": "experts are not split over TP ranks in qtrain",
+    "--moe-zero-memory": "MindSpeed-LLM's MoE activation offload is not implemented; use --recompute-granularity",
+    "--use-fused-moe-token-permute-and-unpermute": "token permutation is qtrain's own (qtrain/ops/moe.py)",
     "--train-samples": "give the run length in iterations with --train-iters",
     "--lr-decay-samples": "give the decay length in iterations with --lr-decay-iters",
     "--lr-warmup-samples": "give warmup in iterations with --lr-warmup-iters or --lr-warmup-fraction",
@@ -464,6 +520,11 @@ def _warn_compat(cfg: PretrainConfig) -> None:
                           stacklevel=3)
     if cfg.compat.no_load_rng_state:
         cfg.checkpoint.no_load_rng = True
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
+        # Megatron-LM's validate_args does the same (MindSpeed-LLM's Qwen3-MoE 30B script passes both)
+        warnings.warn("--sequence-parallel with --tensor-model-parallel-size 1: nothing to shard the sequence over; "
+                      "turned off, as Megatron-LM does", stacklevel=3)
+        cfg.parallel.sequence_parallel = False
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -506,6 +567,9 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.data.data_path:
         parse_data_path(cfg.data.data_path)
     parse_split(cfg.data.split)
+    from qtrain.moe_flags import validate_moe
+
+    validate_moe(cfg.moe)
 
 
 def _validate_long_run(cfg: PretrainConfig) -> None:
@@ -569,7 +633,9 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
 
     m = cfg.model
     vocab_given = m.padded_vocab_size is not None
+    base_name = None  # what the model's shape comes from, when not from the flags (MoE flags are checked against it)
     if m.model_preset:
+        base_name = f"--model-preset {m.model_preset}"
         from qtrain.models.presets import get_preset
 
         try:
@@ -580,6 +646,7 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
     elif _load_kind(cfg) in ("hf", "qtrain"):
         # An HF dir or a qtrain checkpoint carries its config.json; a Megatron dir is described
         # by the shape flags (as in MindSpeed-LLM scripts) and checked against its tensors at load.
+        base_name = f"--load {cfg.checkpoint.load}"
         if _load_kind(cfg) == "hf":
             base = Qwen3Config.from_json(os.path.join(cfg.checkpoint.load, "config.json"))
         else:
@@ -622,6 +689,9 @@ def resolve_model_config(cfg: PretrainConfig, vocab_size_hint: Optional[int] = N
         mult = max(1, m.make_vocab_size_divisible_by) * cfg.parallel.tensor_model_parallel_size
         d["vocab_size"] = -(-vocab_size_hint // mult) * mult
     d["initializer_range"] = m.init_method_std
+    from qtrain.moe_flags import apply_moe_flags
+
+    apply_moe_flags(cfg.moe, d, base_name)
     return Qwen3Config.from_hf_dict(d)
 
 

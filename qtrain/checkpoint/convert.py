@@ -26,6 +26,7 @@ import torch
 
 from qtrain.checkpoint.lock import DirLock
 from qtrain.checkpoint.megatron import RopeThetaWarning, save_megatron, tensor_reads
+from qtrain.checkpoint.megatron_map import num_experts
 from qtrain.checkpoint.sources import MegatronSource, QtrainSource, Source, TrimmedVocab, config_dtype, open_source
 from qtrain.checkpoint.targets import check_distinct, prepare_save_dir
 from qtrain.parallel.stages import parse_num_layer_list
@@ -37,6 +38,7 @@ from qtrain.io_utils import check_writable_dir
 from qtrain.models.hf import read_hf_config
 
 FORMATS = ("hf", "qtrain", "mg")
+MODEL_TYPES_HF = ("qwen3", "qwen3-moe")
 QTRAIN_ARGS_FILE = "qtrain_args.json"  # dcp.ARGS_FILE; not imported from there: importing DCP costs seconds
 PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -60,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iteration to read from a qtrain/mg checkpoint (default: the tracker's)")
     p.add_argument("--lora-load", default=None,
                    help="PEFT LoRA adapter dir (qtrain sft --lora-r, or peft) to merge into the weights")
-    p.add_argument("--model-type-hf", default="qwen3", help="HF model family; only qwen3 is supported")
+    p.add_argument("--model-type-hf", default=None,
+                   help="HF model family, as MindSpeed-LLM names it: qwen3 (dense) or qwen3-moe; checked against "
+                        "the model that is read (default: whichever it is)")
+    p.add_argument("--target-expert-parallel-size", type=int, default=1,
+                   help="EP size of mg output: each EP rank's files hold num_experts / EP experts of every MoE layer "
+                        "(folders mp_rank_TT[_PPP]_EEE)")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="mg output: experts as GroupedMLP's mlp.experts.weight1/weight2 (MindSpeed-LLM's "
+                        "--moe-grouped-gemm layout); without it, per expert (mlp.experts.local_experts.N). mg input: "
+                        "the layout is read from the files, and this flag must agree with it")
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="accepted only equal to --target-tensor-parallel-size (experts split over the same TP ranks "
+                        "as attention, MindSpeed-LLM's default); other values are refused")
     p.add_argument("--params-dtype", choices=sorted(PARAMS_DTYPES), default=None,
                    help="dtype of hf/mg output (default: the dtype the source's config or args declare)")
     p.add_argument("--hf-cfg-dir", default=None,
@@ -74,26 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--transformer-impl", default="local", help=argparse.SUPPRESS)
-    p.add_argument("--target-expert-parallel-size", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.model_type_hf.lower() != "qwen3":
-        raise ConfigError(f"--model-type-hf {args.model_type_hf}: qtrain converts dense Qwen3 only (use qwen3)")
+    if args.model_type_hf is not None and args.model_type_hf.lower() not in MODEL_TYPES_HF:
+        raise ConfigError(f"--model-type-hf {args.model_type_hf}: qtrain converts Qwen3 only (qwen3, or qwen3-moe "
+                          f"for Qwen3-MoE)")
     if args.model_type != "GPT":
         raise ConfigError(f"--model-type {args.model_type}: only GPT (decoder-only) models are supported")
-    if args.target_expert_parallel_size != 1:
-        raise ConfigError("--target-expert-parallel-size: dense Qwen3 has no experts; leave it at 1")
+    etp = args.expert_tensor_parallel_size
+    if etp is not None and etp != args.target_tensor_parallel_size:
+        raise ConfigError(f"--expert-tensor-parallel-size {etp}: qtrain splits experts over the same TP ranks as "
+                          f"attention (--target-tensor-parallel-size {args.target_tensor_parallel_size}); drop the flag")
     if args.save_model_type == "mg" and args.transformer_impl != "local":
         raise ConfigError(f"--transformer-impl {args.transformer_impl}: qtrain writes Megatron files with the local "
                           f"layer spec names (MindSpeed-LLM's qwen3_spec); Transformer Engine names are read, not "
                           f"written. Drop the flag (or pass local)")
     if args.save_model_type != "mg" and (args.target_tensor_parallel_size != 1 or
                                          args.target_pipeline_parallel_size != 1 or args.num_layer_list or
-                                         args.num_layers_per_virtual_pipeline_stage):
+                                         args.num_layers_per_virtual_pipeline_stage or
+                                         args.target_expert_parallel_size != 1):
         raise ConfigError(f"--target-*-parallel-size / --num-layer-list / --num-layers-per-virtual-pipeline-stage "
                           f"apply to mg output only, not --save-model-type {args.save_model_type}")
+    if args.moe_grouped_gemm and "mg" not in (args.load_model_type, args.save_model_type):
+        raise ConfigError("--moe-grouped-gemm: names the expert layout of a Megatron checkpoint; neither "
+                          f"--load-model-type {args.load_model_type} nor --save-model-type {args.save_model_type} is mg")
+
+
+def _check_source(args: argparse.Namespace, source: Source) -> None:
+    """--model-type-hf and (for mg input) --moe-grouped-gemm agree with the checkpoint that was read."""
+    moe = bool(num_experts(source.config))
+    actual = "qwen3-moe" if moe else "qwen3"
+    if args.model_type_hf and args.model_type_hf.lower() != actual:
+        raise ConfigError(f"--model-type-hf {args.model_type_hf}: {args.load_dir} holds a {actual} model"
+                          + (f" ({num_experts(source.config)} experts)" if moe else " (no experts)"))
+    grouped = getattr(source, "grouped", None)
+    if args.load_model_type == "mg" and args.save_model_type != "mg" and moe and args.moe_grouped_gemm != grouped:
+        have = "grouped (mlp.experts.weight1/weight2)" if grouped else "per expert (mlp.experts.local_experts.N)"
+        raise ConfigError(f"--moe-grouped-gemm is {'on' if args.moe_grouped_gemm else 'off'}, but {args.load_dir} "
+                          f"stores its experts {have}; {'drop' if args.moe_grouped_gemm else 'add'} the flag")
 
 
 def main(argv: list[str]) -> int:
@@ -128,6 +162,11 @@ def _convert(args: argparse.Namespace) -> int:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         elif not args.hf_cfg_dir:  # with it, _use_hf_cfg_dir says whether config.json and the args disagree
             _warn(str(w.message))
+    try:
+        _check_source(args, source)
+    except ConfigError:
+        source.close()
+        raise
     seq_length = _trained_seq_length(source)
     if args.hf_cfg_dir:
         source = _use_hf_cfg_dir(source, args.hf_cfg_dir)
@@ -152,6 +191,7 @@ def _convert(args: argparse.Namespace) -> int:
                           vpp_layers=args.num_layers_per_virtual_pipeline_stage)
             with Progress("convert", tensor_reads(source.config, **layout)) as progress:
                 save_megatron(CountedSource(source, progress).get, source.config, args.save_dir, **layout,
+                              ep=args.target_expert_parallel_size, grouped=args.moe_grouped_gemm,
                               dtype=dtype, iteration=iteration, seq_length=seq_length, hf_config=source.hf_config,
                               log=progress.write)
         elif args.save_model_type == "hf":
@@ -193,14 +233,16 @@ def _use_hf_cfg_dir(source: Source, hf_cfg_dir: str) -> Source:
     cfg = read_hf_config(folder)
     mine = source.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_scaling"):
-        ours, theirs = getattr(mine, field), getattr(cfg, field)
+                  "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_scaling", "num_experts",
+                  "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step"):
+        ours, theirs = getattr(mine, field, None), getattr(cfg, field, None)
         if theirs != ours and not (field == "vocab_size" and theirs < ours):
             raise ConfigError(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} in the checkpoint")
     for field, megatron_name in (("rope_theta", "rotary_base"), ("rms_norm_eps", "norm_epsilon"),
-                                 ("max_position_embeddings", "max_position_embeddings")):
-        ours, theirs = getattr(mine, field), getattr(cfg, field)
-        if float(ours) != float(theirs):  # these change the logits (or the usable length), not the shapes
+                                 ("max_position_embeddings", "max_position_embeddings"),
+                                 ("num_experts_per_tok", "moe_router_topk"), ("norm_topk_prob", "norm_topk_prob")):
+        ours, theirs = getattr(mine, field, None), getattr(cfg, field, None)
+        if ours is not None and float(ours) != float(theirs):  # these change the logits (or the usable length), not the shapes
             where = "the checkpoint args' " + megatron_name if source.hf_config is None else "the checkpoint's"
             _warn(f"--hf-cfg-dir {folder}: {field} is {theirs} there but {ours} from {where}; using {theirs}")
     if cfg.vocab_size < mine.vocab_size:

@@ -26,9 +26,11 @@ def iteration_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    """The per-rank folder: the PP suffix appears only when PP > 1, as in Megatron."""
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """The per-rank folder, as Megatron's get_checkpoint_name and MindSpeed-LLM's convert_ckpt_v2
+    name it: `mp_rank_TT`, then `_PPP` only when PP > 1, then `_EEE` only when EP > 1."""
+    return (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
+            + (f"_{ep_rank:03d}" if ep_size > 1 else ""))
 
 
 def read_tracker(ckpt_dir: str | Path, missing_ok: bool = False) -> int | str | None:

@@ -233,6 +233,7 @@ class MegatronSource:
         self.hf_config = self._reader.hf_config
         self.iteration = self._reader.iteration
         self.seq_length = self._reader.seq_length
+        self.grouped = self._reader.grouped  # the experts' layout (MoE)
         if self._reader.rope_theta_note:  # the config is taken from here: say where its rope_theta came from
             warnings.warn(self._reader.rope_theta_note, RopeThetaWarning, stacklevel=2)
         self.tokenizer_dir = None

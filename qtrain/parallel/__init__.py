@@ -35,6 +35,7 @@ class ParallelState:
     dims: ParallelDims
     pipeline: Any = None  # qtrain.parallel.pipeline.Pipeline when PP > 1
     cp_group: Optional[dist.ProcessGroup] = None
+    ep: int = 1  # expert parallelism (MoE experts sharded over EP groups of data-parallel ranks)
 
     @property
     def dp_rank(self) -> int:
@@ -98,6 +99,7 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     (qtrain.parallel.offload): optimizer state and chosen layers' activations in host memory.
     Returns (the module to materialise, optimise and checkpoint on this rank, its ParallelState).
     """
+    from qtrain.parallel import expert
     from qtrain.parallel.fsdp import apply_fsdp, data_parallel_mesh
     from qtrain.parallel.recompute import apply_recompute
     from qtrain.parallel.tensor import apply_tensor_parallel
@@ -109,13 +111,18 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     bf16 = bool(getattr(training, "bf16", False))
     compile_layers = bool(getattr(training, "compile", False))
     stages = stage_layers(p, model.config.num_hidden_layers)
-    state = ParallelState(mesh, dims)
+    state = ParallelState(mesh, dims, ep=expert.expert_parallel_size(cfg))
+    expert.check_expert_parallel(cfg, dims, model.config)
     offload = getattr(cfg, "offload", None)  # --optimizer-cpu-offload, --cpu-offloading
     if offload is not None and offload.cpu_offloading and \
             offload.cpu_offloading_num_layers >= model.config.num_hidden_layers:
         raise ConfigError(f"--cpu-offloading-num-layers {offload.cpu_offloading_num_layers} must be below the "
                           f"{model.config.num_hidden_layers} decoder layers (the last layer's activations are used "
                           f"at once), as in Megatron")
+    if offload is not None and offload.optimizer_offloaded and state.ep > 1:
+        raise ConfigError("--optimizer-cpu-offload / --swap-optimizer with --expert-model-parallel-size > 1 is not "
+                          "supported yet (the experts' FSDP units would keep their optimizer state on the device); "
+                          "use one of them")
 
     if dims.pp > 1:
         from qtrain.parallel.pipeline import split_into_chunks, stage_view
@@ -130,6 +137,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
 
         state.cp_group = mesh["cp"].get_group()
         cp_attention = context_parallel_attention(mesh, p.context_parallel_algo, ulysses_degree(p, dims.cp))
+    emesh = expert.expert_mesh(mesh, state.ep) if state.ep > 1 else None
+    experts = expert.apply_expert_parallel(chunks, emesh) if emesh is not None else []
     for chunk in chunks:
         if dims.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], p.sequence_parallel)
@@ -148,6 +157,8 @@ def parallelize(model: nn.Module, mesh, cfg: Any, *, device: Optional[torch.devi
     view = stage_view(chunks) if dims.pp > 1 else model
     from qtrain.parallel.offload import offload_policy
 
+    if experts:  # their own FSDP units first, over the ranks that hold the same experts
+        expert.shard_experts(experts, emesh, bf16, dims.pp == 1)
     apply_fsdp(chunks, _layers(view), data_parallel_mesh(mesh), bf16, reshard_after_forward=dims.pp == 1,
                offload_policy=offload_policy(offload is not None and offload.optimizer_offloaded, mesh.device_type))
 

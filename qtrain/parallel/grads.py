@@ -50,7 +50,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state) -> torch.Tensor:
     """Scale gradients so their global norm is at most max_norm (0: only measure); returns the
     norm before clipping as a float32 tensor on the parameters' device."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if state.dims.tp == 1 and state.dims.pp == 1:
+    if state.dims.tp == 1 and state.dims.pp == 1 and getattr(state, "ep", 1) == 1:  # one mesh for every gradient
         return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)).float()
     norm = grad_norm(model, state)
     if max_norm > 0 and norm > max_norm:

@@ -58,6 +58,8 @@ layers' activations.
 These formulas count the tensors autograd saves for qtrain's layer (no dropout, flash or
 efficient SDPA, whose output is laid out [B, S, heads, D] so o_proj reads it without a copy). tests/parallel/test_plan.py checks them against the bytes saved by the
 tiny model on CPU; the GPU peak of Qwen3-1.7B is in benchmarks/results when it was measured.
+
+Qwen3-MoE layers (router, experts, expert parallelism, all-to-all buffers): parallel/moe_plan.py.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class MemoryEstimate:
     stage: int = 0  # the pipeline stage (rank) described
     reference: float = 0.0  # preference training's frozen reference copy (qtrain dpo)
     host: float = 0.0  # pinned host memory per rank (offloaded optimizer state, activations), not in `total`
+    ep: int = 1  # expert parallelism (MoE)
+    params: float = 0.0  # parameters held by the stage (experts: the EP rank's share), before FSDP sharding
 
     @property
     def total(self) -> float:
@@ -108,10 +112,11 @@ class MemoryEstimate:
         return self.total <= device_memory_gb * GIB * (1 - reserve)
 
 
-def layer_params(m, tp: int) -> tuple[float, float]:
-    """(TP-sharded, replicated) parameter counts of one decoder layer on one TP rank."""
-    h, q, k, i = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim, \
-        m.intermediate_size
+def layer_params(m, tp: int, ffn: Optional[int] = None) -> tuple[float, float]:
+    """(TP-sharded, replicated) parameter counts of one decoder layer on one TP rank; `ffn`: the dense
+    MLP's width (default intermediate_size; 0 for a MoE layer, whose experts moe_plan counts)."""
+    h, q, k = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    i = m.intermediate_size if ffn is None else ffn
     sharded = h * q * 2 + h * k * 2 + 3 * h * i
     if m.attention_bias:
         sharded += q + 2 * k
@@ -130,12 +135,26 @@ def cp_attention_bytes(m, bytes_per_el: int, cp: int, algo: str = "megatron_cp_a
 
 
 def layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, cp: int = 1,
-                           mode: Optional[str] = None, cp_algo: str = "megatron_cp_algo") -> float:
+                           mode: Optional[str] = None, cp_algo: str = "megatron_cp_algo",
+                           layer: Optional[int] = None) -> float:
     """Bytes one decoder layer saves for the backward, per local token (formulas in the module doc).
-    mode: None (no recompute), "selective" or "full"."""
+    mode: None (no recompute), "selective" or "full". `layer`: its index, which says whether it is a
+    MoE layer (router and experts instead of the dense MLP; moe_plan)."""
+    from qtrain.parallel import moe_plan
+
+    if layer is not None and moe_plan.is_moe_layer(m, layer):
+        return _layer_activation_bytes(m, bytes_per_el, tp, sp, cp, mode, cp_algo, ffn=0) + \
+            moe_plan.mlp_activation_bytes(m, bytes_per_el, tp, sp, mode)
+    return _layer_activation_bytes(m, bytes_per_el, tp, sp, cp, mode, cp_algo)
+
+
+def _layer_activation_bytes(m, bytes_per_el: int, tp: int = 1, sp: bool = False, cp: int = 1,
+                            mode: Optional[str] = None, cp_algo: str = "megatron_cp_algo",
+                            ffn: Optional[int] = None) -> float:
     b, h = bytes_per_el, m.hidden_size
     n, kv_heads = m.num_attention_heads, m.num_key_value_heads
-    q, k, i = n * m.head_dim, kv_heads * m.head_dim, m.intermediate_size
+    q, k = n * m.head_dim, kv_heads * m.head_dim
+    i = m.intermediate_size if ffn is None else ffn
     seq_div = tp if sp else 1
     kv_sdpa = 2 * b * k + cp_attention_bytes(m, b, cp, cp_algo)
     if mode == "full":
@@ -198,19 +217,33 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
     tokens = mbs * seq // dims.cp
     lay_sharded, lay_repl = layer_params(m, tp)
     embed = m.vocab_size * m.hidden_size / tp
+    from qtrain.parallel import moe_plan
+
+    moe = getattr(cfg, "moe", None)
+    ep = getattr(moe, "expert_model_parallel_size", 1) or 1
+    moe_plan.check_ep(m, ep, dims.dp, dims.cp)
+    moe_sharded, _ = layer_params(m, tp, ffn=0)
+    moe_repl = lay_repl + moe_plan.router_params(m)
+    local_experts = moe_plan.expert_params(m) / ep if moe_plan.num_experts(m) else 0.0
     best: Optional[MemoryEstimate] = None
     for rank, chunks in enumerate(stages):
         first, last = rank == 0, rank == len(stages) - 1
-        n_layers = sum(len(c) for c in chunks)
+        layers = [i for c in chunks for i in c]
+        n_moe = sum(moe_plan.is_moe_layer(m, i) for i in layers)
         root = (embed if first else 0) + ((m.hidden_size + (0 if m.tie_word_embeddings and first else embed))
                                           if last else 0)
-        params = n_layers * (lay_sharded + lay_repl) + root
-        gathered = params if dims.pp > 1 else root + 2 * (lay_sharded + lay_repl)
-        transient = b * gathered + (b * embed if last else 0)
+        dense = (len(layers) - n_moe) * (lay_sharded + lay_repl) + n_moe * (moe_sharded + moe_repl) + root
+        experts = n_moe * local_experts  # EP rank's experts, sharded further by expert-FSDP
+        params = dense + experts
+        biggest = max(moe_sharded + moe_repl + local_experts if n_moe else 0, lay_sharded + lay_repl)
+        gathered = params if dims.pp > 1 else root + 2 * biggest
+        transient = b * gathered + (b * embed if last else 0) + \
+            (moe_plan.a2a_buffer_bytes(m, tokens, b, ep) if n_moe else 0)
         if dims.cp > 1 and getattr(p, "context_parallel_algo", "megatron_cp_algo") != "ulysses_cp_algo":
             from qtrain.parallel.ring_attention import SCORE_CHUNK_BYTES
 
             transient += 4 * SCORE_CHUNK_BYTES  # the ring's score blocks (module doc)
+        state = dense / fsdp_ways + experts * ep / moe_plan.expert_ways(ep, fsdp_ways)
         acts = _stage_activations(m, p, dims, chunks, rank, b, num_microbatches, act_off_layers) * tokens
         loss, loss_path = 0.0, ""
         if last:
@@ -222,19 +255,18 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
                 loss = working_bytes(tokens, m.vocab_size // tp, m.hidden_size, b, p.sequence_parallel and tp > 1)
                 loss_path = f"chunked per token, {min(tokens, chunk_tokens(m.vocab_size // tp))} tokens per chunk" \
                     + (", vocab-parallel" if tp > 1 else "")
-        states = 16 * params / fsdp_ways  # fp32 weights, grads, AdamW exp_avg + exp_avg_sq
         if opt_off:  # on the host; the device holds the shards of the units in use
-            unit = lay_sharded + lay_repl
-            transient += 4 * (root + 2 * unit) / fsdp_ways + 4 * max(root, unit) / fsdp_ways
+            transient += 4 * (root + 2 * biggest) / fsdp_ways + 4 * max(root, biggest) / fsdp_ways
         on_device = 0.0 if opt_off else 1.0
-        host = (states if opt_off else 0.0) + \
-            act_off_layers * layer_activation_bytes(m, b, tp=tp, sp=p.sequence_parallel, cp=dims.cp) * tokens
+        host = (16 * state if opt_off else 0.0) + act_off_layers * layer_activation_bytes(
+            m, b, tp=tp, sp=p.sequence_parallel, cp=dims.cp, cp_algo=getattr(p, "context_parallel_algo",
+                                                                               "megatron_cp_algo")) * tokens
         # Gradient accumulation keeps whole fp32 gradients on the device (offloaded or not) until the last
         # micro-batch's reduce-scatter (see "grads" above).
         accumulated = 4 * params if num_microbatches > 1 or dims.pp > 1 else 0.0
-        est = MemoryEstimate(on_device * states / 4, max(on_device * states / 4, accumulated), on_device * states / 2,
+        est = MemoryEstimate(on_device * 4 * state, max(on_device * 4 * state, accumulated), on_device * 8 * state,
                              transient, acts, loss, dims, loss_path, rank,
-                             b * params / fsdp_ways if reference_copy else 0.0, host)
+                             b * state if reference_copy else 0.0, host=host, ep=ep, params=params)
         if stage is not None and rank == stage % len(stages):
             return est
         if best is None or est.total > best.total:
@@ -251,15 +283,15 @@ def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: 
 
     kw = dict(tp=dims.tp, sp=p.sequence_parallel, cp=dims.cp,
               cp_algo=getattr(p, "context_parallel_algo", "megatron_cp_algo"))
-    full = layer_activation_bytes(m, b, **kw)
+    full = max((layer_activation_bytes(m, b, layer=i, **kw) for c in chunks for i in c), default=0.0)
     total = 0.0
     for chunk in chunks:
         recomputed = set(layers_to_recompute(len(chunk), p.recompute_granularity, p.recompute_method,
                                              p.recompute_num_layers))
         mode = p.recompute_granularity
         total += sum(0.0 if j < offloaded_layers else
-                     layer_activation_bytes(m, b, mode=mode, **kw) if j in recomputed else full
-                     for j in range(len(chunk)))
+                     layer_activation_bytes(m, b, mode=mode if j in recomputed else None, layer=i, **kw)
+                     for j, i in enumerate(chunk))
     if offloaded_layers:
         total += full  # the layer whose tensors are on their way out (forward) or back (backward)
     in_flight = 1
@@ -274,8 +306,8 @@ def _stage_activations(m, p, dims: ParallelDims, chunks: list[list[int]], rank: 
 def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float,
                     **estimate_kwargs: Any) -> list[tuple[dict, MemoryEstimate]]:
     """Layouts of `devices` devices (TP, PP, CP powers of two, FSDP on or off, recompute none /
-    selective / full) that fit, fewest model-parallel ways and least recompute first
-    (`estimate_kwargs`: estimate_memory's, e.g. preference training's). When none fits, the same
+    selective / full; for a MoE model EP too) that fit, fewest model-parallel ways and least recompute
+    first (`estimate_kwargs`: estimate_memory's, e.g. preference training's). When none fits, the same
     search with the optimizer state in host memory (--optimizer-cpu-offload), then also with the
     activations of all but the last layer there (--cpu-offloading, without PP and recompute)."""
     import copy
@@ -296,43 +328,48 @@ def suggest_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float,
 def _search_layouts(model_cfg, cfg: Any, devices: int, device_memory_gb: float, activation_offload: bool,
                     **estimate_kwargs: Any) -> list[tuple[dict, MemoryEstimate]]:
     import copy
+    import itertools
+
+    from qtrain.parallel.moe_plan import num_experts
 
     off = getattr(cfg, "offload", None)
     out = []
     pw = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= devices]
-    for tp in pw:
-        for pp in pw:
-            for cp in pw:
-                if devices % (tp * pp * cp):
+    eps = [x for x in pw if num_experts(model_cfg) % x == 0] if num_experts(model_cfg) else [1]
+    for tp, pp, cp, ep in itertools.product(pw, pw, pw, eps):
+        if devices % (tp * pp * cp) or (devices // (tp * pp)) % ep:
+            continue
+        if activation_offload and pp > 1:
+            continue
+        for fsdp in (True, False):
+            for rec in ((None,) if activation_offload else (None, "selective", "full")):
+                c = copy.deepcopy(cfg)
+                q = c.parallel
+                q.tensor_model_parallel_size, q.pipeline_model_parallel_size = tp, pp
+                q.context_parallel_size, q.use_distributed_optimizer = cp, fsdp
+                q.sequence_parallel = tp > 1
+                q.num_layers_per_virtual_pipeline_stage, q.num_layer_list = None, None
+                q.recompute_granularity = rec
+                q.recompute_method, q.recompute_num_layers = ("uniform", 1) if rec == "full" else (None, None)
+                if hasattr(c, "moe"):
+                    c.moe.expert_model_parallel_size = ep
+                if pp > 1 and (c.training.global_batch_size or 0) < c.training.micro_batch_size * pp * (
+                        devices // (tp * pp * cp)):
+                    c.training.global_batch_size = c.training.micro_batch_size * pp * (devices // (tp * pp * cp))
+                try:
+                    est = estimate_memory(model_cfg, c, devices, **estimate_kwargs)
+                except ConfigError:
                     continue
-                if activation_offload and pp > 1:
-                    continue
-                for fsdp in (True, False):
-                    for rec in ((None,) if activation_offload else (None, "selective", "full")):
-                        c = copy.deepcopy(cfg)
-                        q = c.parallel
-                        q.tensor_model_parallel_size, q.pipeline_model_parallel_size = tp, pp
-                        q.context_parallel_size, q.use_distributed_optimizer = cp, fsdp
-                        q.sequence_parallel = tp > 1
-                        q.num_layers_per_virtual_pipeline_stage, q.num_layer_list = None, None
-                        q.recompute_granularity = rec
-                        q.recompute_method, q.recompute_num_layers = ("uniform", 1) if rec == "full" else (None, None)
-                        if pp > 1 and (c.training.global_batch_size or 0) < c.training.micro_batch_size * pp * (
-                                devices // (tp * pp * cp)):
-                            c.training.global_batch_size = c.training.micro_batch_size * pp * (devices // (tp * pp * cp))
-                        try:
-                            est = estimate_memory(model_cfg, c, devices, **estimate_kwargs)
-                        except ConfigError:
-                            continue
-                        if est.fits(device_memory_gb):
-                            layout = {"tp": tp, "pp": pp, "cp": cp, "dp": devices // (tp * pp * cp),
-                                      "distributed_optimizer": fsdp, "sequence_parallel": tp > 1,
-                                      "recompute": rec or "none"}
-                            if off is not None and off.optimizer_offloaded:
-                                layout["optimizer_cpu_offload"] = True
-                            if off is not None and off.cpu_offloading:
-                                layout["cpu_offloading_num_layers"] = off.cpu_offloading_num_layers
-                            out.append((layout, est))
+                if est.fits(device_memory_gb):
+                    layout = {"tp": tp, "pp": pp, "cp": cp, **({"ep": ep} if len(eps) > 1 else {}),
+                              "dp": devices // (tp * pp * cp),
+                              "distributed_optimizer": fsdp, "sequence_parallel": tp > 1,
+                              "recompute": rec or "none"}
+                    if off is not None and off.optimizer_offloaded:
+                        layout["optimizer_cpu_offload"] = True
+                    if off is not None and off.cpu_offloading:
+                        layout["cpu_offloading_num_layers"] = off.cpu_offloading_num_layers
+                    out.append((layout, est))
     cost = {"none": 0, "selective": 1, "full": 2}
     out.sort(key=lambda le: (le[0]["tp"] * le[0]["pp"] * le[0]["cp"], cost[le[0]["recompute"]],
                              not le[0]["distributed_optimizer"], le[1].total))
@@ -397,13 +434,18 @@ def main(argv: list[str]) -> int:
                   + (f", host {est.host / GIB:.1f} GiB per rank" if est.host else ""))
         if not found:
             print("  none: raise the device count or memory, or shorten --seq-length")
+            states = 16 * model_cfg.num_params / GIB  # fp32 weights, gradients and AdamW moments, fully sharded
+            print(f"  (weights, gradients and optimizer state alone take {states:,.0f} GiB: at least "
+                  f"{-(-states // (ns.device_memory_gb * 0.95 * 1e9 / GIB)):.0f} devices of {ns.device_memory_gb:g} GB)")
         return 0 if found else 1
     world = ns.world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
     est = estimate_memory(model_cfg, cfg, world, **pairs)
     last = estimate_memory(model_cfg, cfg, world, stage=-1, **pairs)
-    print(f"Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, layout "
-          f"{est.dims.describe()} on {world} devices, seq {cfg.data.seq_length}, "
+    experts = getattr(model_cfg, "num_experts", 0) or 0
+    print(f"Qwen3{'-MoE' if experts else ''} {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}"
+          + (f", {experts} experts (top-{model_cfg.num_experts_per_tok})" if experts else "") + ", layout "
+          f"{est.dims.describe()}{f' (EP {est.ep})' if est.ep > 1 else ''} on {world} devices, seq {cfg.data.seq_length}, "
           f"MBS {cfg.training.micro_batch_size}{' pairs' if pairs else ''}, "
           f"recompute {p.recompute_granularity or 'none'}; {describe(model_cfg.rope_theta, model_cfg.rope_scaling)}")
     print(format_estimate(est, ns.device_memory_gb, last))

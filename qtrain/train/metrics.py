@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 def flops_per_token(cfg, seq_length: int) -> float:
     """Training FLOPs per token (forward + backward), anchors.md convention; `cfg.num_params`
-    counts the tied embedding once."""
+    counts the tied embedding once. A MoE token passes through its router and top-k experts only
+    (`num_active_params`; the router's own FLOPs are in it)."""
     return 6.0 * cfg.num_active_params + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
 
 

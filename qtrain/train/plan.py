@@ -29,12 +29,16 @@ def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
         "qtrain pretrain plan (dry run: nothing is trained)",
         f"  model        Qwen3 {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, "
         f"ffn {model_cfg.intermediate_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_key_value_heads} kv, "
-        f"head dim {model_cfg.head_dim}, vocab {model_cfg.vocab_size}, tied {model_cfg.tie_word_embeddings}",
+        f"head dim {model_cfg.head_dim}, vocab {model_cfg.vocab_size}, tied {model_cfg.tie_word_embeddings}"
+        + (f"; {model_cfg.num_experts} experts of width {model_cfg.moe_intermediate_size}, top-"
+           f"{model_cfg.num_experts_per_tok}, in {len(model_cfg.sparse_layers)} of {model_cfg.num_hidden_layers} "
+           f"layers" if getattr(model_cfg, "is_moe", False) else ""),
         f"  positions    {rope_describe(model_cfg.rope_theta, model_cfg.rope_scaling)}; "
         f"max_position_embeddings {model_cfg.max_position_embeddings}",
-        f"  parameters   {n:,} ({n / 1e9:.3f} B)",
+        f"  parameters   {n:,} ({n / 1e9:.3f} B)" + (
+            f"; {model_cfg.num_active_params:,} active per token" if getattr(model_cfg, "is_moe", False) else ""),
         f"  layout       world {world_size} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
-        f" x CP {p.context_parallel_size} x DP {batch.data_parallel_size}",
+        f" x CP {p.context_parallel_size} x DP {batch.data_parallel_size}" + _expert_layout(cfg, model_cfg),
         *_context_lines(cfg),
         f"  batch        GBS {batch.global_batch_size} = MBS {batch.micro_batch_size} x DP {batch.data_parallel_size}"
         f" x {batch.num_microbatches} accumulation steps; seq {batch.seq_length}; "
@@ -60,3 +64,13 @@ def _context_lines(cfg) -> list[str]:
     if document_flags(cfg):
         out.append(f"  documents    split at EOD inside samples: {' '.join(document_flags(cfg))}")
     return out
+
+
+def _expert_layout(cfg, model_cfg) -> str:
+    """How experts are spread (MoE): FSDP over data-parallel ranks, or EP groups of them."""
+    if not getattr(model_cfg, "is_moe", False):
+        return ""
+    ep = cfg.moe.expert_model_parallel_size
+    if ep == 1:
+        return "; experts FSDP-sharded over DP" if cfg.parallel.use_distributed_optimizer else "; experts replicated"
+    return f"; experts over EP {ep} (tokens dispatched by all-to-all), FSDP over the rest of DP"

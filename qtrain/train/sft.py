@@ -55,6 +55,10 @@ def sft_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--stage", default="sft", help=argparse.SUPPRESS)
     g.add_argument("--prompt-type", default=None, help=argparse.SUPPRESS)
+    # MindSpeed-LLM's Qwen3-MoE tune scripts: the slow tokenizer (same ids as the fast one qtrain loads;
+    # the data is tokenized by `qtrain preprocess` anyway) and its fused LoRA kernel (an implementation choice)
+    g.add_argument("--tokenizer-not-use-fast", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--lora-fusion", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -128,6 +132,10 @@ def build_hooks(cfg, sft: argparse.Namespace):
         raise ConfigError("--lora-r: LoRA trains with data parallelism (FSDP) only in this version; "
                           "use --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 "
                           "--context-parallel-size 1")
+    if cfg.moe.expert_model_parallel_size > 1:
+        raise ConfigError(f"--lora-r with --expert-model-parallel-size {cfg.moe.expert_model_parallel_size}: LoRA "
+                          f"with expert parallelism is not supported yet; use --expert-model-parallel-size 1 (experts "
+                          f"FSDP-sharded over the data-parallel ranks)")
     lora = LoRAConfig(r=sft.lora_r, alpha=sft.lora_alpha, dropout=sft.lora_dropout,
                       target_modules=sft.lora_target_modules)
     c = cfg.checkpoint

@@ -134,7 +134,7 @@ def test_reader_refuses_non_qwen3_args_and_untrusted_pickle(tmp_path):
     del obj["args"].qtrain_hf_config
     obj["args"].normalization = "LayerNorm"
     torch.save(obj, path)
-    with pytest.raises(ConfigError, match="not a dense Qwen3 checkpoint: normalization='LayerNorm'"):
+    with pytest.raises(ConfigError, match="not a Qwen3 checkpoint: normalization='LayerNorm'"):
         MegatronReader(mg)
     obj["args"].normalization = "RMSNorm"
     # what a training run adds (numpy RNG state, scheduler) still loads without trusting pickle

@@ -68,6 +68,8 @@ def make_model(run: dict, world: int, cfg: Qwen3Config):
         setattr(pcfg.parallel, k, v)
     for k, v in run.get("offload", {}).items():
         setattr(pcfg.offload, k, v)
+    for k, v in run.get("moe", {}).items():
+        setattr(pcfg.moe, k, v)
     pcfg.training.micro_batch_size, pcfg.training.global_batch_size = MBS, GBS
     pcfg.data.seq_length = SEQ
     mesh = build_mesh(pcfg, world, "cpu", model_cfg=cfg)

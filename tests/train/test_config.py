@@ -46,8 +46,8 @@ def test_unknown_flag_names_it_with_a_hint():
         parse_args(["--micro-batch-sise", "2"])
     with pytest.raises(ConfigError, match=r"unsupported flag --fp16: .*bf16"):
         parse_args(["--fp16"])
-    with pytest.raises(ConfigError, match=r"--num-experts"):
-        parse_args(["--num-experts", "8"])
+    with pytest.raises(ConfigError, match=r"unsupported flag --n-shared-experts: Qwen3-MoE has no shared experts"):
+        parse_args(["--n-shared-experts", "2"])
 
 
 def test_abbreviations_are_not_accepted():
