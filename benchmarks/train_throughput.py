@@ -97,7 +97,7 @@ def smoke_plan(data: Optional[str]) -> list[dict]:
         _qtrain("qtrain smoke mbs1", mbs=1, **tiny),
         _qtrain("qtrain smoke mbs2", mbs=2, **tiny),
         _qtrain("qtrain smoke best recompute", mbs="best", recompute="full", **tiny),
-        _qtrain("qtrain smoke mbs1 offload", mbs=1, extra=["--optimizer-cpu-offload", "--cpu-offloading",
+        _qtrain("qtrain smoke offload mbs1", mbs=1, extra=["--optimizer-cpu-offload", "--cpu-offloading",
                                                          "--cpu-offloading-num-layers", "1"], **tiny),
         _anchor("hf_fp32master", 2, seq=64, tiny=True, warmup=1, steps=2, timeout=120),
         dict(kind="correctness", name="correctness smoke", model="smoke", seq=64, mbs=2, iters=4, lr=1e-3,
