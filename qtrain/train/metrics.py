@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any, Optional
 
+from qtrain.errors import ConfigError
+
 
 def flops_per_token(cfg, seq_length: int) -> float:
     """Training FLOPs per token (forward + backward), anchors.md convention; `cfg.num_params`
@@ -78,10 +80,10 @@ class MetricsWriter:
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional (extra "viz")
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(tensorboard_dir)
+            except ImportError:  # tensorboard is optional (extra "viz"): asked for, it must be there
+                raise ConfigError(f"--tensorboard-dir {tensorboard_dir}: tensorboard is not installed; "
+                                  "pip install 'qtrain[viz]' (or tensorboard), or drop --tensorboard-dir") from None
+            self._tb = SummaryWriter(tensorboard_dir)
 
     def write(self, record: dict[str, Any]) -> None:
         """One JSON line; numeric fields also go to TensorBoard under their name."""
