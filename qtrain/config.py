@@ -254,6 +254,8 @@ class CompatArgs:
     distributed_timeout_minutes: int = compat(10, "timeout of collective operations, minutes")
     use_cpu_initialization: bool = compat(False, "qtrain builds on the meta device and materialises sharded")
     no_load_rng_state: bool = compat(False, "alias of --no-load-rng")
+    use_torch_optimizer_for_cpu_offload: bool = compat(
+        False, "with --optimizer-cpu-offload qtrain's host optimizer is torch's AdamW")
     reuse_fp32_param: bool = compat(
         False, "MindSpeed-LLM keeps no separate bf16 weight copy: qtrain never does (FSDP2 holds fp32 shards, "
                "bf16 exists only for the unit being gathered)")
@@ -370,6 +372,14 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "--yarn-original-max-position-embeddings": "use MindSpeed-LLM's spelling: --rope-scaling-type yarn "
                                                "--rope-scaling-original-max-position-embeddings N",
     "--rotary-percent": "partial RoPE is not implemented; Qwen3 rotates the whole head",
+    # Long runs (issue 19): the neighbours of the flags qtrain implements.
+    "--use-wandb": "W&B logging is on when --wandb-project NAME is given (Megatron's flag)",
+    "--overlap-cpu-optimizer-d2h-h2d": "not implemented: with --optimizer-cpu-offload FSDP2 copies a unit's shards "
+                                       "to the device when it gathers them",
+    "--no-pin-cpu-grads": "qtrain always pins offloaded state (FSDP2 CPUOffloadPolicy(pin_memory=True))",
+    "--no-pin-cpu-params": "qtrain always pins offloaded state (FSDP2 CPUOffloadPolicy(pin_memory=True))",
+    "--non-persistent-save-interval": "not implemented; save with --save-interval (and --async-save, "
+                                      "--keep-last-checkpoints)",
 }
 
 

@@ -6,10 +6,10 @@ by qtrain.parallel on a DeviceMesh (one rank: FSDP2 alone), then materialised an
 from --seed. Each iteration is one `train.step.train_step` (micro-batches, clipping, optimizer
 step); between iterations the loop logs, validates, saves and checks its stop conditions.
 
-Numerics: fp32 master weights and AdamW state; with --bf16 FSDP2's MixedPrecisionPolicy runs the
-forward/backward in bf16 and reduces gradients in fp32. The host waits on the device only at log
-intervals, evaluations and saves (plus one tiny all-reduce per step when there are several
-ranks, so that SIGTERM stops every rank after the same step).
+Numerics: fp32 master weights and AdamW state (in host memory with --optimizer-cpu-offload); with
+--bf16 FSDP2's MixedPrecisionPolicy runs the forward/backward in bf16 and reduces gradients in fp32.
+The host waits on the device only at log intervals, evaluations and saves (plus one tiny all-reduce
+per step when there are several ranks, so that SIGTERM stops every rank after the same step).
 """
 
 from __future__ import annotations

@@ -59,3 +59,17 @@ def test_offload_options_qtrain_does_not_implement_are_refused(tiny_data, extra,
 def test_cpu_offloading_every_layer_is_refused(tiny_data):
     with pytest.raises(ConfigError, match="--cpu-offloading-num-layers 2 must be below the 2 decoder layers"):
         pretrain(parse_args(tiny_args(tiny_data, cpu_offloading=True, cpu_offloading_num_layers=2)), log=QUIET)
+
+
+@pytest.mark.parametrize("flag", ["--overlap-cpu-optimizer-d2h-h2d", "--no-pin-cpu-params", "--use-wandb"])
+def test_neighbouring_megatron_flags_are_refused_by_name(tiny_data, flag):
+    from qtrain.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"unsupported flag {flag}: "):
+        parse_args(tiny_args(tiny_data) + [flag])
+
+
+def test_accepted_compat_flags_parse(tiny_data):
+    cfg = parse_args(tiny_args(tiny_data, optimizer_cpu_offload=True, reuse_fp32_param=True,
+                               use_torch_optimizer_for_cpu_offload=True, optimizer_offload_fraction=1.0))
+    assert cfg.offload.optimizer_offloaded and cfg.compat.reuse_fp32_param

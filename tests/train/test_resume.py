@@ -1,6 +1,7 @@
 """Exact resume: N iterations straight == resume from the checkpoint the run left at N/2 and
 train N/2 more -- bit-identical loss at every iteration, in one process and with 2
-data-parallel ranks (gloo, FSDP2, bf16 compute)."""
+data-parallel ranks (gloo, FSDP2, bf16 compute; there with the optimizer state in host memory and an
+async save)."""
 
 import os
 import shutil
@@ -51,12 +52,14 @@ def _torchrun(args, timeout=240):
 
 def test_exact_resume_two_ranks_gloo(tiny_data, tmp_path):
     common = dict(micro_batch_size=1, global_batch_size=4, train_iters=4, eval_interval=2, bf16=True)
-    # the run that saves does so in the background (--async-save): its checkpoint resumes exactly
-    proc = _torchrun(tiny_args(tiny_data, save=tmp_path / "a", save_interval=2, async_save=True, **common))
+    # both runs keep the optimizer state in host memory (--optimizer-cpu-offload), and the one that
+    # saves does so in the background (--async-save): its checkpoint resumes exactly
+    offload = dict(optimizer_cpu_offload=True)
+    proc = _torchrun(tiny_args(tiny_data, save=tmp_path / "a", save_interval=2, async_save=True, **offload, **common))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "DP 2 x 2 micro-batches" in proc.stdout
+    assert "DP 2 x 2 micro-batches" in proc.stdout and "(--optimizer-cpu-offload)" in proc.stdout
     _checkpoint_at(tmp_path / "a", tmp_path / "b", 2)
-    proc = _torchrun(tiny_args(tiny_data, save=tmp_path / "b", load=tmp_path / "b", **common))
+    proc = _torchrun(tiny_args(tiny_data, save=tmp_path / "b", load=tmp_path / "b", **offload, **common))
     assert proc.returncode == 0, proc.stderr[-3000:]
     straight, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert sorted(straight) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]

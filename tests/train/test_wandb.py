@@ -33,7 +33,8 @@ def test_offline_run_holds_the_jsonl_records(tiny_data, tmp_path, monkeypatch):
     assert {r["iteration"] for r in records} == set(logged) == {1, 2, 3, 4, 5, 6}
     expected: dict[int, dict] = {}
     for r in records:  # a training and a validation record share their iteration's row
-        expected.setdefault(r["iteration"], {}).update({k: v for k, v in r.items() if k != "iteration" and v is not None})
+        row = expected.setdefault(r["iteration"], {})
+        row.update({k: v for k, v in r.items() if k != "iteration" and v is not None})
     assert logged == expected
     assert {"loss", "lr", "grad_norm", "valid_loss"} <= set(logged[6])
 

@@ -7,6 +7,7 @@ each payload a `wandb_internal_pb2.Record`. History records hold the logged valu
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK, HEADER = 32768, 7
@@ -31,14 +32,27 @@ def _payloads(data: bytes):
             parts = []
 
 
-def history(run_file: Path) -> dict[int, dict]:
-    """{step: {key: value}} of every `run.log`, rows of the same step merged."""
+def _records(run_file: Path, wait_s: float):
+    """The file's records, once its writer has closed it with the `exit` record: wandb's core
+    process may still be flushing it when `run.finish()` returns."""
     from wandb.proto import wandb_internal_pb2
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for payload in _payloads(Path(run_file).read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def history(run_file: Path, wait_s: float = 60.0) -> dict[int, dict]:
+    """{step: {key: value}} of every `run.log`, rows of the same step merged."""
     rows: dict[int, dict] = {}
-    for payload in _payloads(Path(run_file).read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in _records(run_file, wait_s):
         if record.WhichOneof("record_type") != "history":
             continue
         items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
