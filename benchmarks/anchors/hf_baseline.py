@@ -59,10 +59,11 @@ def main() -> None:
     if a.moe:
         shape = dict(TINY_MOE if a.tiny else QWEN3_30B_A3B, num_hidden_layers=a.moe)
         cfg = Qwen3MoeConfig(**shape, experts_implementation="grouped_mm" if "grouped" in variant else "eager")
-        Qwen3ForCausalLM = Qwen3MoeForCausalLM  # noqa: N806 (the model class this run builds)
+        model_cls = Qwen3MoeForCausalLM
     else:
         shape = TINY if a.tiny else QWEN3_1_7B
         cfg = Qwen3Config(**shape)
+        model_cls = Qwen3ForCausalLM
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     if "liger" in variant:
@@ -70,7 +71,7 @@ def main() -> None:
         apply_liger_kernel_to_qwen3()
     pure_bf16 = "bf16" in variant
     with torch.device(dev):
-        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16 if pure_bf16 else torch.float32)
+        model = model_cls(cfg).to(torch.bfloat16 if pure_bf16 else torch.float32)
     if "ckpt" in variant:
         model.gradient_checkpointing_enable()
     model.train()
