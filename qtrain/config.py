@@ -108,10 +108,6 @@ class TrainingArgs:
     exit_duration_in_mins: Optional[float] = opt(None, "save (with --save) and exit once training has run this long")
     device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
     dry_run: bool = opt(False, "print the plan (model size, layout, batch math, memory) and exit")
-    # --- mixture of experts (qtrain/train/moe.py) ---
-    moe_aux_loss_coeff: Optional[float] = opt(
-        None, "MoE: weight of the load-balancing loss (transformers' formula) added to the training loss; "
-              "default: the model config's router_aux_loss_coef if its output_router_logits is true, else 0")
 
 
 @dataclass
@@ -279,14 +275,15 @@ class MoeArgs:
     first_k_dense_replace: Optional[int] = opt(
         None, "MindSpeed-LLM: the first K layers are dense (-1 or 0: none); must agree with the model")
     moe_aux_loss_coeff: Optional[float] = opt(
-        None, "weight of the load-balancing loss in the training loss (HF router_aux_loss_coef; default: the "
-              "model config's)")
+        None, "weight of the load-balancing loss (transformers' formula, qtrain/train/moe.py) added to the training "
+              "loss, recorded as the model's router_aux_loss_coef; default: the model config's router_aux_loss_coef "
+              "if its output_router_logits is true (what transformers trains with), else 0")
     moe_router_load_balancing_type: str = opt(
         "aux_loss", "load balancing: aux_loss, the Switch-Transformer loss transformers and Megatron compute "
                     "(the only one qtrain implements)")
     expert_model_parallel_size: int = opt(
-        1, "expert-parallel degree (EP): each rank of an EP group holds num_experts / EP experts; planned by "
-           "`qtrain plan` and --dry-run, not yet implemented in training (there experts are FSDP-sharded over DP)")
+        1, "expert-parallel degree (EP): each rank of an EP group holds num_experts / EP experts, tokens reach "
+           "them by all-to-all (qtrain/parallel/expert.py); 1: experts FSDP-sharded over DP like the rest")
     moe_grouped_gemm: bool = compat(
         False, "qtrain always computes experts as grouped GEMMs over tokens sorted by expert (qtrain/ops/moe.py)")
     moe_token_dispatcher_type: str = compat(
@@ -296,9 +293,6 @@ class MoeArgs:
         False, "overlap of the permutation's communication; qtrain's order of operations is its own")
     moe_alltoall_overlap_comm: bool = compat(False, "overlap of the all-to-all with compute; qtrain's is its own")
     gemm_gradient_accumulation_fusion: bool = compat(False, "gradient accumulation is PyTorch's (autograd)")
-    context_parallel_algo: str = compat(
-        "ulysses_cp_algo", "MindSpeed-LLM's context-parallel algorithm; accepted with --context-parallel-size 1 "
-                           "(qtrain's own context parallelism otherwise)")
 
 
 @dataclass

@@ -290,7 +290,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
             f"with --finetune")
     if not resumable:
         finetune = True  # weights only (e.g. written by `qtrain convert`): start at iteration 0
-    if _holds_adapters(keys) and not any(".lora_A." in n for n, _ in model.named_parameters()):
+    if _holds_adapters(keys) and not _holds_adapters(n for n, _ in model.named_parameters()):
         # A LoRA run's checkpoint into a model without adapters: its weights are base + adapters merged.
         if not finetune:
             raise CheckpointError(f"--load {folder}: a LoRA run's checkpoint; resume it with the same --lora-* "
@@ -331,8 +331,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     return Loaded(kind, folder, train_state["iteration"], train_state, with_rng)
 
 
-def _holds_adapters(keys: Iterable[str]) -> bool:
-    return any(k.startswith("model.") and k.endswith(".lora_A.weight") for k in keys)
+def _holds_adapters(names: Iterable[str]) -> bool:
+    """LoRA adapters among these state-dict names: linear layers' and Qwen3-MoE experts' (train.lora*)."""
+    return any(n.endswith(".lora_A.weight") or n.endswith("_lora.lora_A") for n in names)
 
 
 def _bytes(files: list[Path]) -> str:

@@ -191,28 +191,39 @@ class QtrainSource:
         self._dcp_safe = dcp_safe
         meta = dcp_safe.read_metadata(self.folder).state_dict_metadata
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
-        self._experts = _ExpertNames(self._meta, self._read, self.config.num_experts)
-        _check_complete(str(self.folder), self._experts.covered(), self.config)
         # A LoRA run's checkpoint holds base weights and adapters: every reader gets them merged
-        # (W + B A alpha / r, with alpha / r from the adapter written beside them), never the bare base.
-        self.lora_modules = sorted(k.removesuffix(".lora_A.weight") for k in self._meta
-                                   if k.endswith(".lora_A.weight"))
+        # (W + B A alpha / r, with alpha / r from the adapter written beside them), never the bare base:
+        # linear layers' `<module>.lora_A.weight` / `.lora_B.weight`, and Qwen3-MoE's per-expert pairs on
+        # a stacked weight, `<experts>.<proj>_lora.lora_A` [E, r, in] / `.lora_B` [E, out, r].
+        self._linear_lora = {k.removesuffix(".lora_A.weight") for k in self._meta if k.endswith(".lora_A.weight")}
+        self._expert_lora = {k.removesuffix("_lora.lora_A") for k in self._meta if k.endswith("_lora.lora_A")}
+        self.lora_modules = sorted(self._linear_lora | self._expert_lora)
         if self.lora_modules:
             from qtrain.checkpoint.adapter import read_adapter_config
 
             self._lora_scaling = read_adapter_config(self.folder / "adapter").scaling
+        self._experts = _ExpertNames(self._meta, self._read_merged, self.config.num_experts)
+        _check_complete(str(self.folder), self._experts.covered(), self.config)
 
     def names(self) -> list[str]:
         return hf_param_names(self.config)
 
     def get(self, name: str) -> torch.Tensor:
-        module = name.removesuffix(".weight")
-        if module not in self.lora_modules:
-            return self._experts.get(name)
-        from qtrain.checkpoint.adapter import fold_adapters
+        return self._experts.get(name)
 
-        pair = (self._read(f"{module}.lora_A.weight"), self._read(f"{module}.lora_B.weight"))
-        return fold_adapters({name: self._read(name)}, {module: pair}, self._lora_scaling, str(self.folder))[name]
+    def _read_merged(self, name: str) -> torch.Tensor:
+        """A stored tensor with its LoRA adapter, if any, folded in (float32 math, its own dtype)."""
+        module = name.removesuffix(".weight")
+        if module in self._linear_lora:
+            from qtrain.checkpoint.adapter import fold_adapters
+
+            pair = (self._read(f"{module}.lora_A.weight"), self._read(f"{module}.lora_B.weight"))
+            return fold_adapters({name: self._read(name)}, {module: pair}, self._lora_scaling, str(self.folder))[name]
+        tensor = self._read(name)
+        if name in self._expert_lora:
+            a, b = self._read(f"{name}_lora.lora_A"), self._read(f"{name}_lora.lora_B")
+            tensor = (tensor.float() + torch.bmm(b.float(), a.float()) * self._lora_scaling).to(tensor.dtype)
+        return tensor
 
     def _read(self, name: str) -> torch.Tensor:
         meta = self._meta[name]

@@ -80,7 +80,7 @@ def moe_training(cfg, model_cfg, objective: Optional[object] = None) -> Optional
     does not do: the load-balancing loss under pipeline parallelism (transformers' loss pools the
     routing of all layers, which no pipeline stage sees), context parallelism and in preference
     training."""
-    flag = cfg.training.moe_aux_loss_coeff
+    flag = cfg.moe.moe_aux_loss_coeff
     if not model_cfg.is_moe:
         if flag is not None:
             raise ConfigError("--moe-aux-loss-coeff is set, but the model is dense (num_experts 0)")

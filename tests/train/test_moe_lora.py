@@ -112,3 +112,11 @@ def test_lora_sft_on_moe_trains_adapters_and_exports_the_merge(tmp_path):
     assert "model.layers.1.mlp.experts.2.down_proj.weight" in moved and "model.layers.0.self_attn.q_proj.weight" in moved
     for name, t in exported.items():
         assert_close_scaled(t.float(), merged[name].float(), terms=(4,), what=name)
+    # The run's own checkpoint reads with every adapter merged, the experts' included (convert, generate).
+    from qtrain.checkpoint.sources import QtrainSource
+
+    src = QtrainSource(tmp_path / "ckpt")
+    assert any(m.endswith("experts.down_proj") for m in src.lora_modules)
+    for name in ("model.layers.1.mlp.experts.2.down_proj.weight", "model.layers.0.mlp.experts.1.gate_proj.weight",
+                 "model.layers.0.self_attn.q_proj.weight"):
+        assert_close_scaled(src.get(name).float(), merged[name].float(), terms=(4,), what=name)
