@@ -230,8 +230,9 @@ class MoeArgs:
         "aux_loss", "load balancing: aux_loss, the Switch-Transformer loss transformers and Megatron compute "
                     "(the only one qtrain implements)")
     expert_model_parallel_size: int = opt(
-        1, "expert-parallel degree (EP): each rank of an EP group holds num_experts / EP experts; planned by "
-           "`qtrain plan` and --dry-run, not yet implemented in training (there experts are FSDP-sharded over DP)")
+        1, "expert-parallel degree (EP): EP neighbouring data-parallel ranks split the experts, num_experts / EP "
+           "each, and exchange tokens by all-to-all; needs --use-distributed-optimizer; with PP, not yet with TP, CP "
+           "or LoRA")
     moe_grouped_gemm: bool = compat(
         False, "qtrain always computes experts as grouped GEMMs over tokens sorted by expert (qtrain/ops/moe.py)")
     moe_token_dispatcher_type: str = compat(

@@ -145,7 +145,9 @@ def expert_mesh(mesh, ep: int):
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = mesh.mesh.reshape(mesh["pp"].size(), -1, ep)
-    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "efsdp", "ep"))
+    emesh = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "efsdp", "ep"))
+    emesh["efsdp", "ep"]._flatten("expert_dp")  # lets DTensor reduce over both in one collective (the grad norm)
+    return emesh
 
 
 def sparse_experts(chunk: nn.Module) -> list[nn.Module]:

@@ -53,10 +53,10 @@ def describe_plan(cfg, model_cfg, batch: BatchPlan, world_size: int) -> str:
 
 
 def _expert_layout(cfg, model_cfg) -> str:
-    """How experts are spread (MoE): EP ranks out of DP x CP; training with EP > 1 is not implemented yet."""
+    """How experts are spread (MoE): EP groups of data-parallel ranks, or FSDP / replication over DP."""
     if not getattr(model_cfg, "is_moe", False):
         return ""
     ep = cfg.moe.expert_model_parallel_size
     if ep == 1:
         return "; experts FSDP-sharded over DP" if cfg.parallel.use_distributed_optimizer else "; experts replicated"
-    return f"; EP {ep} (planned only: training with expert parallelism is not implemented yet)"
+    return f"; EP {ep}: {model_cfg.num_experts // ep} experts per rank, tokens exchanged by all-to-all"

@@ -117,7 +117,11 @@ def test_30b_a3b_script_dry_runs_unchanged(capsys, monkeypatch, tmp_path):
     assert cli.main(["pretrain", *script_argv(PRETRAIN), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "memory/device" in out and "PP 2" in out
-    assert cli.main(["sft", *script_argv(TUNE_FULL), "--dry-run"]) == 0
+    # the full-SFT script's TP 4 with EP 2: expert parallelism does not combine with TP yet, said by name
+    capsys.readouterr()
+    assert cli.main(["sft", *script_argv(TUNE_FULL), "--dry-run"]) == 1
+    assert "--expert-model-parallel-size 2 with --tensor-model-parallel-size > 1" in capsys.readouterr().err
+    assert cli.main(["sft", *script_argv(TUNE_FULL), "--tensor-model-parallel-size", "1", "--dry-run"]) == 0
     # the LoRA script's TP 4: qtrain's LoRA runs on data parallelism only, which it says by name
     capsys.readouterr()
     assert cli.main(["sft", *script_argv(TUNE_LORA), "--dry-run"]) == 1
@@ -127,7 +131,7 @@ def test_30b_a3b_script_dry_runs_unchanged(capsys, monkeypatch, tmp_path):
     (tmp_path / "iter_0000001" / "mp_rank_00_000").mkdir(parents=True)
     assert cli.main(["sft", *script_argv(TUNE_LORA, CKPT_LOAD_DIR=str(tmp_path)), "--tensor-model-parallel-size", "1",
                      "--dry-run"]) == 0
-    # training itself refuses what it does not implement, by name
-    argv = [a for a in script_argv(PRETRAIN) if a != "--dry-run"]
-    assert cli.main(["pretrain", *argv]) == 1
-    assert "--expert-model-parallel-size 8: expert parallelism is planned" in capsys.readouterr().err
+    assert "EP 8: 16 experts per rank" in out
+    # a combination expert parallelism does not support yet is named before anything starts
+    assert cli.main(["pretrain", *script_argv(PRETRAIN), "--tensor-model-parallel-size", "2", "--dry-run"]) == 1
+    assert "--expert-model-parallel-size 8 with --tensor-model-parallel-size > 1" in capsys.readouterr().err
