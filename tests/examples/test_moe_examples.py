@@ -113,11 +113,13 @@ def test_conversion_scripts_round_trip_exactly(tmp_path):
 
 # ---------------------------------------------------------------- tiny runs (QTRAIN_TINY=1: tiny-moe, 2 CPU processes)
 
-from test_examples import hf_tiny, pretrain_data, sft_data, work  # noqa: E402,F401  (the dense tests' data fixtures)
+import test_examples as _dense  # noqa: E402  (its data fixtures, shared here)
+
+work, hf_tiny, pretrain_data, sft_data = _dense.work, _dense.hf_tiny, _dense.pretrain_data, _dense.sft_data
 
 
 @pytest.fixture(scope="module")
-def moe_pretrained(work, hf_tiny, pretrain_data):  # noqa: F811
+def moe_pretrained(work, hf_tiny, pretrain_data):
     """The 30B-A3B pretrain example in tiny mode: EP 2 over its 2 processes, from random weights."""
     save = work / "ckpt" / "moe_pretrain"
     out = ok(run("pretrain_qwen3_30b_a3b_4k.sh", DATA_PATH=pretrain_data, TOKENIZER_PATH=hf_tiny, CKPT_SAVE_DIR=save,
@@ -133,7 +135,7 @@ def test_tiny_pretrain_runs_with_expert_parallelism(moe_pretrained, work):
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_tiny_sft_runs_from_the_pretrained_checkpoint(kind, moe_pretrained, hf_tiny, sft_data, work):  # noqa: F811
+def test_tiny_sft_runs_from_the_pretrained_checkpoint(kind, moe_pretrained, hf_tiny, sft_data, work):
     save = work / "ckpt" / f"moe_sft_{kind}"
     out = ok(run(f"tune_qwen3_30b_a3b_4k_{kind}.sh", CKPT_LOAD_DIR=moe_pretrained, DATA_PATH=sft_data,
                  TOKENIZER_PATH=hf_tiny, CKPT_SAVE_DIR=save, LOG_DIR=work / "logs", TRAIN_ITERS=1))
