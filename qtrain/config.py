@@ -103,6 +103,10 @@ class TrainingArgs:
     exit_duration_in_mins: Optional[float] = opt(None, "save (with --save) and exit once training has run this long")
     device: str = opt("auto", "cpu, cuda, npu or auto (the accelerator if present)")
     dry_run: bool = opt(False, "print the plan (model size, layout, batch math, memory) and exit")
+    # --- mixture of experts (qtrain/train/moe.py) ---
+    moe_aux_loss_coeff: Optional[float] = opt(
+        None, "MoE: weight of the load-balancing loss (transformers' formula) added to the training loss; "
+              "default: the model config's router_aux_loss_coef if its output_router_logits is true, else 0")
 
 
 @dataclass
@@ -210,7 +214,7 @@ class CompatArgs:
 class MoeArgs:
     """Mixture of experts (Qwen3-MoE), in MindSpeed-LLM's names. Shape flags must agree with the model
     of --model-preset / an HF or qtrain --load (else refused, naming both values); without those
-    they define it (a Megatron --load is then checked against them)."""
+    they define it (a Megatron --load is then checked against them). --moe-aux-loss-coeff: training."""
 
     num_experts: Optional[int] = opt(None, "routed experts per MoE layer (HF num_experts)")
     moe_router_topk: Optional[int] = opt(None, "experts each token is routed to (HF num_experts_per_tok)")
@@ -223,9 +227,6 @@ class MoeArgs:
               "must agree with the model's mlp_only_layers / decoder_sparse_step")
     first_k_dense_replace: Optional[int] = opt(
         None, "MindSpeed-LLM: the first K layers are dense (-1 or 0: none); must agree with the model")
-    moe_aux_loss_coeff: Optional[float] = opt(
-        None, "weight of the load-balancing loss in the training loss (HF router_aux_loss_coef; default: the "
-              "model config's)")
     moe_router_load_balancing_type: str = opt(
         "aux_loss", "load balancing: aux_loss, the Switch-Transformer loss transformers and Megatron compute "
                     "(the only one qtrain implements)")

@@ -123,7 +123,12 @@ def load_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[t
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(f"--lora-load {adapter_dir}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                               "(a PEFT LoRA adapter dir, as `qtrain sft --lora-r ...` or peft save)")
-    cfg = LoRAConfig.from_peft_dict(json.loads(cfg_file.read_text()), str(cfg_file))
+    peft_dict = json.loads(cfg_file.read_text())
+    if peft_dict.get("target_parameters"):  # peft's adapters on nn.Parameters (e.g. fused MoE experts)
+        raise CheckpointError(f"--lora-load {adapter_dir}: the adapter targets parameters "
+                              f"({peft_dict['target_parameters']}); qtrain reads LoRA on modules only (Qwen3-MoE "
+                              f"experts under their per-expert names, as qtrain sft writes them)")
+    cfg = LoRAConfig.from_peft_dict(peft_dict, str(cfg_file))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$")
     for key, t in load_file(str(weights)).items():
@@ -196,13 +201,21 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
             pairs[module] = (state_dict[key], state_dict[f"{module}.lora_B.weight"])
-    plain = {k: v for k, v in state_dict.items() if ".lora_A." not in k and ".lora_B." not in k}
+    plain = {k: v for k, v in state_dict.items() if ".lora_A" not in k and ".lora_B" not in k}
+    for key in state_dict:  # Qwen3-MoE experts: W [E, out, in] + B [E, out, r] @ A [E, r, in] per expert
+        if key.endswith("_lora.lora_A"):
+            base = key[: -len("_lora.lora_A")]
+            a, b, w = state_dict[key].float(), state_dict[f"{base}_lora.lora_B"].float(), plain[base]
+            plain[base] = (w.float() + torch.bmm(b, a) * scaling).to(w.dtype)
     return fold_adapters(plain, pairs, scaling, "LoRA model")
 
 
 def apply_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Merge a saved PEFT adapter into a loaded (unsharded) model's weights in place."""
-    sd = model.state_dict()
+    """Merge a saved PEFT adapter into a loaded (unsharded) model's weights in place (Qwen3-MoE
+    experts through per-expert views of their stacked weights)."""
+    from qtrain.models.hf_experts import unstack
+
+    sd = dict(unstack(model.state_dict().items()))
     merged = merge_lora(sd, adapter_dir)
     with torch.no_grad():
         for key, w in merged.items():

@@ -199,9 +199,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     path = Path(path)
     kind = detect_kind(path)
     if kind == "hf":
-        from qtrain.models.hf import iter_safetensors
+        from qtrain.models.hf import iter_model_tensors
 
-        _set_full_weights(model, iter_safetensors(path), path)
+        # Qwen3-MoE per-expert tensors are stacked on the way: one stacked parameter held at a time
+        _set_full_weights(model, iter_model_tensors(path, model.config), path)
         return Loaded(kind, path)
     if kind == "megatron":
         from qtrain.checkpoint.megatron import MegatronReader

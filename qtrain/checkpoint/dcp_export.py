@@ -46,7 +46,13 @@ def save_qtrain(source: Source, save_dir: str | Path, iteration: int, dtype: tor
     if cfg.tie_word_embeddings:
         names = names + ["lm_head.weight"]
     alias = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {}
-    shapes = _shapes(cfg, names)
+    if cfg.is_moe:  # the model's own names: Qwen3-MoE experts stacked, read stacked from the source
+        from qtrain.models.qwen3 import build_model
+
+        shapes = {n: tuple(t.shape) for n, t in build_model(cfg, "meta").state_dict().items()}
+        names = list(shapes)
+    else:
+        shapes = _shapes(cfg, names)
     state = {"model": {n: torch.empty(shapes[n], dtype=torch.float32, device="meta") for n in names}}
     final = Path(save_dir) / iteration_dir_name(iteration)
     tmp = final.with_name(final.name + ".tmp")

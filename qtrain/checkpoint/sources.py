@@ -3,6 +3,11 @@
 A source gives `config` (Qwen3Config), `hf_config` (the config.json dict to pass on, or None),
 `iteration`, `tokenizer_dir`, `names()` in HF file order and `get(name)` -> full tensor. Every
 `get` reads just that tensor, so a converter holds one tensor (or one output file) at a time.
+
+Qwen3-MoE experts: `names()` lists them under the per-expert names of released HF checkpoints
+(`model.layers.N.mlp.experts.{e}.gate_proj.weight`, ...), whatever the format stores (qtrain and
+transformers 5 in memory: stacked `experts.gate_up_proj` / `down_proj`), so conversion code is
+written against HF file names; `get` also takes the stacked model names (qtrain.models.hf_experts).
 Safetensors are read with plain file reads rather than a memory map: mapped pages would count
 in the process's resident memory until the whole file is unmapped.
 """
@@ -23,6 +28,7 @@ from qtrain.checkpoint.megatron_map import hf_param_names
 from qtrain.errors import CheckpointError
 from qtrain.models.config import Qwen3Config
 from qtrain.models.hf import TOKENIZER_FILES, read_hf_config, safetensors_files
+from qtrain.models.hf_experts import expert_slice, file_names_of, is_stacked, stacked_name_of
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -76,6 +82,39 @@ def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     return n, header
 
 
+class _ExpertNames:
+    """`get` by per-expert file name from a store of stacked experts and by stacked model name
+    from a store of per-expert tensors; everything else as the store has it. The last stacked
+    tensor read is kept, so reading its experts one by one reads it once."""
+
+    def __init__(self, raw_names, raw_get, num_experts: int):
+        self._raw_names, self._raw_get, self._num_experts = raw_names, raw_get, num_experts
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def covered(self) -> set[str]:
+        """Every name `get` can answer."""
+        have = set(self._raw_names)
+        for name in list(have):
+            if is_stacked(name):
+                have.update(file_names_of(name, self._num_experts))
+        return have
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._raw_names:
+            return self._raw_get(name)
+        stacked = stacked_name_of(name)
+        if stacked is not None and stacked in self._raw_names:
+            if self._cached is None or self._cached[0] != stacked:
+                self._cached = (stacked, self._raw_get(stacked))
+            return expert_slice(self._cached[1], name).clone()
+        if is_stacked(name):
+            parts = [self._raw_get(n) for n in file_names_of(name, self._num_experts)]
+            per_expert = len(parts) // self._num_experts  # gate and up, or down
+            return torch.stack([torch.cat(parts[e * per_expert:(e + 1) * per_expert])
+                                for e in range(self._num_experts)])
+        raise KeyError(name)
+
+
 def _check_complete(where: str, have: set[str], cfg: Qwen3Config) -> None:
     missing = [n for n in hf_param_names(cfg) if n not in have]
     if missing:
@@ -103,12 +142,16 @@ class HFSource:
                     raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
                 begin, end = meta["data_offsets"]
                 self._index[name] = (file, _ST_DTYPES[meta["dtype"]], meta["shape"], 8 + n + begin, end - begin)
-        _check_complete(str(self.path), set(self._index), self.config)
+        self._experts = _ExpertNames(self._index, self._read, self.config.num_experts)
+        _check_complete(str(self.path), self._experts.covered(), self.config)
 
     def names(self) -> list[str]:
         return hf_param_names(self.config)
 
     def get(self, name: str) -> torch.Tensor:
+        return self._experts.get(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         file, dtype, shape, offset, nbytes = self._index[name]
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
@@ -148,12 +191,16 @@ class QtrainSource:
         self._dcp_safe = dcp_safe
         meta = dcp_safe.read_metadata(self.folder).state_dict_metadata
         self._meta = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
-        _check_complete(str(self.folder), set(self._meta), self.config)
+        self._experts = _ExpertNames(self._meta, self._read, self.config.num_experts)
+        _check_complete(str(self.folder), self._experts.covered(), self.config)
 
     def names(self) -> list[str]:
         return hf_param_names(self.config)
 
     def get(self, name: str) -> torch.Tensor:
+        return self._experts.get(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         meta = self._meta[name]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         self._dcp_safe.load({"model": {name: tensor}}, self.folder, no_dist=True)
@@ -202,13 +249,14 @@ class StateDictSource:
     def __init__(self, config: Qwen3Config, tensors: dict[str, torch.Tensor], tokenizer_dir: Path | None = None):
         self.config, self.hf_config, self.iteration, self.tokenizer_dir = config, None, None, tokenizer_dir
         self._tensors = tensors
-        _check_complete("the model's state dict", set(tensors), config)
+        self._experts = _ExpertNames(tensors, tensors.__getitem__, config.num_experts)
+        _check_complete("the model's state dict", self._experts.covered(), config)
 
     def names(self) -> list[str]:
         return hf_param_names(self.config)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        return self._experts.get(name)
 
     def close(self) -> None:
         self._tensors = {}

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from qtrain.errors import CheckpointError
 from qtrain.io_utils import atomic_path, follow_umask, write_json_atomic
 from qtrain.models.config import Qwen3Config
+from qtrain.models.hf_experts import ExpertStacker, unstack
 from qtrain.models.qwen3 import Qwen3ForCausalLM, build_model
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -80,6 +81,23 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                                   f"download or export it again") from None
 
 
+def iter_model_tensors(path: str | Path, cfg: Qwen3Config,
+                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(model name, tensor) for every tensor of an HF dir: per-expert Qwen3-MoE tensors gathered
+    into their stacked parameter (in `dtype`), handed on when its last expert is read. Raises
+    CheckpointError naming the per-expert tensors of a stack that never completes."""
+    if not cfg.is_moe:
+        yield from iter_safetensors(path)
+        return
+    stacker = ExpertStacker(cfg.num_experts, dtype)
+    for name, tensor in iter_safetensors(path):
+        yield from stacker.add(name, tensor)
+    if stacker.missing():
+        missing = stacker.missing()
+        raise CheckpointError(f"{path}: expert tensors missing: {', '.join(missing[:10])}"
+                              f"{' ...' if len(missing) > 10 else ''}")
+
+
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -96,7 +114,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32,
     tied = cfg.tie_word_embeddings
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_safetensors(path):
+    for name, tensor in iter_model_tensors(path, cfg, dtype):
         if tied and name == "lm_head.weight":
             continue  # the embedding is the LM head; HF ignores this copy too
         if name not in expected:
@@ -121,11 +139,12 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors HF stores: the state dict without the tied LM head copy."""
+    """The tensors HF stores: the state dict without the tied LM head copy, Qwen3-MoE experts
+    under their per-expert names (views into the stacked parameters)."""
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
-    return sd
+    return dict(unstack(sd.items()))
 
 
 def write_safetensors_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,

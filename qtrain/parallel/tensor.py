@@ -12,6 +12,12 @@ vocab-sharded logits).
 q_norm / k_norm act on each head's vector with one weight shared by all heads. A rank sees only
 its heads, so their weight gradient is a partial sum: they are marked as sharded along the head
 dim (SequenceParallel(sequence_dim=2)) so DTensor sums that gradient over TP ranks.
+
+Qwen3-MoE sparse layers: attention is split as above; the experts block (router and experts) is
+replicated over TP: it takes the whole sequence as a plain tensor (gathered under SP), every TP
+rank computes the same routing and expert outputs, and the output re-enters the residual
+stream's layout (a local slice under SP). Its parameters stay plain tensors, so FSDP shards them
+over the data-parallel ranks only, and their gradients are the same on every TP rank.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -43,28 +50,35 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     if top:
         parallelize_module(model, tp_mesh, top)
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, _layer_plan(sequence_parallel))
+        sparse = hasattr(layer.mlp, "experts")  # a Qwen3-MoE experts block (qtrain.models.moe)
+        parallelize_module(layer, tp_mesh, _layer_plan(sequence_parallel, sparse))
     _retie(model)
 
 
-def _layer_plan(sp: bool) -> dict[str, object]:
+def _layer_plan(sp: bool, sparse: bool = False) -> dict[str, object]:
     act = Shard(1) if sp else Replicate()
     heads = SequenceParallel(sequence_dim=2, use_local_output=True)  # [B, S, heads, D]: heads are local
     plan: dict[str, object] = {
         "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=act),
         "self_attn.q_norm": heads, "self_attn.k_norm": heads,
-        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=act),
     }
+    if sparse:  # replicated experts block: whole sequence in (plain), residual layout out (plain)
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(act,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(act,), use_local_output=True)
+    else:
+        plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                     "mlp.down_proj": RowwiseParallel(output_layouts=act)})
     if sp:
         plan.update({
             "input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
             # attention(x, cos, sin, mask): gather the sequence of x only
             "self_attn": PrepareModuleInput(input_layouts=(act, None, None, None),
                                             desired_input_layouts=(Replicate(), None, None, None)),
-            "mlp": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
         })
+        if not sparse:
+            plan["mlp"] = PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),))
     return plan
 
 

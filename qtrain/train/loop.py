@@ -164,6 +164,9 @@ class Trainer:
     def _plan(self) -> tuple[Any, BatchPlan]:
         cfg = self.cfg
         model_cfg, batch = prepare(cfg, self.rt.world_size)
+        from qtrain.train.moe import moe_training
+
+        self.moe = moe_training(cfg, model_cfg, self.hooks.objective)  # None for a dense model
         if cfg.checkpoint.save_hf and cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.checkpoint.save:
             raise ConfigError("--save-hf with pipeline parallelism needs --save: the export is read back from the "
                               "final checkpoint, as no rank holds every layer")
@@ -251,7 +254,7 @@ class Trainer:
                 set_lr(self.optimizer, self.schedule.lr_for_iteration(self.iteration + 1, b.global_batch_size))
                 micro_batches = [next(self.loader) for _ in range(b.num_microbatches)]
                 loss, grad_norm = train_step(self.model, self.state, self.optimizer, micro_batches, dev, t.clip_grad,
-                                             self.hooks.loss_weight, self.hooks.objective)
+                                             self.hooks.loss_weight, self.hooks.objective, self.moe)
                 self.iteration += 1
                 self._record(loss, grad_norm)
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
@@ -306,6 +309,13 @@ class Trainer:
                   "mem_gib": qdevice.max_memory_allocated(self.rt.device) / 1024 ** 3 or None}
         extra = {k: v for k, v in objective.take_metrics(self.rt.device).items() if k != "loss"} \
             if objective is not None else {}
+        if self.moe is not None:  # the load-balancing loss follows the lm loss; loads go to the JSONL
+            routing = self.moe.take_metrics(group)
+            if "load_balancing_loss" in routing:
+                extra["load_balancing_loss"] = routing["load_balancing_loss"]
+            if routing.get("expert_load_max_over_mean"):
+                extra["expert load max/mean (worst layer)"] = max(routing["expert_load_max_over_mean"])
+                record["expert_load_max_over_mean"] = routing["expert_load_max_over_mean"]
         record.update(extra)
         self.say(M.megatron_log_line(record, self.cfg.training.train_iters, extra))
         self.writer.write(record)

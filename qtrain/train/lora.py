@@ -17,6 +17,10 @@ flow (the full [V, H] delta exists for the loss's duration); dropout on the head
 folded into a weight, so an `lm_head` target needs --lora-dropout 0.
 
 `adapters_disabled(model)` runs the base model alone (the reference model of preference training).
+
+Qwen3-MoE experts (stacked weights, not nn.Linear) take a per-expert low-rank pair
+(qtrain.train.lora_experts) when gate_proj, up_proj and down_proj are all targets; a subset of
+them on an MoE model is refused by name (gate and up are one stacked weight).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from torch import nn
 from qtrain.checkpoint.adapter import HEAD_TARGET, PEFT_PREFIX, LoRAConfig, write_adapter
 from qtrain.errors import ConfigError
 from qtrain.parallel.full_tensors import full_tensor
+from qtrain.train.lora_experts import PROJECTIONS, LoRAExperts, per_expert_pairs
+
+_EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 class LoRALinear(nn.Linear):
     """An nn.Linear (frozen weight, same parameter names) plus a trainable low-rank update."""
@@ -85,9 +92,25 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
             raise ConfigError(f"--lora-target-modules {HEAD_TARGET}: this model ties the LM head to the input "
                               f"embedding, so a merged head adapter would change the embedding too (or be lost "
                               f"in a tied export); leave {HEAD_TARGET} out for tied models")
+    from qtrain.models.moe import Qwen3MoeExperts
+
+    experts = [name for name, m in model.named_modules() if type(m) is Qwen3MoeExperts]
+    chosen = [t for t in _EXPERT_TARGETS if t in cfg.target_modules]
+    if experts and chosen and len(chosen) < 3:
+        raise ConfigError(f"--lora-target-modules {','.join(cfg.target_modules)}: on a Qwen3-MoE model the experts "
+                          f"take LoRA on gate_proj, up_proj and down_proj together (gate and up are one stacked "
+                          f"weight); name all three, or none of them")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
+    if experts and chosen:
+        for name in experts:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, LoRAExperts(model.get_submodule(name), cfg.r, cfg.alpha))
+            wrapped.append(name)
+        if cfg.dropout > 0:
+            raise ConfigError("--lora-dropout: LoRA on Qwen3-MoE experts is computed without dropout (as peft's, "
+                              "which refuses it for expert parameters); use --lora-dropout 0")
     for name, module in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
         if leaf in cfg.target_modules and type(module) is nn.Linear:
@@ -103,10 +126,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def lora_experts(model: nn.Module) -> dict[str, LoRAExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRAExperts)}
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """Within the block the model computes as its base weights alone (every adapter skipped)."""
-    modules = list(lora_modules(model).values())
+    modules = list(lora_modules(model).values()) + list(lora_experts(model).values())
     for m in modules:
         m.disabled = True
     try:
@@ -123,6 +150,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for part in ("lora_A", "lora_B"):
             w = getattr(m, part).weight.detach()
             out[f"{PEFT_PREFIX}{name}.{part}.weight"] = full_tensor(w).float().cpu().contiguous()
+    for name, m in lora_experts(model).items():
+        for proj in PROJECTIONS:
+            lora = getattr(m, f"{proj}_lora")
+            a, b = (full_tensor(t.detach()).float().cpu() for t in (lora.lora_A, lora.lora_B))
+            out.update(per_expert_pairs(f"{PEFT_PREFIX}{name}", proj, a, b))
     return out
 
 
@@ -138,6 +170,17 @@ def merge_into_model(model: nn.Module) -> nn.Module:
         m.weight.add_(m.delta_weight().to(m.weight.dtype))
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, plain)
+    from qtrain.models.moe import Qwen3MoeExperts
+
+    for name, m in lora_experts(model).items():
+        plain = Qwen3MoeExperts.__new__(Qwen3MoeExperts)
+        nn.Module.__init__(plain)
+        for proj in PROJECTIONS:
+            w = getattr(m, proj)
+            w.add_((getattr(m, f"{proj}_lora").delta() * m.scaling).to(w.dtype))
+            setattr(plain, proj, w)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, plain)
     return model

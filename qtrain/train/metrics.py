@@ -1,7 +1,8 @@
 """Training metrics: FLOPs/token and MFU (../anchors convention), the Megatron-shaped log line,
 JSONL and TensorBoard writers.
 
-FLOPs per token = 6 N + 12 L H Q T: N every parameter with the tied embedding counted once
+FLOPs per token = 6 N + 12 L H Q T: N every parameter a token passes through (MoE: the routed
+experts only, Qwen3Config.num_active_params), the tied embedding counted once
 (as the LM-head matmul), L layers, H query heads, Q head dim, T sequence length.
 """
 
@@ -15,9 +16,8 @@ from typing import Any, Optional
 
 def flops_per_token(cfg, seq_length: int) -> float:
     """Training FLOPs per token (forward + backward), anchors.md convention; `cfg.num_params`
-    counts the tied embedding once. A MoE token passes through its router and top-k experts only
-    (`num_active_params`; the router's own FLOPs are in it)."""
-    return 6.0 * getattr(cfg, "num_active_params", cfg.num_params) + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
+    counts the tied embedding once."""
+    return 6.0 * cfg.num_active_params + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
 
 
 def device_peak_flops(device) -> Optional[float]:

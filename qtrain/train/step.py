@@ -63,22 +63,24 @@ def loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torc
 
 def forward_backward(model: torch.nn.Module, state: ParallelState, batch: Batch, device: torch.device,
                      num_microbatches: int, loss_weight: LossWeight = mean_loss,
-                     objective: Optional[Any] = None) -> torch.Tensor:
+                     objective: Optional[Any] = None, moe: Optional[Any] = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate scaled by 1/num_microbatches,
-    so the step sees the mean over the micro-batches. Returns the weighted loss (fp32, detached)."""
+    so the step sees the mean over the micro-batches. Returns the weighted loss (fp32, detached);
+    `moe` (qtrain.train.moe.MoeTraining) adds the load-balancing loss to what is backpropagated."""
     if objective is not None:  # its own loss (it takes the context-parallel slice itself)
         loss = objective.micro_batch_loss(model, state, batch, device)
     else:
         batch = state.prepare_batch(batch)  # this rank's context-parallel slice, if any
         loss = loss_weight(loss_sum(model, batch, device), trained_tokens(batch), batch)
-    (loss / num_microbatches).backward()
+    extra = moe.extra_loss(model) if moe is not None else None
+    ((loss if extra is None else loss + extra) / num_microbatches).backward()
     return loss.detach()
 
 
 def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[Batch], device: torch.device, clip_grad: float,
                loss_weight: LossWeight = mean_loss,
-               objective: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               objective: Optional[Any] = None, moe: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches of the global batch.
 
     Returns (loss, grad norm) as float32 device tensors: the mean of the micro-batches' weighted
@@ -100,7 +102,7 @@ def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.op
         for i, batch in enumerate(micro_batches):
             # Reduce gradients over data-parallel ranks once, after the last micro-batch.
             model.set_requires_gradient_sync(i == n - 1)
-            loss += forward_backward(model, state, batch, device, n, loss_weight, objective)
+            loss += forward_backward(model, state, batch, device, n, loss_weight, objective, moe)
         loss /= n
     grad_norm = clip_grad_norm_(model, clip_grad, state)
     optimizer.step()

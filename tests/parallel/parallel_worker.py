@@ -34,6 +34,7 @@ from qtrain.ops import vocab_parallel_linear_cross_entropy
 from qtrain.parallel import build_mesh, parallelize
 from qtrain.parallel.weights import materialize
 from qtrain.train.optim import build_optimizer
+from qtrain.train.moe import MoeTraining
 from qtrain.train.runtime import init_runtime
 from qtrain.train.step import eval_step, train_step
 
@@ -109,16 +110,20 @@ def main(spec_path: str) -> int:
         start = 0
         if run.get("load"):
             start = load_checkpoint(run["load"], model, optimizer, load_rng=False).iteration
-        losses, norms = [], []
+        losses, norms, aux = [], [], []
+        # MoE runs ("moe_aux": the coefficient): the loop's load-balancing loss (qtrain.train.moe)
+        moe = MoeTraining(run["moe_aux"], cfg.num_experts) if "moe_aux" in run else None
         for step in range(start, run.get("iters", 10)):
             loss, norm = train_step(model, state, optimizer, micro_batches(step, cfg.vocab_size, state),
-                                    torch.device("cpu"), clip_grad=1.0)
+                                    torch.device("cpu"), clip_grad=1.0, moe=moe)
             losses.append(mean_over_loss_group(loss, state))
             norms.append(float(norm))
+            if moe is not None:
+                aux.append(moe.take_metrics(state.loss_group)["load_balancing_loss"])
             if run.get("save") and step + 1 == run["save_at"]:
                 save_checkpoint(run["save"], step + 1, model, optimizer, {"iteration": step + 1},
                                 cfg.to_hf_dict(), {"layout": run["name"]})
-        results[run["name"]] = {"losses": losses, "grad_norms": norms, "seconds": time.time() - t0,
+        results[run["name"]] = {"losses": losses, "grad_norms": norms, "aux": aux, "seconds": time.time() - t0,
                                 "eval_loss": eval_loss(model, state, cfg.vocab_size)}
     if dist.get_rank() == 0:
         tmp = spec["out"] + ".tmp"

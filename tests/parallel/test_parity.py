@@ -42,13 +42,30 @@ WORLD4_EXTRA = {
 }
 
 
+# Qwen3-MoE (4 experts, top-2, a dense first layer) with the load-balancing loss, against "single_moe";
+# under PP the loss is refused (qtrain.train.moe), so PP runs against "single_moe_noaux".
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True,
+       "mlp_only_layers": [0]}
+WORLD2_MOE = {
+    "dp2_fsdp_moe": {"use_distributed_optimizer": True},
+    "tp2_moe": {"tensor_model_parallel_size": 2},
+    "tp2_sp_moe": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+    "dp2_recompute_moe": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+WORLD2_MOE_NOAUX = {"pp2_moe": {"pipeline_model_parallel_size": 2}}
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     ckpt = str(tmp / "ckpt_tp2pp2")
-    out = run_worker(tmp, "single", 1, [{"name": "single"}, {"name": "single_untied", "model": UNTIED}])
+    out = run_worker(tmp, "single", 1, [{"name": "single"}, {"name": "single_untied", "model": UNTIED},
+                                        {"name": "single_moe", "model": MOE, "moe_aux": 0.1},
+                                        {"name": "single_moe_noaux", "model": MOE, "moe_aux": 0.0}])
     out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()]
-                      + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()])
+                      + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()]
+                      + [{"name": n, "parallel": p, "model": MOE, "moe_aux": 0.1} for n, p in WORLD2_MOE.items()]
+                      + [{"name": n, "parallel": p, "model": MOE} for n, p in WORLD2_MOE_NOAUX.items()])
     out |= run_worker(tmp, "world4", 4, [
         {"name": "dp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}},
         {"name": "pp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
@@ -69,6 +86,24 @@ def test_layout_matches_single_process(results, layout):
     assert max_rel_diff(got["grad_norms"], ref["grad_norms"]) < NORM_RTOL, (got["grad_norms"], ref["grad_norms"])
     # validation (forward only; the pipeline's eval schedule under PP) after the 10 steps
     assert max_rel_diff([got["eval_loss"]], [ref["eval_loss"]]) < LOSS_RTOL
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", [*WORLD2_MOE, *WORLD2_MOE_NOAUX])
+def test_moe_layout_matches_single_process(results, layout):
+    ref = results["single_moe" if layout in WORLD2_MOE else "single_moe_noaux"]
+    got = results[layout]
+    assert len(got["losses"]) == 10
+    assert max_rel_diff(got["losses"], ref["losses"]) < LOSS_RTOL, (got["losses"], ref["losses"])
+    assert max_rel_diff(got["grad_norms"], ref["grad_norms"]) < NORM_RTOL, (got["grad_norms"], ref["grad_norms"])
+    if got["aux"]:
+        assert max_rel_diff(got["aux"], ref["aux"]) < LOSS_RTOL
+    assert max_rel_diff([got["eval_loss"]], [ref["eval_loss"]]) < LOSS_RTOL
+
+
+def test_moe_aux_loss_changes_training(results):
+    """The load-balancing loss reaches the gradients (the runs with and without it differ)."""
+    assert max_rel_diff(results["single_moe"]["grad_norms"], results["single_moe_noaux"]["grad_norms"]) > 1e-4
 
 
 @pytest.mark.parametrize("resumed", ["resume_dp4", "resume_single"])
