@@ -128,8 +128,8 @@ def test_grouped_and_per_expert_layout_as_mindspeed_writes_it(moe_hf, tmp_path):
 
 
 def test_round_trips_are_byte_identical(moe_hf, tmp_path):
-    """HF -> mg (TP2 PP2 EP2, both expert layouts) -> HF, and mg -> mg re-laid out (EP2 grouped -> EP4 per
-    expert, PP2 -> 1) -> HF: every tensor's bytes come back."""
+    """HF -> mg (TP2 PP2 EP2, both expert layouts) -> HF, mg -> mg re-laid out (EP2 grouped -> EP4 per
+    expert, PP2 -> 1) -> HF, and HF -> qtrain -> mg -> qtrain -> HF: every tensor's bytes come back."""
     hf = hf_tensors(moe_hf)
     for grouped in (True, False):
         mg = to_mg(moe_hf, tmp_path / f"mg{grouped}", tp=2, pp=2, ep=2, grouped=grouped)
@@ -141,6 +141,14 @@ def test_round_trips_are_byte_identical(moe_hf, tmp_path):
     assert MegatronReader(relaid).ep == 4 and not MegatronReader(relaid).grouped
     run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", relaid, "--save-dir", tmp_path / "hf2")
     assert_byte_identical(hf, hf_tensors(tmp_path / "hf2"))
+    # through qtrain's own format (stacked experts) both ways: hf -> qtrain -> mg -> qtrain -> hf
+    run("--load-model-type", "hf", "--save-model-type", "qtrain", "--load-dir", moe_hf, "--save-dir", tmp_path / "q")
+    to_mg(tmp_path / "q", tmp_path / "qmg", pp=2, ep=2, grouped=True, load="qtrain")
+    run("--load-model-type", "mg", "--save-model-type", "qtrain", "--load-dir", tmp_path / "qmg", "--save-dir",
+        tmp_path / "q2", "--moe-grouped-gemm")
+    run("--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", tmp_path / "q2", "--save-dir",
+        tmp_path / "hf3")
+    assert_byte_identical(hf, hf_tensors(tmp_path / "hf3"))
 
 
 def test_refusals_name_the_option(moe_hf, tmp_path, capsys):
