@@ -209,7 +209,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
 
         reader = MegatronReader(path)  # TP shards merged tensor by tensor, as they are copied in
         try:
-            _set_full_weights(model, reader, path)
+            _set_full_weights(model, _stacked(reader, model.config), path)
         finally:
             reader.close()
         return Loaded(kind, path)
@@ -247,6 +247,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     if with_rng:
         run_state.restore_rng(folder, _rank())
     return Loaded(kind, folder, train_state["iteration"], train_state, with_rng)
+
+
+def _stacked(tensors: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterable[tuple[str, torch.Tensor]]:
+    """HF-named tensors with Qwen3-MoE's per-expert ones gathered into the model's stacked parameters
+    (a MegatronReader lists a layer's experts together, so one layer's stacks are held at a time)."""
+    if not cfg.is_moe:
+        yield from tensors
+        return
+    from qtrain.models.hf_experts import ExpertStacker
+
+    stacker = ExpertStacker(cfg.num_experts)
+    for name, tensor in tensors:
+        yield from stacker.add(name, tensor)
 
 
 def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:

@@ -318,3 +318,19 @@ def test_megatron_core_moe_logits_match_transformers(mcore, tmp_path, grouped, n
     state[key] = w.view(4, 16, 32).flip(0).reshape(w.shape) if grouped else \
         state["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"]
     assert scaled_error(mcore_logits(cfg, state, ids, grouped, mcore), ref) > 1e-3
+
+
+def test_training_load_of_a_megatron_moe_checkpoint_equals_the_hf_load(moe_hf, tmp_path):
+    """`--load <Megatron dir>` (TP2 EP2 grouped) fills the model's stacked experts as `--load <HF dir>` does."""
+    from qtrain.checkpoint.dcp import load_checkpoint
+    from qtrain.models.qwen3 import build_model
+
+    mg = to_mg(moe_hf, tmp_path / "mg", tp=2, ep=2, grouped=True)
+    cfg = MegatronReader(mg).config
+    from_mg, from_hf = build_model(cfg, "cpu"), build_model(cfg, "cpu")
+    assert load_checkpoint(mg, from_mg, None).kind == "megatron"
+    assert load_checkpoint(moe_hf, from_hf, None).kind == "hf"
+    a, b = from_mg.state_dict(), from_hf.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in a and sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
