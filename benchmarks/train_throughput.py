@@ -16,6 +16,11 @@ the fused LM-head loss), on a dataset of random tokens (as in the anchors), and 
 MFU and peak memory from the run's own metrics.jsonl. There is no training step in this file.
 MFU uses the anchors.md convention (6N + 12 L H Q T FLOPs per token, over 989 TFLOP/s on H100/H200,
 qtrain.device's table).
+
+MoE rows (issue 14): Qwen3-30B-A3B's layer shape with fewer layers to fit one card ("30B-A3B/6":
+the preset with --num-layers 6, 4.2 B parameters, 128 experts, top-8, bf16 grouped matmuls),
+beside transformers' Qwen3MoeForCausalLM of the same shape with its eager loop over experts and
+with its grouped_mm experts; MFU over the parameters a token passes through.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ def _qtrain(name: str, **kw: Any) -> dict:
     return c
 
 
+MOE_MODEL, MOE_LAYERS = "30B-A3B/6", 6  # Qwen3-30B-A3B layers, 6 of them (fits one 141 GB card with Adam)
+
+
 def _anchor(variant: str, mbs: int, seq: int = 4096, **kw: Any) -> dict:
     c = dict(kind="anchor", name=f"{variant} mbs{mbs}" if seq == 4096 else f"{variant} s{seq}",
              variant=variant, mbs=mbs, seq=seq, warmup=3, steps=10, timeout=120)
@@ -82,6 +90,11 @@ def gpu_plan() -> list[dict]:
         _qtrain("qtrain 1.7B best eager", mbs="best", compile=False),  # does compile win?
         _qtrain("qtrain 1.7B best no-liger", mbs="best", ops="reference"),  # compile alone
         _anchor("hf_liger", 1),  # memory at MBS 1 (acceptance compares peaks there)
+        # MoE (issue 14): Qwen3-30B-A3B-shaped layers, qtrain beside transformers' eager and grouped_mm experts
+        _qtrain("qtrain moe 30B-A3B/6 mbs1", model=MOE_MODEL, mbs=1, compile=False, timeout=240),
+        _anchor("hf_moe_grouped", 1, moe=MOE_LAYERS, name="hf_moe_grouped 30B-A3B/6 mbs1", timeout=240),
+        _anchor("hf_moe_eager", 1, moe=MOE_LAYERS, name="hf_moe_eager 30B-A3B/6 mbs1", timeout=240),
+        _qtrain("qtrain moe 30B-A3B/6 mbs2 compile", model=MOE_MODEL, mbs=2, compile=True, timeout=300),
     ]
 
 
@@ -93,6 +106,9 @@ def smoke_plan(data: Optional[str]) -> list[dict]:
         _qtrain("qtrain smoke mbs2", mbs=2, **tiny),
         _qtrain("qtrain smoke best recompute", mbs="best", recompute="full", **tiny),
         _anchor("hf_fp32master", 2, seq=64, tiny=True, warmup=1, steps=2, timeout=120),
+        _qtrain("qtrain smoke moe", model="smoke-moe", mbs=2, seq=64, compile=False, warmup=1, steps=2, timeout=120),
+        _anchor("hf_moe_grouped", 2, seq=64, tiny=True, moe=2, name="hf_moe_grouped smoke", warmup=1, steps=2,
+                timeout=120),
         dict(kind="correctness", name="correctness smoke", model="smoke", seq=64, mbs=2, iters=4, lr=1e-3,
              warmup_iters=1, compile=False, timeout=180, data=data),
     ]
@@ -104,13 +120,24 @@ def _model_config(name: str):
     from qtrain.models.config import Qwen3Config
     from qtrain.models.presets import get_preset
 
-    return Qwen3Config(**SMOKE_MODEL) if name == "smoke" else get_preset(name)
+    if name == "smoke":
+        return Qwen3Config(**SMOKE_MODEL)
+    if name == "smoke-moe":
+        return Qwen3Config(**{**vars(get_preset("tiny-moe")), "num_hidden_layers": 2, "vocab_size": 512})
+    preset, _, layers = name.partition("/")  # "30B-A3B/6": a preset with fewer layers
+    cfg = get_preset(preset)
+    if layers:
+        cfg.num_hidden_layers = int(layers)
+    return cfg
 
 
 def _model_flags(name: str) -> list[str]:
     """`qtrain pretrain` flags of a benchmark model: a preset, or the smoke shape."""
+    if name == "smoke-moe":
+        return ["--model-preset", "tiny-moe", "--num-layers", "2", "--padded-vocab-size", "512"]
     if name != "smoke":
-        return ["--model-preset", name]
+        preset, _, layers = name.partition("/")
+        return ["--model-preset", preset] + (["--num-layers", layers] if layers else [])
     m = SMOKE_MODEL
     return ["--num-layers", str(m["num_hidden_layers"]), "--hidden-size", str(m["hidden_size"]),
             "--ffn-hidden-size", str(m["intermediate_size"]), "--num-attention-heads", str(m["num_attention_heads"]),
@@ -231,13 +258,14 @@ def run_qtrain(c: dict) -> dict:
                 mfu_989=round(mfu, 4) if mfu is not None else None,
                 peak_mem_gib=round(timed[-1]["mem_gib"], 1) if timed[-1]["mem_gib"] else None,
                 warmup_s=round(first["step_time_ms"] * warm / 1e3, 1), loss=round(timed[-1]["loss"], 3),
-                params=model_cfg.num_params, iterations=warm + steps,
+                params=model_cfg.num_params, active_params=model_cfg.num_active_params, iterations=warm + steps,
                 ops=backend(device_type, compiled=c["compile"]), metrics=str(out / "metrics.jsonl"))
 
 
 def run_anchor(c: dict) -> dict:
     cmd = [sys.executable, str(ANCHOR), c["variant"], str(c["mbs"]), str(c["seq"]),
-           "--warmup", str(c["warmup"]), "--steps", str(c["steps"])] + (["--tiny"] if c.get("tiny") else [])
+           "--warmup", str(c["warmup"]), "--steps", str(c["steps"])] + (["--tiny"] if c.get("tiny") else []) \
+        + (["--moe", str(c["moe"])] if c.get("moe") else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(proc.stderr[-4000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

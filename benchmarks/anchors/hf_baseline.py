@@ -14,6 +14,11 @@ optimizer state), liger (apply_liger_kernel_to_qwen3), compile (torch.compile), 
 liger-kernel is not on the GPU machine: carry its wheel (pure Python, needs triton, which is there).
 MFU convention: 6 * all parameters (the tied embedding counted once, as the LM head matmul)
 + 12 * layers * heads * head_dim * seq (full attention), over 989 TFLOP/s (H100/H200 dense bf16).
+
+--moe LAYERS: Qwen3MoeForCausalLM with Qwen3-30B-A3B's layer shape and LAYERS layers (with --tiny a
+tiny MoE); the variant part "grouped" selects transformers 5's experts_implementation="grouped_mm",
+else its "eager" loop over experts. MFU then counts the parameters a token passes through (the
+router and 8 of 128 experts per layer).
 """
 
 import argparse
@@ -27,6 +32,13 @@ QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n
                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY = dict(QWEN3_1_7B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=128,
+                     num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True)
+TINY_MOE = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, num_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 def main() -> None:
@@ -37,14 +49,21 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--moe", type=int, default=0, help="Qwen3-30B-A3B-shaped MoE with this many layers")
     a = ap.parse_args()
     variant, mbs, seq = a.variant, a.mbs, a.seq
 
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    shape = TINY if a.tiny else QWEN3_1_7B
     dev = "cpu" if a.tiny else "cuda"
-    cfg = Qwen3Config(**shape)
+    if a.moe:
+        shape = dict(TINY_MOE if a.tiny else QWEN3_30B_A3B, num_hidden_layers=a.moe)
+        cfg = Qwen3MoeConfig(**shape, experts_implementation="grouped_mm" if "grouped" in variant else "eager")
+        model_cls = Qwen3MoeForCausalLM
+    else:
+        shape = TINY if a.tiny else QWEN3_1_7B
+        cfg = Qwen3Config(**shape)
+        model_cls = Qwen3ForCausalLM
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     if "liger" in variant:
@@ -52,7 +71,7 @@ def main() -> None:
         apply_liger_kernel_to_qwen3()
     pure_bf16 = "bf16" in variant
     with torch.device(dev):
-        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16 if pure_bf16 else torch.float32)
+        model = model_cls(cfg).to(torch.bfloat16 if pure_bf16 else torch.float32)
     if "ckpt" in variant:
         model.gradient_checkpointing_enable()
     model.train()
@@ -60,6 +79,9 @@ def main() -> None:
     fwd = torch.compile(model) if "compile" in variant else model
 
     n_params = sum(p.numel() for p in model.parameters())
+    if a.moe:  # a token passes through the router and num_experts_per_tok of the experts
+        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+        n_params -= expert_params * (1 - cfg.num_experts_per_tok / cfg.num_experts)
     L, H, Q, V = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, cfg.vocab_size
     # tied embeddings: counted once, as the LM head matmul (the input lookup costs no FLOPs)
     flops_per_token = 6 * n_params + 12 * L * H * Q * seq

@@ -10,6 +10,8 @@ x[rows of e] @ w[e].T for every e, [N, out]. Paths (qtrain/ops/dispatch.py, grou
   npu        Ascend: torch_npu.npu_grouped_matmul (split_item 2, group_type 0, cumulative group
              list). UNTESTED here (no Ascend machine): the call follows torch_npu's documented
              signature; verify on a device before trusting it.
+  padded     an accelerator when the grouped kernels do not take the input (e.g. fp32 on CUDA):
+             the copies padded to [E, most copies of any expert, in] and one batched matmul.
   reference  CPU: one matmul per expert over its slice (a loop over experts, on the CPU only).
 The CPU can also run torch._grouped_mm (torch >= 2.9 has a CPU fallback); the tests compare it
 with the reference.
@@ -42,6 +44,17 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor)
     return torch.cat([piece @ w[e].t() for e, piece in enumerate(pieces)]) if len(x) else x.new_zeros(0, w.shape[1])
 
 
+def grouped_mm_padded(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One torch.bmm over experts padded to the largest count (reads that count on the host)."""
+    num_experts = w.shape[0]
+    expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts, output_size=x.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
+    padded = x.new_zeros(num_experts, int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    padded = padded.index_put((expert, slot), x)
+    return torch.bmm(padded, w.transpose(-2, -1))[expert, slot]
+
+
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm over the experts (offsets = cumulative counts, int32)."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -67,6 +80,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         return grouped_mm_torch(x, w, counts)
     if path == "npu":
         return grouped_mm_npu(x, w, counts)
+    if x.device.type != "cpu":
+        return grouped_mm_padded(x, w, counts)
     return grouped_mm_reference(x, w, counts)
 
 

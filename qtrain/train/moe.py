@@ -78,7 +78,8 @@ class MoeTraining:
 def moe_training(cfg, model_cfg, objective: Optional[object] = None) -> Optional[MoeTraining]:
     """What the loop adds for an MoE model (None for a dense one), refusing by name what qtrain
     does not do: the load-balancing loss under pipeline parallelism (transformers' loss pools the
-    routing of all layers, which no pipeline stage sees) and in preference training."""
+    routing of all layers, which no pipeline stage sees), context parallelism and in preference
+    training."""
     flag = cfg.training.moe_aux_loss_coeff
     if not model_cfg.is_moe:
         if flag is not None:
@@ -86,6 +87,8 @@ def moe_training(cfg, model_cfg, objective: Optional[object] = None) -> Optional
         return None
     coeff = aux_loss_coeff(flag, model_cfg)
     where = ("--pipeline-model-parallel-size > 1" if cfg.parallel.pipeline_model_parallel_size > 1
+             else "--context-parallel-size > 1 (each rank would pool only its slice of the sequence)"
+             if cfg.parallel.context_parallel_size > 1
              else "preference training (qtrain dpo)" if objective is not None else None)
     if where is not None:
         if coeff:

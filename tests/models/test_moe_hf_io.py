@@ -95,3 +95,18 @@ def test_convert_hf_to_qtrain_and_back_is_byte_identical(hf_dir, tmp_path):
     save_hf_dir(source, tmp_path / "back")
     a, b = dict(iter_safetensors(src)), dict(iter_safetensors(tmp_path / "back"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loading_holds_at_most_one_layers_stacks(hf_dir):
+    """Streaming: per-expert tensors read in file order are handed on as soon as their stack is
+    complete, so at most the two stacks of one layer are pending."""
+    from qtrain.models.hf_experts import ExpertStacker
+
+    _, src = hf_dir
+    stacker, most, done = ExpertStacker(4), 0, []
+    for name, tensor in iter_safetensors(src):
+        done += [n for n, _ in stacker.add(name, tensor)]
+        most = max(most, len(stacker._buffers))
+    assert most <= 2 and not stacker.missing()
+    assert {n for n in done if n.endswith("_proj") and ".experts." in n} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 2) for p in ("gate_up_proj", "down_proj")}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qtrain.ops import dispatch
-from qtrain.ops.moe import grouped_mm, grouped_mm_reference, grouped_mm_torch, permute, route, unpermute
+from qtrain.ops.moe import (grouped_mm, grouped_mm_padded, grouped_mm_reference, grouped_mm_torch, permute, route,
+                            unpermute)
 from tolerances import assert_close_scaled
 
 needs_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
@@ -32,6 +33,18 @@ def test_grouped_mm_equals_reference_fp32(counts):
     assert_close_scaled(tx, gx, terms=(16,), what="grad x")
     assert_close_scaled(tw, gw, terms=(max(counts),), what="grad w")
     assert torch.all(tw[torch.tensor(counts) == 0] == 0)  # an expert without tokens gets no gradient
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0]])
+def test_padded_fallback_equals_reference_fp32(counts):
+    x, w, c = _inputs(counts)
+    ref = grouped_mm_reference(x, w, c)
+    gx, gw = torch.autograd.grad(ref.sum(), (x, w))
+    got = grouped_mm_padded(x, w, c)
+    tx, tw = torch.autograd.grad(got.sum(), (x, w))
+    assert_close_scaled(got, ref, terms=(24,), what="forward")
+    assert_close_scaled(tx, gx, terms=(16,), what="grad x")
+    assert_close_scaled(tw, gw, terms=(max(counts),), what="grad w")
 
 
 def test_cpu_dispatch_takes_the_reference():
