@@ -1,8 +1,9 @@
 """Expert parallelism trains like one process (tiny Qwen3-MoE, float32, CPU, gloo): the loss of each of
 10 iterations within 1e-5 relative and the gradient norm within 1e-4 (the norm catches a wrong scale of
-the expert gradients, which Adam would hide from the loss) for EP2, EP2 x DP2 and EP2 x PP2; a
-checkpoint saved under EP2 x DP2 resumes under EP4 and under one process. Refused combinations are
-named."""
+the expert gradients, which Adam would hide from the loss) for EP2, EP2 x DP2 (both with the
+load-balancing loss, whose value is compared too) and EP2 x PP2 (without it: qtrain refuses it under
+PP); a checkpoint saved under EP2 x DP2 resumes under EP4 and under one process. Refused combinations
+are named."""
 
 import pytest
 
@@ -11,6 +12,7 @@ from parallel_helpers import max_rel_diff, run_worker
 LOSS_RTOL, NORM_RTOL = 1e-5, 1e-4
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}
 FSDP = {"use_distributed_optimizer": True}
+AUX = 0.1  # the load-balancing loss's coefficient
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +20,15 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep")
     ckpt = str(tmp / "ckpt_ep2_dp2")
 
-    def run(name, **kw):
-        return {"name": name, "model": MOE, **kw}
+    def run(name, aux=AUX, **kw):  # aux None: no load-balancing loss at all (refused under PP)
+        return {"name": name, "model": MOE, **({} if aux is None else {"moe_aux": aux}), **kw}
 
-    out = run_worker(tmp, "single", 1, [run("single")])
+    out = run_worker(tmp, "single", 1, [run("single"), run("single_noaux", aux=0.0)])
     out |= run_worker(tmp, "world2", 2, [run("ep2", parallel=FSDP, moe={"expert_model_parallel_size": 2})])
     out |= run_worker(tmp, "world4", 4, [
         run("ep2_dp2", parallel=FSDP, moe={"expert_model_parallel_size": 2}, save=ckpt, save_at=5),
-        run("ep2_pp2", parallel={**FSDP, "pipeline_model_parallel_size": 2}, moe={"expert_model_parallel_size": 2}),
+        run("ep2_pp2", aux=None, parallel={**FSDP, "pipeline_model_parallel_size": 2},
+            moe={"expert_model_parallel_size": 2}),
         run("resume_ep4", parallel=FSDP, moe={"expert_model_parallel_size": 4}, load=ckpt),
     ])
     out |= run_worker(tmp, "resume1", 1, [run("resume_single", load=ckpt)])
@@ -35,11 +38,13 @@ def results(tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ["ep2", "ep2_dp2", "ep2_pp2"])
 def test_expert_parallel_layout_matches_single_process(results, layout):
-    ref, got = results["single"], results[layout]
+    ref, got = results["single_noaux" if layout == "ep2_pp2" else "single"], results[layout]
     assert len(got["losses"]) == 10
     assert max_rel_diff(got["losses"], ref["losses"]) < LOSS_RTOL, (got["losses"], ref["losses"])
     assert max_rel_diff(got["grad_norms"], ref["grad_norms"]) < NORM_RTOL, (got["grad_norms"], ref["grad_norms"])
     assert abs(got["eval_loss"] - ref["eval_loss"]) < LOSS_RTOL * ref["eval_loss"]
+    if layout != "ep2_pp2":
+        assert got["aux"] and max_rel_diff(got["aux"], ref["aux"]) < LOSS_RTOL
 
 
 @pytest.mark.parametrize("resumed", ["resume_ep4", "resume_single"])
