@@ -246,7 +246,10 @@ class Trainer:
         self.iters_since_log, self.t_log = 0, time.time()
         stop = StopFlag().install(immediate=not cfg.checkpoint.save)  # nothing to save: stop mid-step
         qdevice.reset_peak_memory(dev)
-        self.say(f"training {self.model_cfg.num_hidden_layers}-layer Qwen3 ({self.model_cfg.num_params:,} params) on "
+        m = self.model_cfg
+        size = f"{m.num_params:,} params" + (f", {m.num_active_params:,} active, {m.num_experts} experts top-"
+                                             f"{m.num_experts_per_tok}" if m.is_moe else "")
+        self.say(f"training {m.num_hidden_layers}-layer Qwen3 ({size}) on "
                  f"{self.rt.world_size} x {dev.type}: GBS {b.global_batch_size} = MBS {b.micro_batch_size} x "
                  f"DP {b.data_parallel_size} x {b.num_microbatches} micro-batches, from iteration {self.iteration}")
         try:

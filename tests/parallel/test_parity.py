@@ -58,13 +58,14 @@ WORLD2_MOE_NOAUX = {"pp2_moe": {"pipeline_model_parallel_size": 2}}
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
-    ckpt = str(tmp / "ckpt_tp2pp2")
+    ckpt, moe_ckpt = str(tmp / "ckpt_tp2pp2"), str(tmp / "ckpt_tp2_moe")
     out = run_worker(tmp, "single", 1, [{"name": "single"}, {"name": "single_untied", "model": UNTIED},
                                         {"name": "single_moe", "model": MOE, "moe_aux": 0.1},
                                         {"name": "single_moe_noaux", "model": MOE, "moe_aux": 0.0}])
     out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()]
                       + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()]
-                      + [{"name": n, "parallel": p, "model": MOE, "moe_aux": 0.1} for n, p in WORLD2_MOE.items()]
+                      + [{"name": n, "parallel": p, "model": MOE, "moe_aux": 0.1}
+                         | ({"save": moe_ckpt, "save_at": 5} if n == "tp2_moe" else {}) for n, p in WORLD2_MOE.items()]
                       + [{"name": n, "parallel": p, "model": MOE} for n, p in WORLD2_MOE_NOAUX.items()])
     out |= run_worker(tmp, "world4", 4, [
         {"name": "dp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}},
@@ -73,7 +74,8 @@ def results(tmp_path_factory):
         {"name": "resume_dp4", "parallel": {"use_distributed_optimizer": True}, "load": ckpt},
         *({"name": n, "parallel": p} for n, p in WORLD4_EXTRA.items()),
     ])
-    out |= run_worker(tmp, "resume1", 1, [{"name": "resume_single", "load": ckpt}])
+    out |= run_worker(tmp, "resume1", 1, [{"name": "resume_single", "load": ckpt},
+                                          {"name": "resume_single_moe", "model": MOE, "moe_aux": 0.1, "load": moe_ckpt}])
     return out
 
 
@@ -99,6 +101,13 @@ def test_moe_layout_matches_single_process(results, layout):
     if got["aux"]:
         assert max_rel_diff(got["aux"], ref["aux"]) < LOSS_RTOL
     assert max_rel_diff([got["eval_loss"]], [ref["eval_loss"]]) < LOSS_RTOL
+
+
+def test_moe_tp2_checkpoint_resumes_in_one_process(results):
+    uninterrupted, got = results["tp2_moe"], results["resume_single_moe"]
+    assert len(got["losses"]) == 5
+    assert max_rel_diff(got["losses"], uninterrupted["losses"][5:]) < LOSS_RTOL
+    assert max_rel_diff(got["grad_norms"], uninterrupted["grad_norms"][5:]) < NORM_RTOL
 
 
 def test_moe_aux_loss_changes_training(results):
