@@ -332,9 +332,6 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
     Files go to `iter_XXXXXXX.tmp/`, which replaces `iter_XXXXXXX/` (and any stale rank folders
     in it) once complete; the tracker file is written last.
     """
-    if cfg.is_moe:  # placeholder until the MoE layout of convert_ckpt_v2 lands (issue 14, interop part)
-        raise CheckpointError("Megatron checkpoints of Qwen3-MoE models (num_experts > 0) are not written yet; "
-                              "convert to hf or qtrain")
     check_tp(cfg, tp)
     check_ep(cfg, ep)
     megatron_rope_args(cfg.rope_scaling)  # refuses, before any work, a RoPE the args cannot carry
