@@ -1,6 +1,6 @@
 """Expert parallelism trains like one process (tiny Qwen3-MoE, float32, CPU, gloo): the loss of each of
 10 iterations within 1e-5 relative and the gradient norm within 1e-4 (the norm catches a wrong scale of
-the expert gradients, which Adam would hide from the loss) for EP2, EP2 x DP2 (both with the
+the expert gradients, which Adam would hide from the loss) for EP2 (also with full recompute), EP2 x DP2 (with the
 load-balancing loss, whose value is compared too) and EP2 x PP2 (without it: qtrain refuses it under
 PP); a checkpoint saved under EP2 x DP2 resumes under EP4 and under one process. Refused combinations
 are named."""
@@ -24,7 +24,11 @@ def results(tmp_path_factory):
         return {"name": name, "model": MOE, **({} if aux is None else {"moe_aux": aux}), **kw}
 
     out = run_worker(tmp, "single", 1, [run("single"), run("single_noaux", aux=0.0)])
-    out |= run_worker(tmp, "world2", 2, [run("ep2", parallel=FSDP, moe={"expert_model_parallel_size": 2})])
+    out |= run_worker(tmp, "world2", 2, [
+        run("ep2", parallel=FSDP, moe={"expert_model_parallel_size": 2}),
+        run("ep2_recompute_full", moe={"expert_model_parallel_size": 2},  # the all-to-alls run again in backward
+            parallel={**FSDP, "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}),
+    ])
     out |= run_worker(tmp, "world4", 4, [
         run("ep2_dp2", parallel=FSDP, moe={"expert_model_parallel_size": 2}, save=ckpt, save_at=5),
         run("ep2_pp2", aux=None, parallel={**FSDP, "pipeline_model_parallel_size": 2},
@@ -36,7 +40,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", ["ep2", "ep2_dp2", "ep2_pp2"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2_recompute_full", "ep2_dp2", "ep2_pp2"])
 def test_expert_parallel_layout_matches_single_process(results, layout):
     ref, got = results["single_noaux" if layout == "ep2_pp2" else "single"], results[layout]
     assert len(got["losses"]) == 10
