@@ -79,3 +79,45 @@ def test_unsupported_combinations_are_refused_by_name():
             check_expert_parallel(cfg, dims, model)
         with pytest.raises(ConfigError, match=message):
             check_expert_parallel(cfg, dims, model)
+
+
+@pytest.mark.timeout(600)
+def test_pretrain_loads_an_hf_moe_dir_into_expert_shards(tmp_path):
+    """`qtrain pretrain --load <HF dir> --expert-model-parallel-size 2` on 2 processes: each rank takes its
+    experts' slices of the stacked weights; the first iterations equal one process's."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from parallel_helpers import free_port, worker_env
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from trainutil import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "tiny_text_document")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=1024, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                      num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, norm_topk_prob=True)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    args = ["pretrain", "--load", str(tmp_path / "hf"), "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "2", "--lr", "3e-3", "--data-path", data, "--split", "90,10,0",
+            "--eval-iters", "0", "--log-interval", "1", "--use-distributed-optimizer", "--device", "cpu"]
+    runs = {"one": [sys.executable, "-m", "qtrain", *args, "--save", str(tmp_path / "one")],
+            "ep2": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), "-m", "qtrain", *args, "--save", str(tmp_path / "ep2"),
+                    "--expert-model-parallel-size", "2"]}
+    metrics = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        metrics[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                         if '"loss"' in line]
+    for a, b in zip(metrics["ep2"], metrics["one"]):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_RTOL * b["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= \
+            NORM_RTOL * b["grad_norm"], (a, b)
+    assert len(metrics["ep2"]) == 2
