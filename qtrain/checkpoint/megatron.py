@@ -508,7 +508,11 @@ class MegatronReader:
             raise CheckpointError(f"{self.root}: rank files hold {total} decoder layers, args say "
                                   f"{self.config.num_hidden_layers}; some layers are missing")
         v_count, offset = n_chunks.pop(), 0
-        self.grouped = any(k.endswith(".mlp.experts.weight1") for sd in self._chunks(head, self._path(0, 0)) for k in sd)
+        keys = [k for sd in self._chunks(head, self._path(0, 0)) for k in sd]
+        if any(".mlp.experts." in k for k in keys):  # the files say how experts are stored ...
+            self.grouped = any(k.endswith(".mlp.experts.weight1") for k in keys)
+        else:  # ... unless the first stage has dense layers only: then the args do
+            self.grouped = bool(getattr(self.args, "moe_grouped_gemm", False))
         self.stages: list[list[list[int]]] = [[[] for _ in range(v_count)] for _ in range(self.pp)]
         for v in range(v_count):  # interleaved order: chunk v of every stage, then chunk v + 1
             for p in range(self.pp):

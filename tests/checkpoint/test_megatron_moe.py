@@ -334,3 +334,13 @@ def test_training_load_of_a_megatron_moe_checkpoint_equals_the_hf_load(moe_hf, t
     assert "model.layers.1.mlp.experts.gate_up_proj" in a and sorted(a) == sorted(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_first_stage_of_dense_layers_reads_the_layout_from_args(tmp_path):
+    """PP2 with layers 0-1 dense: stage 0 has no expert tensors, so the grouped layout comes from args."""
+    src = make_moe_hf(tmp_path / "hf", mlp_only_layers=[0, 1], dtype=torch.bfloat16)
+    mg = to_mg(src, tmp_path / "mg", pp=2, ep=2, grouped=True)
+    assert MegatronReader(mg).grouped
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "back",
+        "--moe-grouped-gemm")
+    assert_byte_identical(hf_tensors(src), hf_tensors(tmp_path / "back"))
