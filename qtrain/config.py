@@ -261,7 +261,7 @@ class CompatArgs:
 class MoeArgs:
     """Mixture of experts (Qwen3-MoE), in MindSpeed-LLM's names. Shape flags must agree with the model
     of --model-preset / an HF or qtrain --load (else refused, naming both values); without those
-    they define it (a Megatron --load is then checked against them)."""
+    they define it (a Megatron --load is then checked against them). --moe-aux-loss-coeff: training."""
 
     num_experts: Optional[int] = opt(None, "routed experts per MoE layer (HF num_experts)")
     moe_router_topk: Optional[int] = opt(None, "experts each token is routed to (HF num_experts_per_tok)")
@@ -276,14 +276,15 @@ class MoeArgs:
         None, "MindSpeed-LLM: the first K layers are dense (-1 or 0: none); must agree with the model")
     moe_aux_loss_coeff: Optional[float] = opt(
         None, "weight of the load-balancing loss (transformers' formula, qtrain/train/moe.py) added to the training "
-              "loss, recorded as the model's router_aux_loss_coef; default: the model config's router_aux_loss_coef "
+              "loss (a training option: the model config is not changed); default: the model config's router_aux_loss_coef "
               "if its output_router_logits is true (what transformers trains with), else 0")
     moe_router_load_balancing_type: str = opt(
         "aux_loss", "load balancing: aux_loss, the Switch-Transformer loss transformers and Megatron compute "
                     "(the only one qtrain implements)")
     expert_model_parallel_size: int = opt(
-        1, "expert-parallel degree (EP): each rank of an EP group holds num_experts / EP experts, tokens reach "
-           "them by all-to-all (qtrain/parallel/expert.py); 1: experts FSDP-sharded over DP like the rest")
+        1, "expert-parallel degree (EP): EP neighbouring data-parallel ranks split the experts, num_experts / EP "
+           "each, and exchange tokens by all-to-all; needs --use-distributed-optimizer; with PP, not yet with TP, CP "
+           "or LoRA")
     moe_grouped_gemm: bool = compat(
         False, "qtrain always computes experts as grouped GEMMs over tokens sorted by expert (qtrain/ops/moe.py)")
     moe_token_dispatcher_type: str = compat(

@@ -3,8 +3,8 @@
 With --model-preset or an HF / qtrain --load the model is known: each MoE shape flag given must
 agree with it (refused naming both values). Without one (Qwen3 defaults, or a Megatron --load,
 whose shape the flags describe as in MindSpeed-LLM's scripts) the flags define the MoE shape.
-The load-balancing coefficient is a training setting: --moe-aux-loss-coeff sets the model's
-router_aux_loss_coef either way.
+The load-balancing coefficient, --moe-aux-loss-coeff, is a training setting (config.TrainingArgs,
+qtrain/train/moe.py), not checked here.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ def validate_moe(moe: Any) -> None:
                         ("--moe-ffn-hidden-size", moe.moe_ffn_hidden_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
-    if moe.moe_aux_loss_coeff is not None and moe.moe_aux_loss_coeff < 0:
-        raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {moe.moe_aux_loss_coeff}")
     sparse_layers(moe, 1)  # the pattern parses
 
 
@@ -106,5 +104,3 @@ def apply_moe_flags(moe: Any, d: dict[str, Any], base: Optional[str]) -> None:
             raise ConfigError(f"{', '.join(stray)}: the model has no experts (give --num-experts, or a MoE "
                               f"--model-preset / --load)")
         return
-    if moe.moe_aux_loss_coeff is not None:
-        d["router_aux_loss_coef"] = moe.moe_aux_loss_coeff

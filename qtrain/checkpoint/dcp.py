@@ -274,7 +274,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
         reader = MegatronReader(path)  # TP shards merged tensor by tensor, as they are copied in
         try:
             say(f"loading Megatron weights from {path}: {len(reader.names())} tensors")
-            _set_full_weights(model, reader, path, _progress(log, len(reader.names())))
+            # Qwen3-MoE per-expert tensors are stacked on the way: fewer tensors than listed, no count to show
+            _set_full_weights(model, _stacked(reader, model.config), path,
+                              None if model.config.is_moe else _progress(log, len(reader.names())))
         finally:
             reader.close()
         return Loaded(kind, path)
@@ -349,6 +351,19 @@ def _progress(log: Optional[Callable[[str], None]], total: int):
     from qtrain.progress import Progress
 
     return Progress("loading weights", total)
+
+
+def _stacked(tensors: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterable[tuple[str, torch.Tensor]]:
+    """HF-named tensors with Qwen3-MoE's per-expert ones gathered into the model's stacked parameters
+    (a MegatronReader lists a layer's experts together, so one layer's stacks are held at a time)."""
+    if not cfg.is_moe:
+        yield from tensors
+        return
+    from qtrain.models.hf_experts import ExpertStacker
+
+    stacker = ExpertStacker(cfg.num_experts)
+    for name, tensor in tensors:
+        yield from stacker.add(name, tensor)
 
 
 def _set_full_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: Path,

@@ -342,9 +342,6 @@ def save_megatron(get_tensor: Callable[[str], torch.Tensor], cfg: Qwen3Config, s
     Files go to `iter_XXXXXXX.tmp/`, which replaces `iter_XXXXXXX/` (and any stale rank folders
     in it) once complete; the tracker file is written last.
     """
-    if cfg.is_moe:  # placeholder until the MoE layout of convert_ckpt_v2 lands (issue 14, interop part)
-        raise CheckpointError("Megatron checkpoints of Qwen3-MoE models (num_experts > 0) are not written yet; "
-                              "convert to hf or qtrain")
     check_tp(cfg, tp)
     check_ep(cfg, ep)
     megatron_rope_args(cfg.rope_scaling)  # refuses, before any work, a RoPE the args cannot carry
@@ -521,7 +518,11 @@ class MegatronReader:
             raise CheckpointError(f"{self.root}: rank files hold {total} decoder layers, args say "
                                   f"{self.config.num_hidden_layers}; some layers are missing")
         v_count, offset = n_chunks.pop(), 0
-        self.grouped = any(k.endswith(".mlp.experts.weight1") for sd in self._chunks(head, self._path(0, 0)) for k in sd)
+        keys = [k for sd in self._chunks(head, self._path(0, 0)) for k in sd]
+        if any(".mlp.experts." in k for k in keys):  # the files say how experts are stored ...
+            self.grouped = any(k.endswith(".mlp.experts.weight1") for k in keys)
+        else:  # ... unless the first stage has dense layers only: then the args do
+            self.grouped = bool(getattr(self.args, "moe_grouped_gemm", False))
         self.stages: list[list[list[int]]] = [[[] for _ in range(v_count)] for _ in range(self.pp)]
         for v in range(v_count):  # interleaved order: chunk v of every stage, then chunk v + 1
             for p in range(self.pp):

@@ -49,6 +49,8 @@ class ParamSpec:
 def hf_param_names(cfg: Qwen3Config) -> list[str]:
     """The HF tensor names of a Qwen3 checkpoint in file order (lm_head only when untied); a
     Qwen3-MoE sparse layer's experts under their per-expert names (qtrain.models.hf_experts)."""
+    from qtrain.models.hf_experts import per_expert_names
+
     names = ["model.embed_tokens.weight"]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -56,7 +58,10 @@ def hf_param_names(cfg: Qwen3Config) -> list[str]:
             "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
             "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight",
             "self_attn.k_norm.weight", "post_attention_layernorm.weight")]
-        names += hf_mlp_names(cfg, i)
+        if cfg.is_sparse_layer(i):
+            names += [p + "mlp.gate.weight"] + per_expert_names(p + "mlp.experts", cfg.num_experts)
+        else:
+            names += [p + n for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -74,17 +79,9 @@ def is_moe_layer(cfg: Qwen3Config, layer: int) -> bool:
 
 
 def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
-    """HF's per-expert tensors (gate, up, down) as Qwen3-MoE checkpoints store them on disk."""
+    """HF's per-expert tensors (gate, up, down) of one expert, as hf_param_names lists them."""
     e = f"model.layers.{layer}.mlp.experts.{expert}."
     return e + "gate_proj.weight", e + "up_proj.weight", e + "down_proj.weight"
-
-
-def hf_mlp_names(cfg: Qwen3Config, layer: int) -> list[str]:
-    """The HF tensors of layer `layer`'s MLP: dense gate/up/down, or the router and every expert."""
-    h = f"model.layers.{layer}.mlp."
-    if not is_moe_layer(cfg, layer):
-        return [h + "gate_proj.weight", h + "up_proj.weight", h + "down_proj.weight"]
-    return [h + "gate.weight"] + [n for e in range(num_experts(cfg)) for n in expert_names(layer, e)]
 
 
 def moe_mlp_specs(cfg: Qwen3Config, m: str, layer: int, ep_rank: int, ep_size: int,

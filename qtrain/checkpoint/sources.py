@@ -245,6 +245,7 @@ class MegatronSource:
         self.iteration = self._reader.iteration
         self.seq_length = self._reader.seq_length
         self.grouped = self._reader.grouped  # the experts' layout (MoE)
+        self._experts: _ExpertNames | None = None
         if self._reader.rope_theta_note:  # the config is taken from here: say where its rope_theta came from
             warnings.warn(self._reader.rope_theta_note, RopeThetaWarning, stacklevel=2)
         self.tokenizer_dir = None
@@ -262,7 +263,10 @@ class MegatronSource:
         return self._reader.names()
 
     def get(self, name: str) -> torch.Tensor:
-        return self._reader.get(name)
+        """By HF name; a MoE layer's experts also by the model's stacked names (for qtrain output)."""
+        if self._experts is None:
+            self._experts = _ExpertNames(set(self._reader.names()), self._reader.get, self.config.num_experts)
+        return self._experts.get(name)
 
     def close(self) -> None:
         self._reader.close()

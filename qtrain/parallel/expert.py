@@ -37,13 +37,14 @@ def _exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
     return received.view(dist.get_world_size(group), -1)
 
 
-def _regroup_index(received: torch.Tensor) -> torch.Tensor:
-    """Row order that turns tokens laid out [source rank][local expert] into [local expert][source rank]."""
-    ep, local = received.shape
-    starts = torch.cumsum(received.flatten(), 0) - received.flatten()  # where each (rank, expert) block begins
-    blocks = [torch.arange(int(starts[s * local + e]), int(starts[s * local + e] + received[s, e]))
-              for e in range(local) for s in range(ep)]
-    return torch.cat(blocks) if blocks else torch.empty(0, dtype=torch.long)
+def _regroup_index(received: torch.Tensor, total: int) -> torch.Tensor:
+    """Row order that turns tokens laid out [source rank][local expert] into [local expert][source rank]
+    (vectorised on the counts' device: no per-block host round trip)."""
+    starts = (torch.cumsum(received.flatten(), 0) - received.flatten()).view_as(received)
+    lengths, firsts = received.t().flatten(), starts.t().flatten()  # blocks in [local expert][source rank] order
+    block_starts = torch.cumsum(lengths, 0) - lengths
+    return (torch.arange(total, device=received.device)
+            + torch.repeat_interleave(firsts - block_starts, lengths, output_size=total))
 
 
 def dispatch_and_run(run_local, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, group) -> torch.Tensor:
@@ -55,7 +56,7 @@ def dispatch_and_run(run_local, x: torch.Tensor, num_tokens_per_expert: torch.Te
     send_splits = counts.view(ep, -1).sum(1).tolist()
     recv_splits = received.sum(1).tolist()
     tokens = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, group)
-    order = _regroup_index(received).to(x.device)
+    order = _regroup_index(received, sum(recv_splits)).to(x.device)
     local_out = run_local(tokens[order], received.sum(0))
     back = torch.empty_like(local_out).index_copy(0, order, local_out)  # [source rank][local expert] again
     return all_to_all_single_autograd(back, send_splits, recv_splits, group)
@@ -145,7 +146,9 @@ def expert_mesh(mesh, ep: int):
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = mesh.mesh.reshape(mesh["pp"].size(), -1, ep)
-    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "efsdp", "ep"))
+    emesh = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "efsdp", "ep"))
+    emesh["efsdp", "ep"]._flatten("expert_dp")  # lets DTensor reduce over both in one collective (the grad norm)
+    return emesh
 
 
 def sparse_experts(chunk: nn.Module) -> list[nn.Module]:

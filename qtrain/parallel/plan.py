@@ -432,6 +432,9 @@ def main(argv: list[str]) -> int:
         for layout, est in found[:20]:
             print("  " + " ".join(f"{k}={v}" for k, v in layout.items()) + f"  total {est.total / GIB:.1f} GiB"
                   + (f", host {est.host / GIB:.1f} GiB per rank" if est.host else ""))
+        if any(layout.get("ep", 1) > 1 and (layout["tp"] > 1 or layout["cp"] > 1 or not layout["distributed_optimizer"])
+               for layout, _ in found[:20]):
+            print("  (training runs ep > 1 with distributed_optimizer=True and tp = cp = 1 only, so far)")
         if not found:
             print("  none: raise the device count or memory, or shorten --seq-length")
             states = 16 * model_cfg.num_params / GIB  # fp32 weights, gradients and AdamW moments, fully sharded

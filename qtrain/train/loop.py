@@ -103,6 +103,10 @@ def prepare(cfg: PretrainConfig, world_size: int):
     """Model config and batch plan, checked before anything heavy starts."""
     model_cfg = resolve_model_config(cfg, vocab_size_hint=_tokenizer_vocab(cfg))
     check_model_fits(cfg, model_cfg)
+    from qtrain.parallel.expert import check_expert_parallel
+    from qtrain.parallel.mesh import parallel_dims
+
+    check_expert_parallel(cfg, parallel_dims(cfg, world_size), model_cfg)  # the dry run says it too
     batch = batch_plan(cfg, world_size)
     if cfg.training.train_iters is None:
         raise ConfigError("--train-iters is required: the number of optimizer steps to train for")

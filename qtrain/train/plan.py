@@ -67,10 +67,10 @@ def _context_lines(cfg) -> list[str]:
 
 
 def _expert_layout(cfg, model_cfg) -> str:
-    """How experts are spread (MoE): FSDP over data-parallel ranks, or EP groups of them."""
+    """How experts are spread (MoE): EP groups of data-parallel ranks, or FSDP / replication over DP."""
     if not getattr(model_cfg, "is_moe", False):
         return ""
     ep = cfg.moe.expert_model_parallel_size
     if ep == 1:
         return "; experts FSDP-sharded over DP" if cfg.parallel.use_distributed_optimizer else "; experts replicated"
-    return f"; experts over EP {ep} (tokens dispatched by all-to-all), FSDP over the rest of DP"
+    return f"; EP {ep}: {model_cfg.num_experts // ep} experts per rank, tokens exchanged by all-to-all"

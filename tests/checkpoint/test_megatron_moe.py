@@ -128,8 +128,8 @@ def test_grouped_and_per_expert_layout_as_mindspeed_writes_it(moe_hf, tmp_path):
 
 
 def test_round_trips_are_byte_identical(moe_hf, tmp_path):
-    """HF -> mg (TP2 PP2 EP2, both expert layouts) -> HF, and mg -> mg re-laid out (EP2 grouped -> EP4 per
-    expert, PP2 -> 1) -> HF: every tensor's bytes come back."""
+    """HF -> mg (TP2 PP2 EP2, both expert layouts) -> HF, mg -> mg re-laid out (EP2 grouped -> EP4 per
+    expert, PP2 -> 1) -> HF, and HF -> qtrain -> mg -> qtrain -> HF: every tensor's bytes come back."""
     hf = hf_tensors(moe_hf)
     for grouped in (True, False):
         mg = to_mg(moe_hf, tmp_path / f"mg{grouped}", tp=2, pp=2, ep=2, grouped=grouped)
@@ -141,6 +141,14 @@ def test_round_trips_are_byte_identical(moe_hf, tmp_path):
     assert MegatronReader(relaid).ep == 4 and not MegatronReader(relaid).grouped
     run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", relaid, "--save-dir", tmp_path / "hf2")
     assert_byte_identical(hf, hf_tensors(tmp_path / "hf2"))
+    # through qtrain's own format (stacked experts) both ways: hf -> qtrain -> mg -> qtrain -> hf
+    run("--load-model-type", "hf", "--save-model-type", "qtrain", "--load-dir", moe_hf, "--save-dir", tmp_path / "q")
+    to_mg(tmp_path / "q", tmp_path / "qmg", pp=2, ep=2, grouped=True, load="qtrain")
+    run("--load-model-type", "mg", "--save-model-type", "qtrain", "--load-dir", tmp_path / "qmg", "--save-dir",
+        tmp_path / "q2", "--moe-grouped-gemm")
+    run("--load-model-type", "qtrain", "--save-model-type", "hf", "--load-dir", tmp_path / "q2", "--save-dir",
+        tmp_path / "hf3")
+    assert_byte_identical(hf, hf_tensors(tmp_path / "hf3"))
 
 
 def test_refusals_name_the_option(moe_hf, tmp_path, capsys):
@@ -310,3 +318,29 @@ def test_megatron_core_moe_logits_match_transformers(mcore, tmp_path, grouped, n
     state[key] = w.view(4, 16, 32).flip(0).reshape(w.shape) if grouped else \
         state["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"]
     assert scaled_error(mcore_logits(cfg, state, ids, grouped, mcore), ref) > 1e-3
+
+
+def test_training_load_of_a_megatron_moe_checkpoint_equals_the_hf_load(moe_hf, tmp_path):
+    """`--load <Megatron dir>` (TP2 EP2 grouped) fills the model's stacked experts as `--load <HF dir>` does."""
+    from qtrain.checkpoint.dcp import load_checkpoint
+    from qtrain.models.qwen3 import build_model
+
+    mg = to_mg(moe_hf, tmp_path / "mg", tp=2, ep=2, grouped=True)
+    cfg = MegatronReader(mg).config
+    from_mg, from_hf = build_model(cfg, "cpu"), build_model(cfg, "cpu")
+    assert load_checkpoint(mg, from_mg, None).kind == "megatron"
+    assert load_checkpoint(moe_hf, from_hf, None).kind == "hf"
+    a, b = from_mg.state_dict(), from_hf.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in a and sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_first_stage_of_dense_layers_reads_the_layout_from_args(tmp_path):
+    """PP2 with layers 0-1 dense: stage 0 has no expert tensors, so the grouped layout comes from args."""
+    src = make_moe_hf(tmp_path / "hf", mlp_only_layers=[0, 1], dtype=torch.bfloat16)
+    mg = to_mg(src, tmp_path / "mg", pp=2, ep=2, grouped=True)
+    assert MegatronReader(mg).grouped
+    run("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", tmp_path / "back",
+        "--moe-grouped-gemm")
+    assert_byte_identical(hf_tensors(src), hf_tensors(tmp_path / "back"))

@@ -14,12 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "qwen3_moe"
-# (NPUS_PER_NODE, NNODES, TP, PP, MBS, GBS); EP 1 in training, experts FSDP-sharded
+# (NPUS_PER_NODE, NNODES, TP, PP, EP, MBS, GBS): MindSpeed-LLM's nodes, EP, MBS, GBS; TP 1; LoRA EP 1
 RECIPES = {
-    ("30b_a3b", "pretrain"): (8, 2, 1, 1, 1, 256), ("30b_a3b", "full"): (8, 2, 1, 1, 4, 64),
-    ("30b_a3b", "lora"): (8, 1, 1, 1, 8, 64),
-    ("235b_a22b", "pretrain"): (16, 16, 1, 2, 1, 1024), ("235b_a22b", "full"): (16, 16, 1, 2, 1, 1024),
-    ("235b_a22b", "lora"): (16, 16, 1, 2, 1, 256),
+    ("30b_a3b", "pretrain"): (8, 2, 1, 1, 8, 1, 256), ("30b_a3b", "full"): (8, 2, 1, 1, 8, 4, 64),
+    ("30b_a3b", "lora"): (8, 1, 1, 1, 1, 8, 64),
+    ("235b_a22b", "pretrain"): (16, 16, 1, 2, 32, 1, 1024), ("235b_a22b", "full"): (16, 16, 1, 2, 32, 1, 1024),
+    ("235b_a22b", "lora"): (16, 16, 1, 2, 1, 1, 256),
 }
 VARIABLES = ("NPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT CKPT_LOAD_DIR CKPT_SAVE_DIR DATA_PATH "
              "TOKENIZER_PATH TP PP EP MBS GBS SEQ_LENGTH TRAIN_ITERS LR MIN_LR SAVE_INTERVAL LOG_INTERVAL LOG_DIR "
@@ -60,14 +60,14 @@ def flag(command: list[str], name: str) -> str:
 @pytest.mark.parametrize("size,task", sorted(RECIPES))
 def test_defaults_are_the_recipe(size, task):
     command = printed(script_name(size, task))
-    npus, nnodes, tp, pp, mbs, gbs = RECIPES[size, task]
+    npus, nnodes, tp, pp, ep, mbs, gbs = RECIPES[size, task]
     assert flag(command, "--nproc_per_node") == str(npus) and flag(command, "--nnodes") == str(nnodes)
     assert flag(command, "--tensor-model-parallel-size") == str(tp)
     assert flag(command, "--pipeline-model-parallel-size") == str(pp)
     assert flag(command, "--micro-batch-size") == str(mbs) and flag(command, "--global-batch-size") == str(gbs)
     assert flag(command, "--model-preset") == size.replace("_", "-").upper() and "--bf16" in command
     assert "--use-distributed-optimizer" in command and flag(command, "--recompute-granularity") == "full"
-    assert "--expert-model-parallel-size" not in command
+    assert flag(command, "--expert-model-parallel-size") == str(ep)
     assert command[command.index("qtrain") + 1] == ("pretrain" if task == "pretrain" else "sft")
     assert ("--lora-r" in command) == (task == "lora")
 
@@ -109,3 +109,34 @@ def test_conversion_scripts_round_trip_exactly(tmp_path):
            LOG_DIR=tmp_path / "logs"))
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- tiny runs (QTRAIN_TINY=1: tiny-moe, 2 CPU processes)
+
+import test_examples as _dense  # noqa: E402  (its data fixtures, shared here)
+
+work, hf_tiny, pretrain_data, sft_data = _dense.work, _dense.hf_tiny, _dense.pretrain_data, _dense.sft_data
+
+
+@pytest.fixture(scope="module")
+def moe_pretrained(work, hf_tiny, pretrain_data):
+    """The 30B-A3B pretrain example in tiny mode: EP 2 over its 2 processes, from random weights."""
+    save = work / "ckpt" / "moe_pretrain"
+    out = ok(run("pretrain_qwen3_30b_a3b_4k.sh", DATA_PATH=pretrain_data, TOKENIZER_PATH=hf_tiny, CKPT_SAVE_DIR=save,
+                 LOG_DIR=work / "logs", TRAIN_ITERS=2))
+    assert "iteration        2/       2" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    return save
+
+
+def test_tiny_pretrain_runs_with_expert_parallelism(moe_pretrained, work):
+    log = (work / "logs" / "pretrain_qwen3_30b_a3b_4k.log").read_text()
+    assert "--expert-model-parallel-size 2" in log and "--model-preset tiny-moe" in log and "lm loss" in log
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_tiny_sft_runs_from_the_pretrained_checkpoint(kind, moe_pretrained, hf_tiny, sft_data, work):
+    save = work / "ckpt" / f"moe_sft_{kind}"
+    out = ok(run(f"tune_qwen3_30b_a3b_4k_{kind}.sh", CKPT_LOAD_DIR=moe_pretrained, DATA_PATH=sft_data,
+                 TOKENIZER_PATH=hf_tiny, CKPT_SAVE_DIR=save, LOG_DIR=work / "logs", TRAIN_ITERS=1))
+    assert "iteration        1/       1" in out and (save / "latest_checkpointed_iteration.txt").is_file()
