@@ -35,7 +35,7 @@ def test_30b_a3b_pretrain_script_parses():
     moe = cfg.moe
     assert (moe.num_experts, moe.moe_router_topk, moe.moe_ffn_hidden_size, moe.norm_topk_prob) == (128, 8, 768, True)
     assert moe.expert_model_parallel_size == 8 and moe.moe_token_dispatcher_type == "alltoall_seq"
-    assert cfg.training.moe_aux_loss_coeff == 0.001 and moe.moe_layer_freq == "-1" and moe.first_k_dense_replace == -1
+    assert moe.moe_aux_loss_coeff == 0.001 and moe.moe_layer_freq == "-1" and moe.first_k_dense_replace == -1
     assert cfg.parallel.pipeline_model_parallel_size == 2 and cfg.training.global_batch_size == 256
 
 
