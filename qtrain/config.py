@@ -213,6 +213,7 @@ class CompatArgs:
     transformer_impl: Optional[str] = compat(None, "qtrain's model is plain PyTorch")
     ckpt_format: Optional[str] = compat(None, "qtrain writes torch.distributed.checkpoint (torch_dist)")
     distributed_timeout_minutes: int = compat(10, "timeout of collective operations, minutes")
+    use_cp_send_recv_overlap: bool = compat(False, "ring attention always overlaps each K/V send/recv with a block")
     use_cpu_initialization: bool = compat(False, "qtrain builds on the meta device and materialises sharded")
     no_load_rng_state: bool = compat(False, "alias of --no-load-rng")
 
