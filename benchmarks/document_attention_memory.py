@@ -13,7 +13,8 @@ Measured two ways, after the inputs exist:
   torch      peak bytes of torch's CPU allocator during the call (profiler events,
              benchmarks/cpu_peak_memory.py): tensors only
   rss        the subprocess's peak resident set growth (ru_maxrss - RSS before the call):
-             everything, allocator slack and library buffers included
+             everything, allocator slack and library buffers included (glibc with a fixed 1 MiB
+             mmap threshold in both, so freed large blocks leave the RSS alike)
 
 Each is reported in full and as working memory: less the outputs both paths must return (the
 attention output and dq, dk, dv: the same bytes in both), so that the ratio compares what the
@@ -84,7 +85,10 @@ def child(path: str, seq: int, docs: int, dtype_name: str, measure: str) -> dict
 def run(path: str, args, measure: str) -> dict:
     cmd = [sys.executable, __file__, "--child", path, "--measure", measure, "--seq", str(args.seq),
            "--docs", str(args.docs), "--dtype", args.dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # glibc's dynamic mmap threshold keeps freed blocks in the heap (RSS) after the first large
+    # frees; a fixed threshold returns every large block at once, the same way for both paths.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

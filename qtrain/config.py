@@ -84,8 +84,9 @@ class DataArgs:
     data_cache_path: Optional[str] = opt(None, "where index files are cached (default: next to the data)")
     tokenizer_name_or_path: Optional[str] = opt(None, "HF tokenizer dir (for --padded-vocab-size and the demo)")
     num_workers: int = opt(0, "DataLoader worker processes")
-    # Megatron's document flags (qtrain pretrain): documents end at each EOD token of a sample
-    reset_position_ids: bool = opt(False, "positions restart at 0 after each EOD token inside a sample")
+    # Megatron's document flags (qtrain pretrain): documents end at each EOD token of a sample (the
+    # tokenizer's eos: they need --tokenizer-name-or-path)
+    reset_position_ids: bool = opt(False, "positions restart at 0 after each EOD token inside a sample (needs the tokenizer)")
     reset_attention_mask: bool = opt(
         False, "attention stays inside each document (split after each EOD token); no [S, S] mask is built")
     eod_mask_loss: bool = opt(False, "no loss where the input token is EOD (predicting the next document's first token)")
@@ -248,6 +249,7 @@ class CompatArgs:
     transformer_impl: Optional[str] = compat(None, "qtrain's model is plain PyTorch")
     ckpt_format: Optional[str] = compat(None, "qtrain writes torch.distributed.checkpoint (torch_dist)")
     distributed_timeout_minutes: int = compat(10, "timeout of collective operations, minutes")
+    use_cp_send_recv_overlap: bool = compat(False, "ring attention always overlaps each K/V send/recv with a block")
     use_cpu_initialization: bool = compat(False, "qtrain builds on the meta device and materialises sharded")
     no_load_rng_state: bool = compat(False, "alias of --no-load-rng")
     use_torch_optimizer_for_cpu_offload: bool = compat(

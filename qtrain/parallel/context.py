@@ -33,7 +33,7 @@ from torch import nn
 from qtrain.errors import ConfigError
 from qtrain.ops.attention import base_attention, override_attention
 from qtrain.ops.document_attention import Documents
-from qtrain.parallel.ring_attention import RingAttention
+from qtrain.parallel.ring_attention import BlockMask, RingAttention
 from qtrain.parallel.ulysses import check_heads, heads_to_seq, seq_to_heads
 
 ALGORITHMS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo")
@@ -100,19 +100,17 @@ class ContextParallelAttention:
         return heads_to_seq(out, self.ulysses_group) if self.u > 1 else out
 
     def _ring_masks(self, me: int, rings: int, b: int, seq: int, docs, device) -> list:
-        """Per ring step s, which local query may see which key of the block of ring rank me - s:
-        causal by global position, within one document; None where nothing is visible."""
+        """Per ring step s, the BlockMask of the block of ring rank me - s (None where no local query
+        sees any of its keys)."""
         q_pos = self.positions(me, seq, device)
         q_doc = document_ids(docs, q_pos, b, seq) if docs is not None else None
         masks = []
         for step in range(rings):
             kv_pos = self.positions((me - step) % rings, seq, device)
-            allowed = (kv_pos[None, :] <= q_pos[:, None])[None]
-            if docs is not None:
-                allowed = allowed & (q_doc[:, :, None] == document_ids(docs, kv_pos, b, seq)[:, None, :])
-            masks.append(allowed if bool(allowed.any()) else None)
+            kv_doc = document_ids(docs, kv_pos, b, seq) if docs is not None else None
+            mask = BlockMask(q_pos, kv_pos, q_doc, kv_doc)
+            masks.append(None if mask.empty() else mask)
         return masks
-
 
 def cp_subgroups(mesh, ulysses: int):
     """(Ulysses group, ring group) of this rank. Every rank creates every CP group's subgroups, in

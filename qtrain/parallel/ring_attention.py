@@ -4,8 +4,9 @@ group while each rank attends its own queries to every block in turn.
 Step s on CP rank r holds the K/V of rank (r - s) mod CP. Each step gives a partial output and its
 log-sum-exp (LSE) over that block; partials merge exactly by the online-softmax rule
 out = sum_s exp(lse_s - lse) out_s, lse = log sum_s exp(lse_s). Which query may see which key is a
-boolean block mask from global positions (causal) and document ids (packed samples), so the
-same code serves every load-balancing order and document layout (qtrain.parallel.context).
+BlockMask from global positions (causal) and document ids (packed samples), made a chunk of rows
+at a time, so the same code serves every load-balancing order and document layout
+(qtrain.parallel.context).
 
 The backward is flash attention's, one block at a time: with the final output and LSE, a block's
 probabilities are recomputed as exp(scores - lse), and dQ, dK, dV follow; the K/V blocks go round
@@ -40,8 +41,37 @@ def _wait(pending) -> torch.Tensor:
     return pending[1]
 
 
+class BlockMask:
+    """Which local query (global position q_pos [Sq], document q_doc [B, Sq]) may see which key
+    (kv_pos [Sk], kv_doc [B, Sk]) of one K/V block: causal by position, within one document. Built a
+    chunk of query rows at a time (`mask[:, rows]` -> bool [B|1, rows, Sk]), so no [Sq, Sk] mask is
+    kept between the forward and the backward."""
+
+    def __init__(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, q_doc: Optional[torch.Tensor] = None,
+                 kv_doc: Optional[torch.Tensor] = None) -> None:
+        self.q_pos, self.kv_pos, self.q_doc, self.kv_doc = q_pos, kv_pos, q_doc, kv_doc
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = index[1]
+        allowed = (self.kv_pos[None, :] <= self.q_pos[rows, None])[None]
+        if self.q_doc is not None:
+            allowed = allowed & (self.q_doc[:, rows, None] == self.kv_doc[:, None, :])
+        return allowed
+
+    def empty(self) -> bool:
+        """No query sees any key: every key comes after every query or, in every sample, the two
+        sides' document ranges are disjoint (a document is a run of positions). Conservative."""
+        if bool(self.kv_pos.min() > self.q_pos.max()):
+            return True
+        if self.q_doc is None:
+            return False
+        q_lo, q_hi = self.q_doc.min(1).values, self.q_doc.max(1).values
+        k_lo, k_hi = self.kv_doc.min(1).values, self.kv_doc.max(1).values
+        return bool(((q_hi < k_lo) | (k_hi < q_lo)).all())
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, Hkv, g, Sq, D], k [B, Hkv, Sk, D], mask [B|1, Sq, Sk] -> masked scores, float32."""
+    """q [B, Hkv, g, Sq, D], k [B, Hkv, Sk, D], mask bool [B|1, Sq, Sk] -> masked scores, float32."""
     s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
     return s.masked_fill(~mask[:, None, None], float("-inf"))
 
@@ -90,10 +120,10 @@ def _block_backward(q, k, v, mask, dout, lse, delta, scale, dq, dk, dv):
 
 class RingAttention(torch.autograd.Function):
     """out = softmax-attention of the local q [B, Hq, Sq, D] over the K/V [B, Hkv, Sk, D] of every
-    rank of `group`; masks[s]: bool [B|1, Sq, Sk] for the block held at step s (None: all masked)."""
+    rank of `group`; masks[s]: the BlockMask of the block held at step s (None: all masked)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, masks: list[Optional[torch.Tensor]]):
+    def forward(ctx, q, k, v, group, masks: list[Optional[BlockMask]]):
         cp = dist.get_world_size(group)
         b, hq, sq, d = q.shape
         hkv = k.shape[1]

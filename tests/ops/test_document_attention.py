@@ -106,14 +106,19 @@ def test_pack_trains_like_its_documents_alone(n_docs, one_thread):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_paths_equal_reference(dtype):
     """CUDA: variable-length flash attention (bf16) or the per-document loop (fp32) equals the CPU
-    reference in float32, within the dtype's rounding."""
+    reference in float32 (output and q/k/v gradients), within the dtype's rounding."""
     gen = torch.Generator().manual_seed(0)
     lengths = [100, 1, 300, 57, 566]
     seq = sum(lengths)
     rows = bounds_row(lengths, seq)[None]
-    q, k, v = (torch.randn(1, h, seq, 128, generator=gen) for h in (16, 8, 8))
+    q, k, v = (torch.randn(1, h, seq, 128, generator=gen, requires_grad=True) for h in (16, 8, 8))
+    g = torch.randn(1, 16, seq, 128, generator=gen)
     exact = document_attention(q, k, v, Documents.from_sample_bounds(rows))  # the reference on CPU
-    qc, kc, vc = (x.to("cuda", dtype) for x in (q, k, v))
+    exact.backward(g)
+    qc, kc, vc = (x.detach().to("cuda", dtype).requires_grad_() for x in (q, k, v))
     out = document_attention(qc, kc, vc, Documents.from_sample_bounds(rows, torch.device("cuda")))
+    out.backward(g.to("cuda", dtype))
     rel = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert_close_scaled(out.float().cpu(), exact, rel=rel, what=f"{dtype} output")
+    for a, b, name in ((qc, q, "dq"), (kc, k, "dk"), (vc, v, "dv")):
+        assert_close_scaled(a.grad.float().cpu(), b.grad, rel=rel, what=f"{dtype} {name}")

@@ -61,6 +61,11 @@ CP_WORLD2 = {
     "cp2_docs": ({"context_parallel_size": 2}, True, None),
     "cp2_ulysses": ({"context_parallel_size": 2, **ULYSSES}, False, None),
     "cp2_ulysses_docs": ({"context_parallel_size": 2, **ULYSSES}, True, None),
+    # recomputation re-runs the ring's autograd Function / the all-to-alls in the backward
+    "cp2_recompute_full_docs": ({"context_parallel_size": 2, "recompute_granularity": "full",
+                                 "recompute_method": "uniform", "recompute_num_layers": 1}, True, None),
+    "cp2_ulysses_selective_docs": ({"context_parallel_size": 2, **ULYSSES, "recompute_granularity": "selective"},
+                                   True, None),
 }
 CP_WORLD4 = {
     "cp4": ({"context_parallel_size": 4}, False, None),

@@ -225,3 +225,33 @@ def test_cli(capsys):
     assert main(argv + ["--global-batch-size", "32", "--pipeline-model-parallel-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "busiest stage 0 of 2" in out and "last stage (1, computes the loss)" in out and "no logits" in out
+
+
+@pytest.mark.parametrize("algo", ["megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo"])
+def test_context_parallel_activations_fall_as_one_over_cp(algo):
+    """Per-rank activations of a 1.7B layer at 32K: CP ranks split the tokens and keep nothing of the
+    whole sequence, so activations halve with each doubling of CP (for every algorithm); the ring
+    adds its float32 output and LSE per token, Ulysses its re-laid q/k/v/output, hybrid both."""
+    from qtrain.parallel.ring_attention import SCORE_CHUNK_BYTES
+
+    m = get_preset("1.7B")
+
+    def estimate(cp):
+        c = PretrainConfig()
+        c.data.seq_length, c.training.bf16 = 32768, True
+        c.parallel.context_parallel_size, c.parallel.context_parallel_algo = cp, algo
+        c.parallel.use_distributed_optimizer = True
+        if algo == "hybrid_cp_algo":
+            c.parallel.ulysses_degree_in_cp = 2
+        return estimate_memory(m, c, cp, device_type="cpu")
+
+    acts = {cp: estimate(cp).activations for cp in (2, 4, 8)}
+    assert acts[2] == pytest.approx(2 * acts[4]) and acts[4] == pytest.approx(2 * acts[8])
+    q, k, n = 16 * 128, 8 * 128, 16
+    extra = {"megatron_cp_algo": 4 * q + 4 * n, "ulysses_cp_algo": 2 * (2 * q + 2 * k)}
+    extra["hybrid_cp_algo"] = extra["megatron_cp_algo"] + extra["ulysses_cp_algo"]
+    per_token = layer_activation_bytes(m, 2, cp=4, cp_algo=algo) - layer_activation_bytes(m, 2)
+    assert per_token == extra[algo]
+    ring_buffers = estimate(4).transient - estimate_memory(
+        m, PretrainConfig(), 1, seq_length=32768 // 4, bf16=True, device_type="cpu").transient
+    assert ring_buffers == pytest.approx(0 if algo == "ulysses_cp_algo" else 4 * SCORE_CHUNK_BYTES, rel=1e-6)
