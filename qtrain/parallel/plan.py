@@ -222,6 +222,9 @@ def estimate_memory(model_cfg, cfg: Any, world_size: int, *, micro_batch_size: O
     moe = getattr(cfg, "moe", None)
     ep = getattr(moe, "expert_model_parallel_size", 1) or 1
     moe_plan.check_ep(m, ep, dims.dp, dims.cp)
+    if opt_off and ep > 1:  # as training refuses it (qtrain.parallel.parallelize)
+        raise ConfigError("--optimizer-cpu-offload / --swap-optimizer with --expert-model-parallel-size > 1 is not "
+                          "supported yet; use one of them")
     moe_sharded, _ = layer_params(m, tp, ffn=0)
     moe_repl = lay_repl + moe_plan.router_params(m)
     local_experts = moe_plan.expert_params(m) / ep if moe_plan.num_experts(m) else 0.0
