@@ -1,0 +1,72 @@
+"""Megatron-core's load-balancing loss: one Switch-Transformer loss per MoE layer, its gradient
+attached to the layer's output (megatron.core.transformer.moe: switch_load_balancing_loss_func,
+MoEAuxLossAutoScaler), used when the coefficient comes from `--moe-aux-loss-coeff`.
+
+Per layer, over the T tokens of the micro-batch this rank routes (Megatron's router for Qwen3:
+softmax scores in fp32, top-k of them; the loss reads the FULL softmax scores, not the
+renormalised top-k weights):  loss = E / (k T^2) * sum_e (sum_t p_te) * (token copies sent to e).
+Each layer adds coeff * its loss to the training loss. Attaching the gradient to the layer's
+activations (identity forward, an extra gradient in backward) needs no change to the pipeline
+schedule or to recompute: the gradient flows wherever the layer's output does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def switch_load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
+    """One layer's loss without the coefficient: probs [T, E] float32 (full softmax scores),
+    counts [E] (token copies routed to each expert)."""
+    num_tokens, num_experts = probs.shape
+    return torch.sum(probs.sum(0) * counts.to(probs.dtype)) * (num_experts / (top_k * num_tokens * num_tokens))
+
+
+class LayerAuxLoss:
+    """Attaches coeff * one layer's loss to its output and keeps, for the log, the loss (without
+    the coefficient) and the expert counts of each micro-batch that was backpropagated.
+
+    `grad_scale` is the factor the main loss's gradient carries per micro-batch: 1/num_microbatches
+    when the loop divides each micro-batch's loss by it, 1 under the pipeline schedule (which
+    divides all gradients by num_microbatches after the step). Values are recorded in backward,
+    which runs once per micro-batch even when the layer's forward is recomputed."""
+
+    def __init__(self, coeff: float):
+        self.coeff, self.grad_scale = coeff, 1.0
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.counts_sum: Optional[torch.Tensor] = None
+        self.micro_batches = 0
+
+    def attach(self, y: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and y.requires_grad):
+            return y  # evaluation: nothing to train, nothing to log
+        return _AttachAuxLoss.apply(y, switch_load_balancing_loss(probs, counts, top_k), counts, self)
+
+    def record(self, loss: torch.Tensor, counts: torch.Tensor) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.counts_sum = counts if self.counts_sum is None else self.counts_sum + counts
+        self.micro_batches += 1
+
+    def take(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+        out = (self.loss_sum, self.counts_sum, self.micro_batches)
+        self.loss_sum, self.counts_sum, self.micro_batches = None, None, 0
+        return out
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the layer output; in backward, d(coeff * loss) scaled like the main loss."""
+
+    @staticmethod
+    def forward(ctx, y, loss, counts, sink: LayerAuxLoss):
+        ctx.save_for_backward(loss, counts)
+        ctx.sink = sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        loss, counts = ctx.saved_tensors
+        sink = ctx.sink
+        sink.record(loss.detach().float(), counts.detach())
+        return grad_y, torch.full_like(loss, sink.coeff * sink.grad_scale), None, None
