@@ -51,18 +51,26 @@ def test_aux_loss_metrics_resume_export_generate_evaluate(tiny_data, tmp_path):
 
 def test_aux_loss_coeff_default_and_refusals(tiny_data):
     from qtrain.config import resolve_model_config
-    from qtrain.train.moe import aux_loss_coeff, moe_training
+    from qtrain.train.moe import MEGATRON, TRANSFORMERS, aux_loss_coeff, moe_training
 
     cfg = parse_args(moe_args(tiny_data))
     model_cfg = resolve_model_config(cfg)
     assert aux_loss_coeff(None, model_cfg) == 0.0  # output_router_logits false, as transformers trains
     model_cfg.output_router_logits = True
     assert aux_loss_coeff(None, model_cfg) == 0.001
-    pp = parse_args(moe_args(tiny_data, pipeline_model_parallel_size=2, moe_aux_loss_coeff=0.01))
-    with pytest.raises(ConfigError, match="moe-aux-loss-coeff.*pipeline"):
+    # the config's coefficient means transformers' pooled loss: refused under PP, naming the way out
+    pp = parse_args(moe_args(tiny_data, pipeline_model_parallel_size=2))
+    with pytest.raises(ConfigError, match="router_aux_loss_coef 0.001 .*transformers'.*pipeline-model-parallel-size.*"
+                                          "--moe-aux-loss-coeff C for Megatron's per-layer loss"):
         moe_training(pp, model_cfg)
-    assert moe_training(parse_args(moe_args(tiny_data, pipeline_model_parallel_size=2, moe_aux_loss_coeff=0)),
-                        model_cfg) is None
+    # Megatron's flag means Megatron's per-layer loss, under PP too
+    flagged = moe_training(parse_args(moe_args(tiny_data, pipeline_model_parallel_size=2, moe_aux_loss_coeff=0.01)),
+                           model_cfg)
+    assert (flagged.formula, flagged.coeff) == (MEGATRON, 0.01)
+    assert moe_training(parse_args(moe_args(tiny_data)), model_cfg).formula == TRANSFORMERS
+    cp = parse_args(moe_args(tiny_data, context_parallel_size=2, moe_aux_loss_coeff=0.01))
+    with pytest.raises(ConfigError, match="--moe-aux-loss-coeff 0.01: .*megatron's.*context-parallel-size"):
+        moe_training(cp, model_cfg)
     dense = parse_args(tiny_args(tiny_data, moe_aux_loss_coeff=0.01))
     with pytest.raises(ConfigError, match="dense"):
         moe_training(dense, resolve_model_config(dense))
