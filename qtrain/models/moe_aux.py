@@ -31,13 +31,20 @@ class LayerAuxLoss:
     `grad_scale` is the factor the main loss's gradient carries per micro-batch: 1/num_microbatches
     when the loop divides each micro-batch's loss by it, 1 under the pipeline schedule (which
     divides all gradients by num_microbatches after the step). Values are recorded in backward,
-    which runs once per micro-batch even when the layer's forward is recomputed."""
+    which runs once per micro-batch even when the layer's forward is recomputed; of a step's records
+    only the last `num_microbatches` count: torch's pipeline schedule, on its first step, first runs
+    a forward and backward of placeholder tensors to infer shapes (its records come first)."""
 
     def __init__(self, coeff: float):
-        self.coeff, self.grad_scale = coeff, 1.0
+        self.coeff, self.grad_scale, self.num_microbatches = coeff, 1.0, 0
         self.loss_sum: Optional[torch.Tensor] = None
         self.counts_sum: Optional[torch.Tensor] = None
         self.micro_batches = 0
+        self._step: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (loss, counts) records
+
+    def begin_step(self, grad_scale: float, num_microbatches: int) -> None:
+        self._fold()
+        self.grad_scale, self.num_microbatches = grad_scale, num_microbatches
 
     def attach(self, y: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
         if not (torch.is_grad_enabled() and y.requires_grad):
@@ -45,11 +52,17 @@ class LayerAuxLoss:
         return _AttachAuxLoss.apply(y, switch_load_balancing_loss(probs, counts, top_k), counts, self)
 
     def record(self, loss: torch.Tensor, counts: torch.Tensor) -> None:
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.counts_sum = counts if self.counts_sum is None else self.counts_sum + counts
-        self.micro_batches += 1
+        self._step.append((loss, counts))
+
+    def _fold(self) -> None:
+        for loss, counts in self._step[-self.num_microbatches:] if self.num_microbatches else self._step:
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+            self.counts_sum = counts if self.counts_sum is None else self.counts_sum + counts
+            self.micro_batches += 1
+        self._step = []
 
     def take(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+        self._fold()
         out = (self.loss_sum, self.counts_sum, self.micro_batches)
         self.loss_sum, self.counts_sum, self.micro_batches = None, None, 0
         return out

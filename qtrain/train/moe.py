@@ -71,7 +71,7 @@ class MoeTraining:
                     m.aux_loss = LayerAuxLoss(self.coeff)
                     self._layers.append(m.aux_loss)
         for layer in self._layers:
-            layer.grad_scale = 1.0 if pipeline else 1.0 / num_microbatches
+            layer.begin_step(1.0 if pipeline else 1.0 / num_microbatches, num_microbatches)
 
     def extra_loss(self, model: torch.nn.Module) -> Optional[torch.Tensor]:
         """After a micro-batch's forward: the term to add to its loss (None when the coefficient is
