@@ -105,7 +105,11 @@ WORLD2_MOE = {
 }
 WORLD2_MOE_NOAUX = {"pp2_moe": {"pipeline_model_parallel_size": 2}}
 # Megatron-core's per-layer loss (--moe-aux-loss-coeff), attached in each experts block: also under PP,
-# against "single_moe_megatron"
+# against "single_moe_megatron". Coefficient 0.02 (20x MindSpeed's): its router gradient, per layer and
+# with f normalised by top_k, is several times transformers' at 0.1; stronger, TP's rounding (1e-7)
+# flips a near-tied top-k choice within 10 steps and the runs part by ~5e-4 (the step-0 norms agree to 1e-7,
+# where a router gradient counted twice would differ by 7e-4)
+MEGATRON_AUX = 0.02
 WORLD2_MOE_MEGATRON = {"pp2_moe_megatron": {"pipeline_model_parallel_size": 2},
                        "tp2_sp_moe_megatron": {"tensor_model_parallel_size": 2, "sequence_parallel": True}}
 
@@ -119,7 +123,7 @@ def results(tmp_path_factory):
                                         {"name": "single_kv4_docs", "docs": True, "model": KV4},
                                         {"name": "single_moe", "model": MOE, "moe_aux": 0.1},
                                         {"name": "single_moe_noaux", "model": MOE, "moe_aux": 0.0},
-                                        {"name": "single_moe_megatron", "model": MOE, "moe_aux": 0.1,
+                                        {"name": "single_moe_megatron", "model": MOE, "moe_aux": MEGATRON_AUX,
                                          "moe_formula": "megatron"}])
     out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()]
                       + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()]
@@ -128,7 +132,7 @@ def results(tmp_path_factory):
                       + [{"name": n, "parallel": p, "model": MOE, "moe_aux": 0.1}
                          | ({"save": moe_ckpt, "save_at": 5} if n == "tp2_moe" else {}) for n, p in WORLD2_MOE.items()]
                       + [{"name": n, "parallel": p, "model": MOE} for n, p in WORLD2_MOE_NOAUX.items()]
-                      + [{"name": n, "parallel": p, "model": MOE, "moe_aux": 0.1, "moe_formula": "megatron"}
+                      + [{"name": n, "parallel": p, "model": MOE, "moe_aux": MEGATRON_AUX, "moe_formula": "megatron"}
                          for n, p in WORLD2_MOE_MEGATRON.items()])
     out |= run_worker(tmp, "world4", 4, [
         {"name": "dp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}},
