@@ -16,12 +16,16 @@ def moe_args(data, **over):
     return tiny_args(data, **{"model_preset": "tiny-moe", "eval_iters": 0, "train_iters": 4, **over})
 
 
-def test_aux_loss_metrics_resume_export_generate_evaluate(tiny_data, tmp_path):
+def test_aux_loss_metrics_resume_export_generate_evaluate(tiny_data, tmp_path, capsys):
     straight, resumed = tmp_path / "a", tmp_path / "b"
     assert pretrain_main(moe_args(tiny_data, save=straight, moe_aux_loss_coeff=0.05, save_hf=tmp_path / "hf")) == 0
+    assert "load-balancing loss: Megatron-core's per-layer switch loss (from --moe-aux-loss-coeff), coefficient " \
+           "0.05 per MoE layer" in capsys.readouterr().out
     records = [r for r in read_metrics(straight) if "loss" in r]
     assert len(records) == 4
-    for r in records:  # balanced routing gives top_k (2); a collapsed one num_experts (8)
+    # Megatron's loss summed over the 2 MoE layers: balanced routing gives 1 per layer, a collapsed one
+    # num_experts / top_k (4) per layer
+    for r in records:
         assert 1.0 < r["load_balancing_loss"] < 8.0
         assert len(r["expert_load_max_over_mean"]) == 2 and all(x >= 1.0 for x in r["expert_load_max_over_mean"])
     # exact resume: 2 iterations, save, 2 more == 4 straight
