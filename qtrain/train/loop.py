@@ -346,7 +346,7 @@ class Trainer:
             if objective is not None else {}
         if self.moe is not None:  # the load-balancing loss follows the lm loss; loads go to the JSONL
             pp_group = self.state.pipeline.pp_group if self.state.pipeline is not None else None
-            routing = self.moe.take_metrics(group, pp_group)
+            routing = self.moe.take_metrics(group, pp_group, self.rt.device)
             if "load_balancing_loss" in routing:
                 extra["load_balancing_loss"] = routing["load_balancing_loss"]
             if routing.get("expert_load_max_over_mean"):

@@ -53,7 +53,6 @@ class MoeTraining:
         self._micro_batches = 0
         self._loads: Optional[torch.Tensor] = None  # [sparse layers held here, E], int64
         self._layers: list = []  # MEGATRON: the LayerAuxLoss of each experts block held here, in order
-        self.device = torch.device("cpu")  # of the metrics' collectives (begin_step: the model's)
 
     def begin_step(self, model: torch.nn.Module, num_microbatches: int, pipeline: bool) -> None:
         """Before a step's forwards. MEGATRON: give each experts block its LayerAuxLoss (once) and
@@ -62,7 +61,6 @@ class MoeTraining:
         if self.formula != MEGATRON:
             return
         if not self._layers:
-            self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
             from qtrain.models.moe import Qwen3MoeSparseMoeBlock
             from qtrain.models.moe_aux import LayerAuxLoss
 
@@ -104,15 +102,15 @@ class MoeTraining:
         self._micro_batches = taken[0][2]
         self._loads = torch.stack([counts for _, counts, _ in taken])
 
-    def take_metrics(self, group=None, pp_group=None) -> dict:
+    def take_metrics(self, group=None, pp_group=None, device: Optional[torch.device] = None) -> dict:
         """{"load_balancing_loss": mean over micro-batches and ranks, "expert_load_max_over_mean":
         [per sparse layer]} since the last call (collective over `group`, and with MEGATRON over
         `pp_group`: the loss sums the layers of every stage, the loads list every stage's layers,
-        stage by stage); {} if nothing was routed."""
+        stage by stage, on `device`); {} if nothing was routed."""
         if self.formula == MEGATRON:
             self._take_layers()
             if pp_group is not None:
-                return self._take_metrics_pipeline(group, pp_group)
+                return self._take_metrics_pipeline(group, pp_group, device or torch.device("cpu"))
         out: dict = {}
         if self._aux_sum is not None:
             pair = torch.stack([self._aux_sum, torch.tensor(float(self._micro_batches), device=self._aux_sum.device)])
@@ -128,9 +126,9 @@ class MoeTraining:
         self._aux_sum, self._micro_batches, self._loads = None, 0, None
         return out
 
-    def _take_metrics_pipeline(self, group, pp_group) -> dict:
+    def _take_metrics_pipeline(self, group, pp_group, device: torch.device) -> dict:
         """take_metrics under PP: every stage joins the collectives, also one without MoE layers."""
-        pair = torch.zeros(2, dtype=torch.float64, device=self.device)
+        pair = torch.zeros(2, dtype=torch.float64, device=device)
         if self._aux_sum is not None:
             pair[0], pair[1] = self._aux_sum.double(), float(self._micro_batches)
         dist.all_reduce(pair, group=group)  # data-parallel ranks: their sums and micro-batch counts
@@ -139,7 +137,7 @@ class MoeTraining:
         dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=pp_group)  # the count, from a stage with MoE layers
         loads = []
         if self._loads is not None:
-            local = self._loads.double()
+            local = self._loads.to(device, torch.float64)
             dist.all_reduce(local, group=group)
             loads = [round(float(x), 4) for x in local.max(-1).values / local.mean(-1).clamp_min(1e-12)]
         stages: list = [None] * dist.get_world_size(pp_group)
