@@ -184,6 +184,9 @@ def describe(moe: Optional[MoeTraining]) -> Optional[str]:
     """The startup log's words for the load-balancing loss in use."""
     if moe is None:
         return None
+    if moe.formula == TRANSFORMERS and not moe.coeff:
+        return ("load-balancing loss: none (the model config's output_router_logits is false or its "
+                "router_aux_loss_coef 0; --moe-aux-loss-coeff C adds Megatron-core's per-layer loss)")
     if moe.formula == MEGATRON:
         return (f"load-balancing loss: Megatron-core's per-layer switch loss (from --moe-aux-loss-coeff), "
                 f"coefficient {moe.coeff} per MoE layer")
