@@ -15,12 +15,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 
-def switch_load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
-    """One layer's loss without the coefficient: probs [T, E] float32 (full softmax scores),
-    counts [E] (token copies routed to each expert)."""
-    num_tokens, num_experts = probs.shape
+def switch_load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int,
+                               num_tokens: Optional[int] = None) -> torch.Tensor:
+    """One layer's loss without the coefficient: probs [T, E] float32 (full softmax scores of this
+    rank's tokens), counts [E] (token copies routed to each expert) over `num_tokens` tokens (default
+    T; under context parallelism the whole sequence's counts and tokens, as Megatron sums them over
+    its TP x CP group: each rank's loss is then its tokens' share and the ranks' losses add up)."""
+    num_experts = probs.shape[1]
+    num_tokens = probs.shape[0] if num_tokens is None else num_tokens
     return torch.sum(probs.sum(0) * counts.to(probs.dtype)) * (num_experts / (top_k * num_tokens * num_tokens))
 
 
@@ -35,8 +40,10 @@ class LayerAuxLoss:
     only the last `num_microbatches` count: torch's pipeline schedule, on its first step, first runs
     a forward and backward of placeholder tensors to infer shapes (its records come first)."""
 
-    def __init__(self, coeff: float):
+    def __init__(self, coeff: float, cp_group: Optional[dist.ProcessGroup] = None):
         self.coeff, self.grad_scale, self.num_microbatches = coeff, 1.0, 0
+        self.cp_group = cp_group  # context parallel: counts summed over it, each rank's loss a share
+        self.cp = dist.get_world_size(cp_group) if cp_group is not None else 1
         self.loss_sum: Optional[torch.Tensor] = None
         self.counts_sum: Optional[torch.Tensor] = None
         self.micro_batches = 0
@@ -49,7 +56,12 @@ class LayerAuxLoss:
     def attach(self, y: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
         if not (torch.is_grad_enabled() and y.requires_grad):
             return y  # evaluation: nothing to train, nothing to log
-        return _AttachAuxLoss.apply(y, switch_load_balancing_loss(probs, counts, top_k), counts, self)
+        tokens = probs.shape[0]
+        if self.cp_group is not None:
+            counts = counts.clone()
+            dist.all_reduce(counts, group=self.cp_group)
+            tokens *= self.cp
+        return _AttachAuxLoss.apply(y, switch_load_balancing_loss(probs, counts, top_k, tokens), counts, self)
 
     def record(self, loss: torch.Tensor, counts: torch.Tensor) -> None:
         self._step.append((loss, counts))
@@ -81,5 +93,8 @@ class _AttachAuxLoss(torch.autograd.Function):
     def backward(ctx, grad_y):
         loss, counts = ctx.saved_tensors
         sink = ctx.sink
-        sink.record(loss.detach().float(), counts.detach())
-        return grad_y, torch.full_like(loss, sink.coeff * sink.grad_scale), None, None
+        # under CP a rank's loss is its share of the layer's: recorded x CP, so that the log's mean over
+        # the data x CP ranks is the layer's loss; its gradient x CP as the token loss's (FSDP averages
+        # gradients over the CP ranks, where the shares add up)
+        sink.record(loss.detach().float() * sink.cp, counts.detach())
+        return grad_y, torch.full_like(loss, sink.coeff * sink.grad_scale * sink.cp), None, None

@@ -54,10 +54,11 @@ class MoeTraining:
         self._loads: Optional[torch.Tensor] = None  # [sparse layers held here, E], int64
         self._layers: list = []  # MEGATRON: the LayerAuxLoss of each experts block held here, in order
 
-    def begin_step(self, model: torch.nn.Module, num_microbatches: int, pipeline: bool) -> None:
-        """Before a step's forwards. MEGATRON: give each experts block its LayerAuxLoss (once) and
-        the main loss's per-micro-batch gradient scale (the pipeline schedule divides gradients by
-        num_microbatches itself; the plain loop divides each micro-batch's loss)."""
+    def begin_step(self, model: torch.nn.Module, num_microbatches: int, pipeline: bool, cp_group=None) -> None:
+        """Before a step's forwards. MEGATRON: give each experts block its LayerAuxLoss (once; the
+        context-parallel group, if any, to sum the expert counts over) and the main loss's
+        per-micro-batch gradient scale (the pipeline schedule divides gradients by num_microbatches
+        itself; the plain loop divides each micro-batch's loss)."""
         if self.formula != MEGATRON:
             return
         if not self._layers:
@@ -66,7 +67,7 @@ class MoeTraining:
 
             for m in model.modules():
                 if isinstance(m, Qwen3MoeSparseMoeBlock):
-                    m.aux_loss = LayerAuxLoss(self.coeff)
+                    m.aux_loss = LayerAuxLoss(self.coeff, cp_group)
                     self._layers.append(m.aux_loss)
         for layer in self._layers:
             layer.begin_step(1.0 if pipeline else 1.0 / num_microbatches, num_microbatches)
@@ -152,8 +153,8 @@ class MoeTraining:
 def moe_training(cfg, model_cfg, objective: Optional[object] = None) -> Optional[MoeTraining]:
     """What the loop adds for an MoE model (None for a dense one), refusing by name what qtrain
     does not do: transformers' pooled loss under pipeline parallelism (it pools the routing of all
-    layers, which no pipeline stage sees), either loss under context parallelism, and the loss in
-    preference training."""
+    layers, which no pipeline stage sees) or context parallelism, and the loss in preference
+    training."""
     flag = cfg.moe.moe_aux_loss_coeff
     if not model_cfg.is_moe:
         if flag is not None:
@@ -168,14 +169,17 @@ def moe_training(cfg, model_cfg, objective: Optional[object] = None) -> Optional
                 f"implemented with --pipeline-model-parallel-size > 1; pass --moe-aux-loss-coeff C for "
                 f"Megatron's per-layer loss (docs/moe.md), or set output_router_logits false")
         return None  # nothing to add; the routing metrics are not collected there either
-    where = ("--context-parallel-size > 1 (not implemented: the expert counts would have to be summed over "
-             "the context-parallel ranks)" if cfg.parallel.context_parallel_size > 1
-             else "preference training (qtrain dpo)" if objective is not None else None)
+    where = ("preference training (qtrain dpo)" if objective is not None
+             else "--context-parallel-size > 1 (each rank would pool only its slice of the sequence; "
+             "--moe-aux-loss-coeff C gives Megatron's per-layer loss, which works there)"
+             if formula == TRANSFORMERS and cfg.parallel.context_parallel_size > 1 else None)
     if where is not None:
         if coeff:
-            raise ConfigError(f"{'--moe-aux-loss-coeff' if flag is not None else 'router_aux_loss_coef'} {coeff}: "
-                              f"the MoE load-balancing loss ({formula}'s) is not implemented with {where}; set "
-                              f"--moe-aux-loss-coeff 0 (or leave the model config's output_router_logits false)")
+            source = "--moe-aux-loss-coeff" if flag is not None else "router_aux_loss_coef"
+            name = "Megatron-core's" if formula == MEGATRON else "transformers'"
+            raise ConfigError(f"{source} {coeff}: the MoE load-balancing loss ({name} formula) is not implemented "
+                              f"with {where}; set --moe-aux-loss-coeff 0 (or leave the model config's "
+                              f"output_router_logits false)")
         return None  # nothing to add; the routing metrics are not collected there either
     return MoeTraining(coeff, model_cfg.num_experts, formula)
 

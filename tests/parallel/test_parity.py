@@ -105,13 +105,14 @@ WORLD2_MOE = {
 }
 WORLD2_MOE_NOAUX = {"pp2_moe": {"pipeline_model_parallel_size": 2}}
 # Megatron-core's per-layer loss (--moe-aux-loss-coeff), attached in each experts block: also under PP,
-# against "single_moe_megatron". Coefficient 0.02 (20x MindSpeed's): its router gradient, per layer and
+# against "single_moe_megatron"; under CP the expert counts are summed over the CP ranks. Coefficient 0.02 (20x MindSpeed's): its router gradient, per layer and
 # with f normalised by top_k, is several times transformers' at 0.1; stronger, TP's rounding (1e-7)
 # flips a near-tied top-k choice within 10 steps and the runs part by ~5e-4 (the step-0 norms agree to 1e-7,
 # where a router gradient counted twice would differ by 7e-4)
 MEGATRON_AUX = 0.02
 WORLD2_MOE_MEGATRON = {"pp2_moe_megatron": {"pipeline_model_parallel_size": 2},
-                       "tp2_sp_moe_megatron": {"tensor_model_parallel_size": 2, "sequence_parallel": True}}
+                       "tp2_sp_moe_megatron": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                       "cp2_moe_megatron": {"context_parallel_size": 2}}
 
 
 @pytest.fixture(scope="module")

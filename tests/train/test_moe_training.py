@@ -72,9 +72,12 @@ def test_aux_loss_coeff_default_and_refusals(tiny_data):
                            model_cfg)
     assert (flagged.formula, flagged.coeff) == (MEGATRON, 0.01)
     assert moe_training(parse_args(moe_args(tiny_data)), model_cfg).formula == TRANSFORMERS
-    cp = parse_args(moe_args(tiny_data, context_parallel_size=2, moe_aux_loss_coeff=0.01))
-    with pytest.raises(ConfigError, match="--moe-aux-loss-coeff 0.01: .*megatron's.*context-parallel-size"):
+    cp = parse_args(moe_args(tiny_data, context_parallel_size=2))
+    with pytest.raises(ConfigError, match="router_aux_loss_coef 0.001: .*transformers' formula.*context-parallel-size.*"
+                                          "--moe-aux-loss-coeff C gives Megatron's per-layer loss"):
         moe_training(cp, model_cfg)
+    assert moe_training(parse_args(moe_args(tiny_data, context_parallel_size=2, moe_aux_loss_coeff=0.01)),
+                        model_cfg).formula == MEGATRON
     dense = parse_args(tiny_args(tiny_data, moe_aux_loss_coeff=0.01))
     with pytest.raises(ConfigError, match="dense"):
         moe_training(dense, resolve_model_config(dense))
