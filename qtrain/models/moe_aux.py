@@ -7,7 +7,9 @@ softmax scores in fp32, top-k of them; the loss reads the FULL softmax scores, n
 renormalised top-k weights):  loss = E / (k T^2) * sum_e (sum_t p_te) * (token copies sent to e).
 Each layer adds coeff * its loss to the training loss. Attaching the gradient to the layer's
 activations (identity forward, an extra gradient in backward) needs no change to the pipeline
-schedule or to recompute: the gradient flows wherever the layer's output does.
+schedule or to recompute: the gradient flows wherever the layer's output does. Under context
+parallelism the counts and T are the whole sequence's (summed over the CP ranks, as Megatron sums
+them over its TP x CP group) and each rank's loss is its tokens' share.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 Which loss follows from where the coefficient comes from (docs/moe.md):
 - `--moe-aux-loss-coeff C` (Megatron's flag): Megatron-core's loss, per MoE layer, each layer's
-  C * loss attached to its output (qtrain.models.moe_aux); works under PP, TP, EP, FSDP, recompute.
+  C * loss attached to its output (qtrain.models.moe_aux); works under PP, TP, EP, FSDP, CP, recompute.
 - no flag: what transformers trains with, the config's router_aux_loss_coef when its
   output_router_logits is true, else 0 (the released Qwen3-MoE configs say false), with
   transformers' formula pooled over all layers (qtrain.models.moe.load_balancing_loss), added
