@@ -277,9 +277,10 @@ class MoeArgs:
     first_k_dense_replace: Optional[int] = opt(
         None, "MindSpeed-LLM: the first K layers are dense (-1 or 0: none); must agree with the model")
     moe_aux_loss_coeff: Optional[float] = opt(
-        None, "weight of the load-balancing loss (transformers' formula, qtrain/train/moe.py) added to the training "
-              "loss (a training option: the model config is not changed); default: the model config's router_aux_loss_coef "
-              "if its output_router_logits is true (what transformers trains with), else 0")
+        None, "weight of Megatron-core's load-balancing loss (per MoE layer, each layer's loss times C added to the "
+              "training loss, as MindSpeed-LLM trains; docs/moe.md; a training option: the model config is not changed); "
+              "default: transformers' pooled loss with the model config's router_aux_loss_coef if its "
+              "output_router_logits is true (what transformers trains with), else none")
     moe_router_load_balancing_type: str = opt(
         "aux_loss", "load balancing: aux_loss, the Switch-Transformer loss transformers and Megatron compute "
                     "(the only one qtrain implements)")

@@ -69,6 +69,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         self.gate = Qwen3MoeRouter(cfg)
         self.experts = Qwen3MoeExperts(cfg)
         self.stats: RouterStats | None = None
+        self.aux_loss = None  # qtrain.models.moe_aux.LayerAuxLoss with Megatron's per-layer loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -77,6 +78,8 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         x_sorted, counts, order = permute(flat, experts, self.num_experts)
         y = unpermute(self.experts(x_sorted, counts), weights, order, flat.shape[0])
         self.stats = RouterStats(probs.sum(0), counts, flat.shape[0])
+        if self.aux_loss is not None:
+            y = self.aux_loss.attach(y, probs, counts, self.top_k)
         return y.reshape(shape)
 
 

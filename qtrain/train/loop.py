@@ -282,6 +282,10 @@ class Trainer:
         self.say(f"training {m.num_hidden_layers}-layer Qwen3 ({size}) on "
                  f"{self.rt.world_size} x {dev.type}: GBS {b.global_batch_size} = MBS {b.micro_batch_size} x "
                  f"DP {b.data_parallel_size} x {b.num_microbatches} micro-batches, from iteration {self.iteration}")
+        from qtrain.train.moe import describe
+
+        if describe(self.moe):
+            self.say(describe(self.moe))
         try:
             while self.iteration < t.train_iters:
                 set_lr(self.optimizer, self.schedule.lr_for_iteration(self.iteration + 1, b.global_batch_size))
@@ -345,7 +349,8 @@ class Trainer:
         extra = {k: v for k, v in objective.take_metrics(self.rt.device).items() if k != "loss"} \
             if objective is not None else {}
         if self.moe is not None:  # the load-balancing loss follows the lm loss; loads go to the JSONL
-            routing = self.moe.take_metrics(group)
+            pp_group = self.state.pipeline.pp_group if self.state.pipeline is not None else None
+            routing = self.moe.take_metrics(group, pp_group, self.rt.device)
             if "load_balancing_loss" in routing:
                 extra["load_balancing_loss"] = routing["load_balancing_loss"]
             if routing.get("expert_load_max_over_mean"):

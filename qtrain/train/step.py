@@ -108,6 +108,8 @@ def train_step(model: torch.nn.Module, state: ParallelState, optimizer: torch.op
     global gradient norm before clipping to `clip_grad` (0: no clipping).
     """
     n = len(micro_batches)
+    if moe is not None:
+        moe.begin_step(model, n, pipeline=state.pipeline is not None, cp_group=state.cp_group)
     if state.pipeline is not None and objective is not None:
         loss = objective.pipeline_loss(state, micro_batches, device)
     elif state.pipeline is not None:

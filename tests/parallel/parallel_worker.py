@@ -141,15 +141,18 @@ def main(spec_path: str) -> int:
         if run.get("load"):
             start = load_checkpoint(run["load"], model, optimizer, load_rng=False).iteration
         losses, norms, aux = [], [], []
-        # MoE runs ("moe_aux": the coefficient): the loop's load-balancing loss (qtrain.train.moe)
-        moe = MoeTraining(run["moe_aux"], cfg.num_experts) if "moe_aux" in run else None
+        # MoE runs ("moe_aux": the coefficient; "moe_formula": transformers' by default, or megatron's):
+        # the loop's load-balancing loss (qtrain.train.moe)
+        moe = MoeTraining(run["moe_aux"], cfg.num_experts, run.get("moe_formula", "transformers")) \
+            if "moe_aux" in run else None
         for step in range(start, run.get("iters", 10)):
             batches = micro_batches(step, cfg.vocab_size, state, run.get("docs", False))
             loss, norm = train_step(model, state, optimizer, batches, torch.device("cpu"), clip_grad=1.0, moe=moe)
             losses.append(mean_over_loss_group(loss, state))
             norms.append(float(norm))
             if moe is not None:
-                aux.append(moe.take_metrics(state.loss_group)["load_balancing_loss"])
+                pp_group = state.pipeline.pp_group if state.pipeline is not None else None
+                aux.append(moe.take_metrics(state.loss_group, pp_group)["load_balancing_loss"])
             if run.get("save") and step + 1 == run["save_at"]:
                 save_checkpoint(run["save"], step + 1, model, optimizer, {"iteration": step + 1},
                                 cfg.to_hf_dict(), {"layout": run["name"]})

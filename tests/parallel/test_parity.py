@@ -109,6 +109,15 @@ WORLD2_MOE = {
     "dp2_recompute_moe": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
 }
 WORLD2_MOE_NOAUX = {"pp2_moe": {"pipeline_model_parallel_size": 2}}
+# Megatron-core's per-layer loss (--moe-aux-loss-coeff), attached in each experts block: also under PP,
+# against "single_moe_megatron"; under CP the expert counts are summed over the CP ranks. Coefficient 0.02 (20x MindSpeed's): its router gradient, per layer and
+# with f normalised by top_k, is several times transformers' at 0.1; stronger, TP's rounding (1e-7)
+# flips a near-tied top-k choice within 10 steps and the runs part by ~5e-4 (the step-0 norms agree to 1e-7,
+# where a router gradient counted twice would differ by 7e-4)
+MEGATRON_AUX = 0.02
+WORLD2_MOE_MEGATRON = {"pp2_moe_megatron": {"pipeline_model_parallel_size": 2},
+                       "tp2_sp_moe_megatron": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                       "cp2_moe_megatron": {"context_parallel_size": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +128,18 @@ def results(tmp_path_factory):
                                         {"name": "single_docs", "docs": True}, {"name": "single_kv4", "model": KV4},
                                         {"name": "single_kv4_docs", "docs": True, "model": KV4},
                                         {"name": "single_moe", "model": MOE, "moe_aux": 0.1},
-                                        {"name": "single_moe_noaux", "model": MOE, "moe_aux": 0.0}])
+                                        {"name": "single_moe_noaux", "model": MOE, "moe_aux": 0.0},
+                                        {"name": "single_moe_megatron", "model": MOE, "moe_aux": MEGATRON_AUX,
+                                         "moe_formula": "megatron"}])
     out |= run_worker(tmp, "world2", 2, [{"name": n, "parallel": p} for n, p in WORLD2.items()]
                       + [{"name": n, "parallel": p, "model": UNTIED} for n, p in WORLD2_UNTIED.items()]
                       + [{"name": n, "parallel": p, "offload": o} for n, (p, o) in WORLD2_OFFLOAD.items()]
                       + cp_runs(CP_WORLD2)
                       + [{"name": n, "parallel": p, "model": MOE, "moe_aux": 0.1}
                          | ({"save": moe_ckpt, "save_at": 5} if n == "tp2_moe" else {}) for n, p in WORLD2_MOE.items()]
-                      + [{"name": n, "parallel": p, "model": MOE} for n, p in WORLD2_MOE_NOAUX.items()])
+                      + [{"name": n, "parallel": p, "model": MOE} for n, p in WORLD2_MOE_NOAUX.items()]
+                      + [{"name": n, "parallel": p, "model": MOE, "moe_aux": MEGATRON_AUX, "moe_formula": "megatron"}
+                         for n, p in WORLD2_MOE_MEGATRON.items()])
     out |= run_worker(tmp, "world4", 4, [
         {"name": "dp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}},
         {"name": "pp2_tp2", "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
@@ -156,15 +169,17 @@ def test_layout_matches_single_process(results, layout):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", [*WORLD2_MOE, *WORLD2_MOE_NOAUX])
+@pytest.mark.parametrize("layout", [*WORLD2_MOE, *WORLD2_MOE_NOAUX, *WORLD2_MOE_MEGATRON])
 def test_moe_layout_matches_single_process(results, layout):
-    ref = results["single_moe" if layout in WORLD2_MOE else "single_moe_noaux"]
+    ref = results["single_moe" if layout in WORLD2_MOE else "single_moe_megatron" if layout in WORLD2_MOE_MEGATRON
+                  else "single_moe_noaux"]
     got = results[layout]
     assert len(got["losses"]) == 10
     assert max_rel_diff(got["losses"], ref["losses"]) < LOSS_RTOL, (got["losses"], ref["losses"])
     assert max_rel_diff(got["grad_norms"], ref["grad_norms"]) < NORM_RTOL, (got["grad_norms"], ref["grad_norms"])
+    assert len(got["aux"]) == (10 if layout in WORLD2_MOE or layout in WORLD2_MOE_MEGATRON else 0)
     if got["aux"]:
-        assert max_rel_diff(got["aux"], ref["aux"]) < LOSS_RTOL
+        assert max_rel_diff(got["aux"], ref["aux"]) < LOSS_RTOL, (got["aux"], ref["aux"])
     assert max_rel_diff([got["eval_loss"]], [ref["eval_loss"]]) < LOSS_RTOL
 
 
@@ -178,6 +193,9 @@ def test_moe_tp2_checkpoint_resumes_in_one_process(results):
 def test_moe_aux_loss_changes_training(results):
     """The load-balancing loss reaches the gradients (the runs with and without it differ)."""
     assert max_rel_diff(results["single_moe"]["grad_norms"], results["single_moe_noaux"]["grad_norms"]) > 1e-4
+    assert max_rel_diff(results["single_moe_megatron"]["grad_norms"], results["single_moe_noaux"]["grad_norms"]) > 1e-4
+    # the two formulas differ (Megatron's per layer, f normalised by tokens x top_k)
+    assert max_rel_diff(results["single_moe_megatron"]["aux"], results["single_moe"]["aux"]) > 1e-2
 
 
 @pytest.mark.parametrize("resumed", ["resume_dp4", "resume_single"])

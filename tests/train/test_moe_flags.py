@@ -133,3 +133,11 @@ def test_30b_a3b_script_dry_runs_unchanged(capsys, monkeypatch, tmp_path):
     # a combination expert parallelism does not support yet is named before anything starts
     assert cli.main(["pretrain", *script_argv(PRETRAIN), "--tensor-model-parallel-size", "2", "--dry-run"]) == 1
     assert "--expert-model-parallel-size 8 with --tensor-model-parallel-size > 1" in capsys.readouterr().err
+    # what training does with the script's load-balancing flags (--moe-aux-loss-coeff 0.001 with PP 2 and
+    # EP 8): Megatron-core's per-layer loss, accepted under PP (no process group is started here)
+    from qtrain.train.moe import MEGATRON, moe_training
+
+    cfg = parse_args([a for a in script_argv(PRETRAIN) if a != "--dry-run"])
+    assert cfg.parallel.pipeline_model_parallel_size == 2 and cfg.moe.expert_model_parallel_size == 8
+    moe = moe_training(cfg, resolve_model_config(cfg))
+    assert moe is not None and moe.formula == MEGATRON and moe.coeff == 0.001
