@@ -75,6 +75,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.usefixtures("one_thread")  # bit-identical losses: one intra-op thread, as the child uses
 def test_kill_during_async_write_leaves_previous_checkpoint(tiny_data, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(testdir=os.path.dirname(os.path.abspath(__file__)), data=tiny_data))
