@@ -2,6 +2,7 @@
 (and, given an HF dir, load its weights), then save each rank's full-valued parameters for the
 test to compare with one process."""
 
+import os
 import sys
 
 import torch
@@ -44,4 +45,8 @@ def main(out_prefix: str, layout: str, tied: str, hf_dir: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    code = main(*sys.argv[1:])
+    sys.stdout.flush()
+    # Done and the process group destroyed: skip the interpreter's teardown, where a gloo thread
+    # left joinable has aborted the process ("terminate called without an active exception").
+    os._exit(code or 0)

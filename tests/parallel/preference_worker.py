@@ -100,4 +100,8 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    # Done and the process group destroyed: skip the interpreter's teardown, where a gloo thread
+    # left joinable has aborted the process ("terminate called without an active exception").
+    os._exit(code or 0)
