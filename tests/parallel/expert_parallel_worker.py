@@ -6,8 +6,6 @@ all. Prints one "ok <case>" line per case that passes."""
 
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -16,6 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from qtrain.parallel.expert import ExpertParallel
+from worker_exit import exit_without_teardown
 
 E, H, I = 4, 8, 6
 
@@ -97,7 +96,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     code = main()
-    sys.stdout.flush()
-    # The checks are done and the process group destroyed: skip the interpreter's teardown, where a
-    # gloo thread left joinable has aborted the process ("terminate called without an active exception").
-    os._exit(code)
+    exit_without_teardown(code)

@@ -2,7 +2,6 @@
 (and, given an HF dir, load its weights), then save each rank's full-valued parameters for the
 test to compare with one process."""
 
-import os
 import sys
 
 import torch
@@ -14,6 +13,7 @@ from qtrain.models.config import Qwen3Config
 from qtrain.models.qwen3 import build_model
 from qtrain.parallel.weights import materialize
 from qtrain.parallel import build_mesh, parallelize
+from worker_exit import exit_without_teardown
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0)
@@ -46,7 +46,4 @@ def main(out_prefix: str, layout: str, tied: str, hf_dir: str = "") -> None:
 
 if __name__ == "__main__":
     code = main(*sys.argv[1:])
-    sys.stdout.flush()
-    # Done and the process group destroyed: skip the interpreter's teardown, where a gloo thread
-    # left joinable has aborted the process ("terminate called without an active exception").
-    os._exit(code or 0)
+    exit_without_teardown(code)

@@ -42,6 +42,7 @@ from qtrain.train.optim import build_optimizer
 from qtrain.train.moe import MoeTraining
 from qtrain.train.runtime import init_runtime
 from qtrain.train.step import eval_step, train_step
+from worker_exit import exit_without_teardown
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0,
@@ -170,7 +171,4 @@ def main(spec_path: str) -> int:
 
 if __name__ == "__main__":
     code = main(sys.argv[1])
-    sys.stdout.flush()
-    # Done and the process group destroyed: skip the interpreter's teardown, where a gloo thread
-    # left joinable has aborted the process ("terminate called without an active exception").
-    os._exit(code or 0)
+    exit_without_teardown(code)

@@ -31,6 +31,7 @@ from qtrain.train.preference import FrozenCopy, PreferenceObjective
 from qtrain.train.preference_loss import PreferenceLoss
 from qtrain.train.runtime import init_runtime
 from qtrain.train.step import train_step
+from worker_exit import exit_without_teardown
 
 LR = 3e-3
 
@@ -101,7 +102,4 @@ def main(spec_path: str) -> int:
 
 if __name__ == "__main__":
     code = main(sys.argv[1])
-    sys.stdout.flush()
-    # Done and the process group destroyed: skip the interpreter's teardown, where a gloo thread
-    # left joinable has aborted the process ("terminate called without an active exception").
-    os._exit(code or 0)
+    exit_without_teardown(code)
